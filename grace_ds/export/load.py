@@ -1,0 +1,318 @@
+"""Packed checkpoint -> runnable transformers model whose quantised linears are integer modules.
+
+`load_packed_model(dir, device)` builds the family's HF model from config.json alone (nothing is
+downloaded) with every parameter on the meta device, swaps each quantised nn.Linear for
+- `W4A16Linear` (4-bit, kernel-compatible): holds the kernel-layout buffers made at load time by
+  `kernels.w4a16.pack_weights` from the stored codes; forward = `kernels.w4a16.w4a16_gemm`, which is
+  the CUDA op on the GPU and the pure-PyTorch reference elsewhere;
+- `DequantLinear` (8-bit, or 4-bit layers the kernel cannot take): int8 codes + scales, forward
+  dequantises the weight (codes * s) and calls F.linear - correct everywhere, not fast;
+then fills the remaining parameters from model.safetensors. No 16-bit copy of a quantised weight is
+ever materialised, so the memory of the loaded model is that of the packed one.
+Reads both layouts written by `grace_ds.export.convert` (grace and awq).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grace_ds.export.convert import PACKED_KEY
+from grace_ds.export.io import SafetensorsDir
+from grace_ds.export.pack import from_awq, kernel_rejection, unpack_grace
+
+
+class PackedMetadataError(ValueError):
+    """The packed checkpoint does not match the model its config builds."""
+
+
+# ----------------------------------------------------------------------------- kernel binding
+
+def _kernel_module():
+    """kernels.w4a16 if importable, else None (the loader then uses its own dequantise reference)."""
+    try:
+        import kernels.w4a16 as kw  # type: ignore
+    except Exception:  # noqa: BLE001 - package missing or broken build: fall back, report via .backend
+        return None
+    return kw if hasattr(kw, "pack_weights") and hasattr(kw, "w4a16_gemm") else None
+
+
+def _dequant(codes: torch.Tensor, scales: torch.Tensor, group_size: int, dtype) -> torch.Tensor:
+    """W_hat = codes * s (fp32, one multiply, like grace_ds.quant) cast to the compute dtype."""
+    n, k = codes.shape
+    w = codes.to(torch.float32).view(n, k // group_size, group_size) * scales.to(torch.float32)[..., None]
+    return w.view(n, k).to(dtype)
+
+
+class DequantLinear(nn.Module):
+    """Integer weight (int8 codes, any of 4/8 bits) + per-group scales; forward dequantises then F.linear.
+    The path for 8-bit layers and for 4-bit layers the W4A16 kernel cannot take."""
+
+    def __init__(self, codes, scales, bits, group_size, bias=None, dtype=torch.bfloat16):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.bits, self.group_size, self.compute_dtype = bits, group_size, dtype
+        self.register_buffer("codes", codes.to(torch.int8).contiguous())
+        self.register_buffer("scales", scales.to(torch.float32).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+        self.backend = "dequant"
+
+    def forward(self, x):
+        w = _dequant(self.codes, self.scales, self.group_size, x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, g={self.group_size}, dequant"
+
+
+class W4A16Linear(nn.Module):
+    """4-bit linear on the W4A16 kernel. Buffers are whatever `kernels.w4a16.pack_weights` returns
+    (registered as `k_<key>`, so `.to()`, state_dict and CUDA graphs see them); forward reshapes x to
+    (M, K) and calls `kernels.w4a16.w4a16_gemm(x, packed, group_size)`."""
+
+    def __init__(self, codes, scales, group_size=128, bias=None, dtype=torch.bfloat16):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.bits, self.group_size, self.compute_dtype = 4, group_size, dtype
+        kw = _kernel_module()
+        self._keys: list[str] = []
+        self._consts: dict = {}
+        if kw is not None:
+            # scales in the activation dtype (the kernel's contract; fp32 compute on CPU -> bf16 scales)
+            sdt = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+            packed = kw.pack_weights(codes.to(torch.int8), scales, group_size, dtype=sdt)
+            for key, val in packed.items():
+                if isinstance(val, torch.Tensor):
+                    self.register_buffer(f"k_{key}", val)
+                    self._keys.append(key)
+                else:
+                    self._consts[key] = val
+            self.backend = "kernels.w4a16"
+        else:  # no kernel package: keep codes + scales and dequantise (same numbers, slow)
+            self.register_buffer("k_codes", codes.to(torch.int8).contiguous())
+            self.register_buffer("k_scales", scales.to(torch.float32).contiguous())
+            self.backend = "dequant (kernels.w4a16 not importable)"
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+
+    def packed(self) -> dict:
+        d = {key: getattr(self, f"k_{key}") for key in self._keys}
+        d.update(self._consts)
+        return d
+
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self._keys:
+            import kernels.w4a16 as kw  # type: ignore
+
+            y = kw.w4a16_gemm(x2, self.packed(), self.group_size)
+        else:
+            y = F.linear(x2, _dequant(self.k_codes, self.k_scales, self.group_size, x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, g={self.group_size}, backend={self.backend}"
+
+
+def quantized_linear(codes, scales, bits, group_size, bias=None, dtype=torch.bfloat16, *, force_dequant=False):
+    """The module for one packed layer: W4A16Linear where the kernel can take it, else DequantLinear."""
+    if bits == 4 and not force_dequant and kernel_rejection(bits, group_size, tuple(codes.shape)) is None:
+        return W4A16Linear(codes, scales, group_size, bias, dtype)
+    return DequantLinear(codes, scales, bits, group_size, bias, dtype)
+
+
+# ----------------------------------------------------------------------------- model skeleton
+
+@contextlib.contextmanager
+def params_on_meta():
+    """Every parameter registered inside goes to the meta device (buffers stay real, so rotary tables and
+    position ids are computed as usual). Parameters are created by their modules first, uninitialised
+    (torch.empty on the default device) and moved right away, so nothing large is ever touched."""
+    old = nn.Module.register_parameter
+
+    def register(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        old(self, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = old
+
+
+def model_class(config):
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    for a in archs:
+        if hasattr(transformers, a):
+            return getattr(transformers, a)
+    raise PackedMetadataError(f"config.architectures={archs!r}: no such transformers class in "
+                              f"transformers {transformers.__version__}")
+
+
+def build_empty_model(config, dtype=torch.bfloat16):
+    """The HF model with all parameters on meta (no memory, no init cost) and buffers on the CPU."""
+    cls = model_class(config)
+    with params_on_meta(), torch.device("cpu"):
+        model = cls._from_config(config, dtype=dtype)
+    return model
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+def finish_model(model: nn.Module, device) -> nn.Module:
+    """Move buffers to `device`, re-tie tied embeddings, and refuse to return a model with meta tensors."""
+    for mod in model.modules():
+        for bname, buf in list(mod._buffers.items()):
+            if buf is not None and buf.device != torch.device(device):
+                mod._buffers[bname] = buf.to(device)
+    if getattr(model.config, "tie_word_embeddings", False) or getattr(
+            model.config.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    left += [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if left:
+        raise PackedMetadataError(f"{len(left)} tensors of the model are not in the checkpoint, e.g. {left[:5]}; "
+                                  f"the packed file does not match config.json (re-run launch/convert.py)")
+    return model.eval()
+
+
+def set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    mod_name, _, pname = key.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if pname in mod._parameters:
+        mod._parameters[pname] = nn.Parameter(value, requires_grad=False)
+    elif pname in mod._buffers:
+        mod._buffers[pname] = value
+    else:
+        raise KeyError(key)
+
+
+# ----------------------------------------------------------------------------- loader
+
+def read_packed_config(directory) -> tuple[dict, dict]:
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{directory}: no config.json")
+    cfg = json.loads(cfg_path.read_text())
+    if PACKED_KEY not in cfg:
+        raise PackedMetadataError(
+            f"{directory}: config.json has no '{PACKED_KEY}': not a packed checkpoint. Pack the trainer's final "
+            f"export first: python launch/convert.py --checkpoint {directory} --out <packed dir>")
+    return cfg, cfg[PACKED_KEY]
+
+
+def load_packed_model(directory, device="cpu", dtype: torch.dtype | None = None, *, force_dequant: bool = False):
+    """Build the model of a packed checkpoint (launch/convert.py output) on `device`.
+
+    dtype: compute dtype of activations and 16-bit tensors (default: the checkpoint's, bf16 if unset).
+    force_dequant: run every quantised layer through DequantLinear (debugging / oracle).
+    Raises PackedMetadataError when the packed tensors or their metadata do not match the model.
+    """
+    import transformers
+
+    directory = Path(directory)
+    raw_cfg, packed = read_packed_config(directory)
+    fmt, layers = packed.get("format"), packed.get("layers") or {}
+    if fmt not in ("grace", "awq"):
+        raise PackedMetadataError(f"{directory}: {PACKED_KEY}.format={fmt!r}, expected 'grace' or 'awq'")
+    config = transformers.AutoConfig.from_pretrained(str(directory))
+    if hasattr(config, "quantization_config"):  # awq: our loader is the quantiser, not transformers'
+        del config.quantization_config
+    if dtype is None:
+        name = raw_cfg.get("dtype") or raw_cfg.get("torch_dtype") or "bfloat16"
+        dtype = getattr(torch, str(name).replace("torch.", ""), torch.bfloat16)
+    files = SafetensorsDir(directory, "model")
+    model = build_empty_model(config, dtype)
+
+    modules = dict(model.named_modules())
+    missing = [n for n in layers if n not in modules]
+    if missing:
+        raise PackedMetadataError(f"{len(missing)} packed layers do not exist in the model built from config.json, "
+                                  f"e.g. {missing[:3]}; the packed file belongs to another architecture")
+    consumed: set[str] = set()
+    for name, meta in layers.items():
+        lin = modules[name]
+        shape = tuple(meta["shape"])
+        bits, g = int(meta["bits"]), int(meta["group_size"])
+        if not isinstance(lin, nn.Linear) or (lin.out_features, lin.in_features) != shape:
+            got = (lin.out_features, lin.in_features) if isinstance(lin, nn.Linear) else type(lin).__name__
+            raise PackedMetadataError(f"{name}: packed as {shape[0]}x{shape[1]} but the model has {got}; "
+                                      f"config.json and model.safetensors disagree (re-run launch/convert.py)")
+        keys = [f"{name}.qweight", f"{name}.scales"] + ([f"{name}.qzeros"] if fmt == "awq" else [])
+        absent = [k for k in keys if k not in files]
+        if absent:
+            raise PackedMetadataError(f"{name}: {absent} missing from model.safetensors although config.json lists "
+                                      f"the layer; the file is incomplete (re-run launch/convert.py)")
+        if fmt == "grace":
+            codes, scales = unpack_grace(files.get(f"{name}.qweight"), files.get(f"{name}.scales"), bits)
+        else:
+            codes, scales = from_awq(files.get(f"{name}.qweight"), files.get(f"{name}.qzeros"),
+                                     files.get(f"{name}.scales"), g)
+        if tuple(codes.shape) != shape or tuple(scales.shape) != (shape[0], shape[1] // g):
+            raise PackedMetadataError(f"{name}: stored codes {tuple(codes.shape)} / scales {tuple(scales.shape)} do not "
+                                      f"match the metadata shape {shape} with group_size {g}")
+        bias = None
+        if lin.bias is not None:
+            if f"{name}.bias" not in files:
+                raise PackedMetadataError(f"{name}.bias missing from model.safetensors")
+            bias = files.get(f"{name}.bias").to(device)
+            consumed.add(f"{name}.bias")
+        elif f"{name}.bias" in files:
+            raise PackedMetadataError(f"{name}.bias is in the file but the model's layer has no bias")
+        consumed.update(keys)
+        new = quantized_linear(codes.to(device), scales.to(device), bits, g, bias, dtype, force_dequant=force_dequant)
+        replace_module(model, name, new)
+
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    state_keys = set(params) | set(buffers)
+    for key in files.keys():
+        if key in consumed:
+            continue
+        if key not in state_keys:
+            raise PackedMetadataError(f"model.safetensors holds {key!r}, which the model built from config.json does "
+                                      f"not have; the packed file does not match its config")
+        t = files.get(key)
+        cur = params[key] if key in params else buffers[key]
+        if tuple(cur.shape) != tuple(t.shape):
+            raise PackedMetadataError(f"{key}: file shape {tuple(t.shape)} != model shape {tuple(cur.shape)}")
+        set_tensor(model, key, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+    return finish_model(model, device)
+
+
+def quantized_backends(model: nn.Module) -> dict[str, int]:
+    """How many layers run on each path, e.g. {"kernels.w4a16": 196, "dequant": 0}."""
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, (W4A16Linear, DequantLinear)):
+            out[m.backend] = out.get(m.backend, 0) + 1
+    return out
+
+
+def select_quant_layers(model: nn.Module, include=None, exclude=None) -> list[str]:
+    """nn.Linear names matching QuantConfig's include/exclude regexes (its defaults when None)."""
+    if include is None or exclude is None:
+        from grace_ds.quant.config import QuantConfig
+
+        d = QuantConfig()
+        include = d.include if include is None else include
+        exclude = d.exclude if exclude is None else exclude
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+            and any(re.search(p, n) for p in include) and not any(re.search(p, n) for p in exclude)]
