@@ -1,0 +1,1 @@
+"""GRACE-DS custom kernels (see kernels/README.md)."""

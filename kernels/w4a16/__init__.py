@@ -1,0 +1,14 @@
+"""W4A16 (int4 weights, bf16/fp16 activations, group size 128) GEMM for GRACE-DS.
+
+Public API:
+    reference_w4a16(x, codes, scales, group_size=128)  # pure PyTorch oracle (CPU ok)
+    pack_weights(codes, scales, group_size=128, dtype=None) -> {"qweight", "scales"}
+    unpack_weights(packed) -> (codes, scales)
+    w4a16_gemm(x, packed, group_size=128) -> (..., N)   # torch.ops.grace.w4a16_gemm on CUDA
+"""
+from .op import load_extension, w4a16_gemm
+from .pack import pack_weights, packed_shape, unpack_weights
+from .reference import dequantize, reference_w4a16
+
+__all__ = ["reference_w4a16", "dequantize", "pack_weights", "unpack_weights", "packed_shape", "w4a16_gemm",
+           "load_extension"]

@@ -1,0 +1,43 @@
+// Plain C++ entry points of the W4A16 kernels (no torch types), used by w4a16_binding.cpp.
+#pragma once
+#include <cuda_runtime.h>
+
+namespace grace_w4a16 {
+
+// Tensor-core configurations: (MT token tiles of 8, TN n16 tiles per warp, WN x WK warps per CTA).
+// Kept in one table so the binding, the benchmark and the heuristic agree on ids.
+#define GRACE_W4A16_CONFIGS(X) \
+  X(0, 1, 1, 1, 8)             \
+  X(1, 1, 1, 2, 4)             \
+  X(2, 1, 2, 1, 4)             \
+  X(3, 2, 1, 1, 8)             \
+  X(4, 2, 2, 1, 4)             \
+  X(5, 2, 1, 2, 4)             \
+  X(6, 4, 1, 1, 8)             \
+  X(7, 4, 1, 2, 4)             \
+  X(8, 4, 2, 2, 2)             \
+  X(9, 8, 1, 1, 8)             \
+  X(10, 8, 1, 2, 4)            \
+  X(11, 8, 2, 2, 2)            \
+  X(12, 8, 1, 4, 2)            \
+  X(13, 8, 1, 1, 4)
+
+constexpr int kNumConfigs = 14;
+
+struct TcConfig {
+  int mt, tn, wn, wk;
+};
+
+// Returns false for an unknown id.
+bool tc_config(int cfg, TcConfig* out);
+
+// out (M,N) = x (M,K) @ dequant(qw, sc)^T. dtype 0 = bf16, 1 = fp16. Returns the launch error.
+cudaError_t tc_launch_bf16(int cfg, const void* x, const void* qw, const void* sc, void* out, int M, int N,
+                           int K, cudaStream_t stream);
+cudaError_t tc_launch_fp16(int cfg, const void* x, const void* qw, const void* sc, void* out, int M, int N,
+                           int K, cudaStream_t stream);
+// w (N,K) row-major = dequant(qw, sc)
+cudaError_t dequant_launch_bf16(const void* qw, const void* sc, void* w, int N, int K, cudaStream_t stream);
+cudaError_t dequant_launch_fp16(const void* qw, const void* sc, void* w, int N, int K, cudaStream_t stream);
+
+}  // namespace grace_w4a16

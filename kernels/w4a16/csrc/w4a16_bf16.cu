@@ -1,0 +1,27 @@
+// bf16 instantiations of the W4A16 kernels (see w4a16_kernel.cuh for the design).
+#include "w4a16_launch.cuh"
+
+namespace grace_w4a16 {
+
+bool tc_config(int cfg, TcConfig* out) {
+  switch (cfg) {
+#define GRACE_CFG(id, mt, tn, wn, wk) \
+  case id:                            \
+    *out = TcConfig{mt, tn, wn, wk};  \
+    return true;
+    GRACE_W4A16_CONFIGS(GRACE_CFG)
+#undef GRACE_CFG
+    default:
+      return false;
+  }
+}
+
+cudaError_t tc_launch_bf16(int cfg, const void* x, const void* qw, const void* sc, void* out, int M, int N,
+                           int K, cudaStream_t stream) {
+  return launch_tc_dispatch<__nv_bfloat16>(cfg, x, qw, sc, out, M, N, K, stream);
+}
+cudaError_t dequant_launch_bf16(const void* qw, const void* sc, void* w, int N, int K, cudaStream_t stream) {
+  return launch_dequant_t<__nv_bfloat16>(qw, sc, w, N, K, stream);
+}
+
+}  // namespace grace_w4a16

@@ -1,0 +1,133 @@
+// PyTorch binding of the W4A16 kernels: implements the CUDA kernel of the operator
+// grace::w4a16_gemm (schema and fake/meta kernel are defined in kernels/w4a16/op.py, so the op
+// exists, and torch.compile can trace it, before this extension is built), plus pybind helpers
+// used by the benchmark (run one tensor-core config, dequantise).
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "w4a16_api.h"
+
+namespace {
+
+using grace_w4a16::TcConfig;
+
+void check_inputs(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t group_size) {
+  TORCH_CHECK(group_size == 128, "w4a16_gemm: group_size must be 128, got ", group_size);
+  TORCH_CHECK(x.is_cuda() && qweight.is_cuda() && scales.is_cuda(), "w4a16_gemm: all tensors must be on CUDA");
+  TORCH_CHECK(x.dim() == 2, "w4a16_gemm: x must be 2-D (M,K), got ", x.dim(), " dims");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "w4a16_gemm: x must be bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(scales.scalar_type() == x.scalar_type(), "w4a16_gemm: scales dtype ", scales.scalar_type(),
+              " must equal x dtype ", x.scalar_type());
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.dim() == 3 && qweight.size(2) == 128,
+              "w4a16_gemm: qweight must be int32 (N/16, K/64, 128) from pack_weights");
+  const int64_t N = qweight.size(0) * 16, K = qweight.size(1) * 64;
+  TORCH_CHECK(x.size(1) == K, "w4a16_gemm: x has K=", x.size(1), " but the packed weight has K=", K);
+  TORCH_CHECK(K % 128 == 0, "w4a16_gemm: K=", K, " is not a multiple of 128");
+  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == N / 16 && scales.size(1) == K / 128 && scales.size(2) == 16,
+              "w4a16_gemm: scales must be (N/16, K/128, 16) from pack_weights");
+  TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous(), "w4a16_gemm: packed tensors must be contiguous");
+  TORCH_CHECK(x.device() == qweight.device() && x.device() == scales.device(),
+              "w4a16_gemm: tensors on different devices");
+}
+
+at::Tensor contiguous_aligned(const at::Tensor& x) {
+  // The kernel reads activations with 16-byte loads: rows must be contiguous and 16-byte aligned.
+  if (x.is_contiguous() && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0) return x;
+  return x.contiguous().clone();
+}
+
+void run_tc(int cfg, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, at::Tensor& out) {
+  const int M = (int)x.size(0), N = (int)out.size(1), K = (int)x.size(1);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t e = x.scalar_type() == at::kBFloat16
+                      ? grace_w4a16::tc_launch_bf16(cfg, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+                                                    out.data_ptr(), M, N, K, stream)
+                      : grace_w4a16::tc_launch_fp16(cfg, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+                                                    out.data_ptr(), M, N, K, stream);
+  TORCH_CHECK(e == cudaSuccess, "w4a16_gemm: kernel launch failed (config ", cfg, "): ", cudaGetErrorString(e));
+}
+
+at::Tensor dequant(const at::Tensor& qweight, const at::Tensor& scales) {
+  const int N = (int)qweight.size(0) * 16, K = (int)qweight.size(1) * 64;
+  at::Tensor w = at::empty({N, K}, scales.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t e = scales.scalar_type() == at::kBFloat16
+                      ? grace_w4a16::dequant_launch_bf16(qweight.data_ptr(), scales.data_ptr(), w.data_ptr(), N, K, stream)
+                      : grace_w4a16::dequant_launch_fp16(qweight.data_ptr(), scales.data_ptr(), w.data_ptr(), N, K, stream);
+  TORCH_CHECK(e == cudaSuccess, "w4a16 dequant: kernel launch failed: ", cudaGetErrorString(e));
+  return w;
+}
+
+// Heuristic config choice (measured on H100, see kernels/NOTES.md and kernels/BENCHMARKS.md).
+// Returns -1 when the dequantise + cuBLAS path is the faster one.
+int choose_config(int64_t M, int64_t N, int64_t K) {
+  if (M <= 8) return 0;
+  if (M <= 16) return 3;
+  if (M <= 32) return 6;
+  if (M <= 64) return 9;
+  if (M <= 128) return 9;
+  return -1;
+}
+
+at::Tensor w4a16_gemm_cuda(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
+                           int64_t group_size) {
+  check_inputs(x_in, qweight, scales, group_size);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t M = x_in.size(0), N = qweight.size(0) * 16;
+  at::Tensor out = at::empty({M, N}, x_in.options());
+  if (M == 0) return out;
+  at::Tensor x = contiguous_aligned(x_in);
+  int cfg = choose_config(M, N, x.size(1));
+  if (cfg >= 0) {
+    run_tc(cfg, x, qweight, scales, out);
+  } else {
+    at::Tensor w = dequant(qweight, scales);
+    at::mm_out(out, x, w.t());
+  }
+  return out;
+}
+
+// ---- pybind helpers (benchmark / tests) ----
+at::Tensor tc_gemm(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales, int64_t cfg) {
+  check_inputs(x_in, qweight, scales, 128);
+  TcConfig c;
+  TORCH_CHECK(grace_w4a16::tc_config((int)cfg, &c), "w4a16: unknown config ", cfg);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor x = contiguous_aligned(x_in);
+  at::Tensor out = at::empty({x.size(0), qweight.size(0) * 16}, x.options());
+  if (x.size(0) > 0) run_tc((int)cfg, x, qweight, scales, out);
+  return out;
+}
+
+at::Tensor tc_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t cfg,
+                       at::Tensor out) {
+  check_inputs(x, qweight, scales, 128);
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && out.size(0) == x.size(0) &&
+                  out.size(1) == qweight.size(0) * 16 && out.scalar_type() == x.scalar_type(),
+              "w4a16: bad out");
+  const c10::cuda::CUDAGuard guard(x.device());
+  run_tc((int)cfg, x, qweight, scales, out);
+  return out;
+}
+
+std::vector<int64_t> config_info(int64_t cfg) {
+  TcConfig c;
+  TORCH_CHECK(grace_w4a16::tc_config((int)cfg, &c), "w4a16: unknown config ", cfg);
+  return {c.mt, c.tn, c.wn, c.wk};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(grace, CUDA, m) { m.impl("w4a16_gemm", &w4a16_gemm_cuda); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("tc_gemm", &tc_gemm, "tensor-core W4A16 GEMM with an explicit config id");
+  m.def("tc_gemm_out", &tc_gemm_out, "same, into a preallocated output");
+  m.def("dequant", &dequant, "packed int4 -> (N,K) weight in the scales dtype");
+  m.def("config_info", &config_info, "(MT, TN, WN, WK) of a config id");
+  m.def("choose_config", &choose_config, "config id the op uses for (M,N,K); -1 = dequant + cuBLAS");
+  m.attr("num_configs") = grace_w4a16::kNumConfigs;
+}

@@ -1,0 +1,54 @@
+// Host-side launchers shared by the per-dtype translation units (split so ninja builds them in
+// parallel). No torch headers.
+#pragma once
+#include "w4a16_api.h"
+#include "w4a16_kernel.cuh"
+
+namespace grace_w4a16 {
+
+template <typename T, int MT, int TN, int WN, int WK>
+cudaError_t launch_tc_t(const void* x, const void* qw, const void* sc, void* out, int M, int N, int K,
+                        cudaStream_t stream) {
+  constexpr int threads = WN * WK * 32;
+  const size_t smem = (size_t)(WK - 1) * WN * TN * MT * 4 * 32 * sizeof(float);
+  auto kern = w4a16_tc_kernel<T, MT, TN, WN, WK>;
+  if (smem > 48 * 1024) {
+    static bool done = false;  // raising the dynamic limit once per instantiation is enough
+    if (!done) {
+      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+      if (e != cudaSuccess) return e;
+      done = true;
+    }
+  }
+  const int nt = N / kNTile;
+  dim3 grid((M + MT * 8 - 1) / (MT * 8), (nt + WN * TN - 1) / (WN * TN));
+  kern<<<grid, threads, smem, stream>>>(static_cast<const T*>(x), static_cast<const uint4*>(qw),
+                                        static_cast<const uint32_t*>(sc), static_cast<T*>(out), M, N, K);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_tc_dispatch(int cfg, const void* x, const void* qw, const void* sc, void* out, int M, int N,
+                               int K, cudaStream_t stream) {
+  switch (cfg) {
+#define GRACE_CASE(id, mt, tn, wn, wk) \
+  case id:                             \
+    return launch_tc_t<T, mt, tn, wn, wk>(x, qw, sc, out, M, N, K, stream);
+    GRACE_W4A16_CONFIGS(GRACE_CASE)
+#undef GRACE_CASE
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t launch_dequant_t(const void* qw, const void* sc, void* w, int N, int K, cudaStream_t stream) {
+  const long long total = (long long)(N / kNTile) * (K / kKBlock) * 32;
+  const int threads = 256;
+  const long long blocks = (total + threads - 1) / threads;
+  w4a16_dequant_kernel<T><<<(unsigned)blocks, threads, 0, stream>>>(
+      static_cast<const uint4*>(qw), static_cast<const uint32_t*>(sc), static_cast<T*>(w), N, K);
+  return cudaGetLastError();
+}
+
+}  // namespace grace_w4a16

@@ -1,0 +1,28 @@
+"""Small run for compute-sanitizer: every tensor-core config, the dequant path and the op on tiny
+odd shapes.  compute-sanitizer --tool memcheck python -m kernels.w4a16.memcheck"""
+import torch
+
+from .op import load_extension
+from .pack import pack_weights
+
+
+def main():
+    ext = load_extension()
+    torch.manual_seed(0)
+    for (N, K) in [(48, 256), (16, 384)]:
+        codes = torch.randint(-8, 8, (N, K), dtype=torch.int8)
+        scales = torch.rand(N, K // 128) * 0.01 + 0.005
+        for dt in (torch.bfloat16, torch.float16):
+            p = {k: v.cuda() for k, v in pack_weights(codes, scales, dtype=dt).items()}
+            for M in (1, 3, 17, 65, 130):
+                x = torch.randn(M, K, dtype=dt, device="cuda")
+                for c in range(ext.num_configs):
+                    ext.tc_gemm(x, p["qweight"], p["scales"], c)
+                torch.ops.grace.w4a16_gemm(x, p["qweight"], p["scales"], 128)
+            ext.dequant(p["qweight"], p["scales"])
+    torch.cuda.synchronize()
+    print("memcheck run done")
+
+
+if __name__ == "__main__":
+    main()

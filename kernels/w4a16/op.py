@@ -1,0 +1,102 @@
+"""Build and registration of the CUDA W4A16 operator ``torch.ops.grace.w4a16_gemm``.
+
+* The schema, a fake (meta) kernel and a CPU kernel (the reference) are registered here at import,
+  so torch.compile / CUDA-graph capture can trace the op before the extension exists.
+* The CUDA kernel is implemented in csrc/w4a16_binding.cpp (TORCH_LIBRARY_IMPL(grace, CUDA)) and
+  is registered when that extension is loaded: built on first CUDA use with
+  torch.utils.cpp_extension.load into a cached directory (``$GRACE_DS_KERNEL_CACHE`` or
+  ``~/.cache/grace_ds/kernels``), or ahead of time by ``python -m kernels.w4a16.build``.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from .pack import K_BLOCK, N_TILE, packed_shape, unpack_weights
+from .reference import GROUP_SIZE, reference_w4a16
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ["w4a16_binding.cpp", "w4a16_bf16.cu", "w4a16_fp16.cu"]
+EXT_NAME = "grace_w4a16_ext"
+
+_lib = torch.library.Library("grace", "DEF")
+_lib.define("w4a16_gemm(Tensor x, Tensor qweight, Tensor scales, int group_size) -> Tensor")
+
+
+@torch.library.register_fake("grace::w4a16_gemm")
+def _w4a16_gemm_fake(x, qweight, scales, group_size):
+    torch._check(x.dim() == 2, lambda: f"w4a16_gemm: x must be 2-D, got {x.dim()} dims")
+    return x.new_empty((x.shape[0], qweight.shape[0] * N_TILE))
+
+
+def _w4a16_gemm_cpu(x, qweight, scales, group_size):
+    codes, sc = unpack_weights({"qweight": qweight, "scales": scales})
+    return reference_w4a16(x, codes, sc, group_size)
+
+
+_lib.impl("w4a16_gemm", _w4a16_gemm_cpu, "CPU")
+
+_ext = None
+_lock = threading.Lock()
+
+
+def build_dir() -> Path:
+    d = Path(os.environ.get("GRACE_DS_KERNEL_CACHE", Path.home() / ".cache" / "grace_ds" / "kernels"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def load_extension(verbose: bool = False):
+    """Build (cached) and load the CUDA extension; registers the CUDA kernel of the op."""
+    global _ext
+    if _ext is not None:
+        return _ext
+    with _lock:
+        if _ext is not None:
+            return _ext
+        from torch.utils.cpp_extension import load
+
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            # Hopper first: sm_90a (the kernel uses nothing sm_90a-only yet, but this is the target).
+            major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+            os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}" + ("a" if major == 9 else "")
+        os.environ.setdefault("MAX_JOBS", str(min(8, os.cpu_count() or 1)))
+        _ext = load(
+            name=EXT_NAME,
+            sources=[str(CSRC / s) for s in SOURCES],
+            extra_include_paths=[str(CSRC)],
+            extra_cflags=["-O3", "-std=c++17"],
+            extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+            build_directory=str(build_dir()),
+            verbose=verbose,
+        )
+    return _ext
+
+
+def w4a16_gemm(x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int = GROUP_SIZE) -> torch.Tensor:
+    """out (..., N) = x (..., K) @ W.T for a weight packed by ``pack_weights``.
+
+    CUDA: ``torch.ops.grace.w4a16_gemm`` (tensor-core kernel for small M, dequantise + cuBLAS for
+    large M). Elsewhere: the pure-PyTorch reference. x: bf16 or fp16 on CUDA; the packed scales are
+    converted to x's dtype if they differ (pack for the serving dtype to avoid that).
+    """
+    if group_size != GROUP_SIZE:
+        raise ValueError(f"w4a16_gemm: group_size must be {GROUP_SIZE}, got {group_size}")
+    N, K = packed_shape(packed)
+    if x.shape[-1] != K:
+        raise ValueError(f"w4a16_gemm: x has K={x.shape[-1]} but the packed weight has K={K}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    qweight, scales = packed["qweight"], packed["scales"]
+    if x.is_cuda:
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            raise TypeError(f"w4a16_gemm: x must be bfloat16 or float16 on CUDA, got {x.dtype}")
+        if scales.dtype != x.dtype:
+            scales = scales.to(x.dtype)
+        if not torch.compiler.is_compiling():
+            load_extension()
+    out = torch.ops.grace.w4a16_gemm(x2, qweight, scales, group_size)
+    return out.reshape(*lead, N)
