@@ -1,0 +1,111 @@
+"""Can this teacher be distilled into this student? Checked before any engine is built.
+
+Token-level KD compares distributions over the same vocabulary and RCKA pairs the same visual
+positions, so teacher and student must share: the tokenizer (token string <-> id on the real
+vocabulary), the image token id, and the number of visual tokens per image. Embedding tables may be
+padded to different sizes (Qwen2-VL-7B: 152064 rows, 2B: 151936, same tokenizer); losses then use
+the first `shared_vocab` rows only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from grace_ds.models.adapters import get_adapter
+
+
+@dataclass(frozen=True)
+class CompatReport:
+    shared_vocab: int                  # real tokens both tokenizers share = logits columns to compare
+    teacher_vocab_size: int            # lm_head rows (padded)
+    student_vocab_size: int
+    image_token_id: int
+    tokens_per_image: int              # visual tokens for the probe image, equal on both sides
+    family_teacher: str
+    family_student: str
+
+
+def _text_config(config):
+    return getattr(config, "text_config", None) or config
+
+
+def _probe_tokens_per_image(processor, adapter) -> int:
+    """Image tokens the processor emits for one probe image (the real expansion path)."""
+    from PIL import Image
+
+    ip = processor.image_processor
+    size = getattr(ip, "crop_size", None) or getattr(ip, "size", None) or {}
+    side = 224
+    if isinstance(size, dict) and size.get("height"):
+        side = int(size["height"])
+    img = Image.fromarray(np.full((side, side, 3), 127, dtype=np.uint8))
+    token = processor.image_token if hasattr(processor, "image_token") else None
+    if token is None:
+        raise ValueError(f"{type(processor).__name__} has no image_token: pass the model's multimodal processor")
+    text = f"<|vision_start|>{token}<|vision_end|>" if adapter.family != "llava" else token
+    enc = processor(text=[text], images=[img], return_tensors="pt")
+    return int((enc["input_ids"] == processor.tokenizer.convert_tokens_to_ids(token)).sum())
+
+
+def check_compatible(teacher_processor, student_processor, teacher_config, student_config) -> CompatReport:
+    """A CompatReport, or ValueError naming both values and the fix."""
+    ta, sa = get_adapter(teacher_config), get_adapter(student_config)
+    t_tok, s_tok = teacher_processor.tokenizer, student_processor.tokenizer
+    t_vocab = int(_text_config(teacher_config).vocab_size)
+    s_vocab = int(_text_config(student_config).vocab_size)
+
+    # 1. Same tokenizer on the shared real range: every id below min(len) must map to the same token.
+    n_t, n_s = len(t_tok), len(s_tok)
+    shared = min(n_t, n_s)
+    t_map = {i: t for t, i in t_tok.get_vocab().items() if i < shared}
+    s_map = {i: t for t, i in s_tok.get_vocab().items() if i < shared}
+    diff = [i for i in range(shared) if t_map.get(i) != s_map.get(i)]
+    if diff:
+        i = diff[0]
+        raise ValueError(
+            f"teacher and student tokenizers differ: id {i} is {t_map.get(i)!r} for the teacher and "
+            f"{s_map.get(i)!r} for the student ({len(diff)} of {shared} ids differ): distillation "
+            "compares logits id by id, so both models must use the same tokenizer (same family and "
+            "release, e.g. Qwen2-VL 7B -> 2B); retokenising across families is not supported")
+    if n_t != n_s:
+        raise ValueError(
+            f"teacher tokenizer has {n_t} tokens, student {n_s}: both must use the same tokenizer "
+            "(extra added tokens on one side change the real vocabulary); padded embedding rows are fine")
+    for side, n, v in (("teacher", n_t, t_vocab), ("student", n_s, s_vocab)):
+        if v < n:
+            raise ValueError(f"{side} vocab_size {v} < its tokenizer's {n} tokens: the checkpoint and tokenizer "
+                             "do not belong together (resize the embeddings or use the matching tokenizer)")
+
+    # 2. Same image token, known to the model configs and the processors alike.
+    t_img, s_img = ta.image_token_id(teacher_config), sa.image_token_id(student_config)
+    if t_img != s_img:
+        raise ValueError(
+            f"teacher image_token_id {t_img} != student {s_img}: visual positions would not line up; "
+            "use a teacher and student of the same family whose configs use the same image token")
+    for side, proc in (("teacher", teacher_processor), ("student", student_processor)):
+        pid = getattr(proc, "image_token_id", None)
+        if pid is None:
+            pid = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
+        if int(pid) != t_img:
+            raise ValueError(f"{side} processor image token id {pid} != model config image_token_id {t_img}: "
+                             "the processor does not belong to the model (save the model's own processor)")
+
+    # 3. Same number of visual tokens per image (same patching / merge / resize).
+    t_n = _probe_tokens_per_image(teacher_processor, ta)
+    s_n = _probe_tokens_per_image(student_processor, sa)
+    if t_n != s_n:
+        raise ValueError(
+            f"teacher emits {t_n} visual tokens per probe image, student {s_n}: RCKA pairs visual "
+            "positions one to one; use the same image processor settings (size / min_pixels / max_pixels, "
+            "patch and merge size) for both, e.g. the student's processor for both models")
+    for side, ad, cfg in (("teacher", ta, teacher_config), ("student", sa, student_config)):
+        fixed = ad.tokens_per_image(cfg)
+        if fixed is not None and fixed != t_n:
+            raise ValueError(f"{side} model expects {fixed} image tokens per image but its processor emits "
+                             f"{t_n}: set the processor's image size / patch_size to match the vision tower")
+
+    return CompatReport(shared_vocab=shared, teacher_vocab_size=t_vocab, student_vocab_size=s_vocab,
+                        image_token_id=t_img, tokens_per_image=t_n, family_teacher=ta.family,
+                        family_student=sa.family)
