@@ -129,12 +129,13 @@ class RawSample:
 
 def _read_segment(path: Path, seg: Segment) -> Iterator[RawSample]:
     """Samples seg.start..seg.end-1 of one shard. A corrupt header ends the shard: the samples the
-    manifest promised but that could not be read come out as bad placeholders (reason corrupt_tar,
-    or missing_in_shard for a short shard), so they are counted, never silently lost, and the
-    stream positions stay aligned with the plan."""
+    manifest promised but that could not be read come out as bad placeholders (reason corrupt_tar),
+    so they are counted, never silently lost, and the stream positions stay aligned with the plan."""
     nxt = seg.start                  # next sample index to hand out
     idx, key, members = -1, None, {}
-    reason, detail = "missing_in_shard", "shard has fewer samples than its manifest entry"
+    # tarfile ends the archive silently at an invalid header after the first member, so "fewer
+    # samples than the manifest says" is how most header corruption shows up: same reason.
+    reason, detail = "corrupt_tar", "shard ended before its manifest sample count (truncated or corrupt header)"
     try:
         with tarfile.open(path, "r:") as tar:
             for ti in tar:

@@ -405,6 +405,8 @@ def make_sample(cfg: GeneratorConfig, split: str, index: int, attempt: int = 0) 
     else:
         raise RuntimeError(f"synthetic: no unambiguous question after {cfg.max_attempts} draws "
                            f"(split={split}, index={index}); raise GeneratorConfig.max_attempts")
+    if q.get("fixed_options"):
+        mc = True    # "which of these objects" needs its options listed
     image = render(q["objs"], d, cfg.image_size, rng)
     meta = {"qtype": qtype, "format": "mc" if mc else "open", "answer_text": q["answer"],
             "difficulty": cfg.difficulty, "split": split, "seed": cfg.seed, "index": index,
