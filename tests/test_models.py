@@ -117,11 +117,24 @@ def test_processor_round_trip(family, tmp_path):
         assert (enc["mm_token_type_ids"] == (enc["input_ids"] == image_id)).all()
 
 
-def test_processor_build_is_deterministic(tmp_path):
-    build_processor("qwen2_vl", tmp_path / "a")
-    build_processor("qwen2_vl", tmp_path / "b")
-    for f in ("tokenizer.json", "processor_config.json"):
-        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+def test_tokenizer_training_is_deterministic_across_processes():
+    import hashlib
+    import subprocess
+    import sys
+
+    from grace_ds.models import processors
+
+    # Teacher and student presets are often built by different processes (a cached teacher, a fresh
+    # student): the trained tokenizer must be identical across processes, not only within one.
+    code = ("from grace_ds.models.processors import _train_bpe_json, QWEN_SPECIAL_TOKENS, corpus_fingerprint; "
+            "import hashlib; print(hashlib.sha256(_train_bpe_json((), QWEN_SPECIAL_TOKENS, "
+            "corpus_fingerprint()).encode()).hexdigest())")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120,
+                         capture_output=True, text=True).stdout.split()[-1]
+    processors._train_bpe_json.cache_clear()
+    here = processors._train_bpe_json((), processors.QWEN_SPECIAL_TOKENS, processors.corpus_fingerprint())
+    assert hashlib.sha256(here.encode()).hexdigest() == out
 
 
 # -- presets + adapters ---------------------------------------------------------------------------
@@ -206,6 +219,29 @@ def test_llava_adjacent_images_are_split():
     vs, ve, pad = (t.convert_tokens_to_ids(x) for x in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>"))
     ids = torch.tensor([[vs] + [pad] * 16 + [ve, vs] + [pad] * 4 + [ve, 9]])
     assert [(int(p[0]), p.numel()) for _, p in qad.visual_positions(ids)] == [(1, 16), (19, 4)]
+
+
+def test_forward_hidden_with_activation_checkpointing(preset_dirs):
+    """The recompute in backward re-runs the hooked layer; the captured tensor must stay the
+    forward one and gradients must match the plain run."""
+    from transformers import AutoModelForImageTextToText
+
+    d = preset_dirs["tiny-qwen2vl-student"]
+    proc = load_processor(d)
+    batch = _batch(proc, "qwen2_vl", images_per_row=(1, 2))
+    grads = []
+    for ckpt in (False, True):
+        model = AutoModelForImageTextToText.from_pretrained(str(d), local_files_only=True)
+        model.train()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        adapter = get_adapter(model)
+        final, penult = adapter.forward_hidden(model, batch)
+        (final.square().mean() + penult.square().mean()).backward()
+        grads.append((final.detach(), penult.detach(),
+                      adapter.decoder_layers(model)[0].self_attn.q_proj.weight.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 # -- compatibility ------------------------------------------------------------------------------

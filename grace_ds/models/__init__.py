@@ -2,29 +2,37 @@
 
 Public API (docs/architecture.md): VLMAdapter, get_adapter, TINY_PRESETS, build_tiny_preset,
 build_processor, load_processor, load_model, check_compatible, CompatReport, OutputCapture.
+
+Names resolve lazily (PEP 562): `grace_ds.models.processors` is imported by the data loader's
+workers and by tokenizer-only tools, which should not pay for importing torch and transformers'
+model classes.
 """
 
-from grace_ds.models.adapters import (
-    ADAPTERS,
-    LlavaAdapter,
-    Qwen2VLAdapter,
-    Qwen3VLAdapter,
-    Qwen25VLAdapter,
-    VLMAdapter,
-    get_adapter,
-    model_class_for,
-    unwrap,
-)
-from grace_ds.models.capture import OutputCapture, capture_penultimate
-from grace_ds.models.compat import CompatReport, check_compatible
-from grace_ds.models.loading import load_model, load_processor, resolve_model_path, zero3_context
-from grace_ds.models.presets import TINY_PRESETS, TinyPreset, build_tiny_preset, ensure_preset, preset_cache_dir
-from grace_ds.models.processors import FAMILIES, GEOMETRY, build_processor, save_processor
+from __future__ import annotations
 
-__all__ = [
-    "ADAPTERS", "CompatReport", "FAMILIES", "GEOMETRY", "LlavaAdapter", "OutputCapture", "Qwen25VLAdapter",
-    "Qwen2VLAdapter", "Qwen3VLAdapter", "TINY_PRESETS", "TinyPreset", "VLMAdapter", "build_processor",
-    "build_tiny_preset", "capture_penultimate", "check_compatible", "ensure_preset", "get_adapter",
-    "load_model", "load_processor", "model_class_for", "preset_cache_dir", "resolve_model_path",
-    "save_processor", "unwrap", "zero3_context",
-]
+import importlib
+
+_EXPORTS = {
+    "adapters": ("ADAPTERS", "LlavaAdapter", "Qwen2VLAdapter", "Qwen25VLAdapter", "Qwen3VLAdapter",
+                 "VLMAdapter", "get_adapter", "model_class_for", "unwrap"),
+    "capture": ("OutputCapture", "capture_penultimate"),
+    "compat": ("CompatReport", "check_compatible"),
+    "loading": ("load_model", "load_processor", "resolve_model_path", "zero3_context"),
+    "presets": ("TINY_PRESETS", "TinyPreset", "build_tiny_preset", "ensure_preset", "preset_cache_dir"),
+    "processors": ("FAMILIES", "GEOMETRY", "build_processor", "save_processor"),
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'grace_ds.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"grace_ds.models.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

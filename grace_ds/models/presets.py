@@ -175,29 +175,40 @@ def preset_cache_dir() -> Path:
 
 
 def ensure_preset(name: str, cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
-    """The built preset directory, (re)building it when missing or stale (tokenizer/recipe changed)."""
+    """The built preset directory, (re)building it when missing or stale (tokenizer/recipe changed).
+
+    Safe when every rank of a job calls it at once: an exclusive file lock serialises the check and
+    the build, and the build goes to a temporary directory renamed into place, so no rank ever reads
+    a half-written preset.
+    """
+    import fcntl
+    import shutil
+
     out = Path(cache_dir) / name if cache_dir is not None else preset_cache_dir() / name
-    marker = out / MARKER_FILE
-    if marker.exists() and (out / "model.safetensors").exists():
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if json.loads(marker.read_text()) == _marker(name, seed):
+            if _is_current(out, name, seed):
                 return out
-        except json.JSONDecodeError:
-            pass
-    # Build next to the target and rename, so concurrent ranks never read a half-written preset.
-    tmp = out.parent / f".{name}.tmp{os.getpid()}"
-    build_tiny_preset(name, tmp, seed=seed)
-    if out.exists():
-        import shutil
+            tmp = out.parent / f".{name}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            build_tiny_preset(name, tmp, seed=seed)
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+            return out
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
-        shutil.rmtree(out, ignore_errors=True)
+
+def _is_current(out: Path, name: str, seed: int) -> bool:
+    marker = out / MARKER_FILE
+    if not (marker.exists() and (out / "model.safetensors").exists()):
+        return False
     try:
-        os.replace(tmp, out)
-    except OSError:   # another process won the race; its build is identical
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        return json.loads(marker.read_text()) == _marker(name, seed)
+    except json.JSONDecodeError:
+        return False
 
 
 def _spec(name: str) -> TinyPreset:
