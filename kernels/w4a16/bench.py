@@ -196,7 +196,8 @@ def main(argv=None):
                     for c in cfgs_for(M):
                         r[f"c{c}"] = graph_time([lambda q=q, c=c: ext.tc_gemm(x, q["qweight"], q["scales"], c) for q in Q], reps=10)
                     if M >= 64:
-                        r["deq"] = graph_time([lambda q=q: torch.matmul(x, ext.dequant(q["qweight"], q["scales"]).t()) for q in Q], reps=10)
+                        for cb in (0, 16, 32):
+                            r[f"deq{cb}"] = graph_time([lambda q=q, cb=cb: ext.deq_gemm(x, q["qweight"], q["scales"], cb << 20) for q in Q], reps=10)
                 byts = wbytes_q + M * K * 2 + M * N * 2
                 r["tbs"] = byts / (r["ours"] * 1e-6) / 1e12
                 r["bw_frac"] = r["tbs"] / bw
@@ -205,7 +206,7 @@ def main(argv=None):
                 log.flush()
                 extra = ""
                 if args.configs:
-                    ks = [k for k in r if k.startswith("c") and k[1:].isdigit() or k == "deq"]
+                    ks = [k for k in r if k.startswith("c") and k[1:].isdigit() or k.startswith("deq")]
                     best = min(ks, key=lambda k: r[k])
                     extra = f" best {best} {r[best]:.1f}us | " + " ".join(f"{k}={r[k]:.1f}" for k in ks)
                 print(f"{N}x{K} M={M}: cublas {r['cublas']:.1f}us int4pack {r.get('int4pack', float('nan')):.1f}us "

@@ -7,6 +7,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "w4a16_api.h"
 
 namespace {
@@ -50,25 +52,57 @@ void run_tc(int cfg, const at::Tensor& x, const at::Tensor& qweight, const at::T
   TORCH_CHECK(e == cudaSuccess, "w4a16_gemm: kernel launch failed (config ", cfg, "): ", cudaGetErrorString(e));
 }
 
-at::Tensor dequant(const at::Tensor& qweight, const at::Tensor& scales) {
-  const int N = (int)qweight.size(0) * 16, K = (int)qweight.size(1) * 64;
-  at::Tensor w = at::empty({N, K}, scales.options());
+// Dequantise packed rows [n0, n0+nrows) (n0, nrows multiples of 16) into w (nrows, K), row-major.
+void dequant_rows(const at::Tensor& qweight, const at::Tensor& scales, int64_t n0, int64_t nrows, at::Tensor& w) {
+  const int64_t K = qweight.size(1) * 64;
+  const int64_t t0 = n0 / 16;
+  const void* qw = static_cast<const int32_t*>(qweight.data_ptr()) + t0 * qweight.size(1) * 128;
+  const void* sc = static_cast<const char*>(scales.data_ptr()) + t0 * scales.size(1) * 16 * scales.element_size();
   auto stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t e = scales.scalar_type() == at::kBFloat16
-                      ? grace_w4a16::dequant_launch_bf16(qweight.data_ptr(), scales.data_ptr(), w.data_ptr(), N, K, stream)
-                      : grace_w4a16::dequant_launch_fp16(qweight.data_ptr(), scales.data_ptr(), w.data_ptr(), N, K, stream);
+                      ? grace_w4a16::dequant_launch_bf16(qw, sc, w.data_ptr(), (int)nrows, (int)K, stream)
+                      : grace_w4a16::dequant_launch_fp16(qw, sc, w.data_ptr(), (int)nrows, (int)K, stream);
   TORCH_CHECK(e == cudaSuccess, "w4a16 dequant: kernel launch failed: ", cudaGetErrorString(e));
+}
+
+at::Tensor dequant(const at::Tensor& qweight, const at::Tensor& scales) {
+  const int64_t N = qweight.size(0) * 16, K = qweight.size(1) * 64;
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  at::Tensor w = at::empty({N, K}, scales.options());
+  dequant_rows(qweight, scales, 0, N, w);
   return w;
 }
+
+// Large-M path: dequantise chunk_bytes worth of weight rows into ONE reused workspace and run
+// cuBLAS on that chunk, chunk after chunk. The workspace stays resident in L2 (50 MB on H100), so
+// the dequantised bf16 tile is written to and read back from L2 instead of DRAM: DRAM sees the
+// int4 weights once plus cuBLAS's own traffic. chunk_bytes <= 0: one chunk (full dequant).
+void dequant_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, at::Tensor& out,
+                  int64_t chunk_bytes) {
+  const int64_t N = qweight.size(0) * 16, K = qweight.size(1) * 64;
+  int64_t rows = chunk_bytes > 0 ? (chunk_bytes / (K * 2)) / 256 * 256 : N;
+  if (rows < 256) rows = 256;
+  if (rows > N) rows = N;
+  at::Tensor ws = at::empty({rows, K}, scales.options());
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t nc = std::min(rows, N - n0);
+    at::Tensor wc = ws.narrow(0, 0, nc);
+    dequant_rows(qweight, scales, n0, nc, wc);
+    at::Tensor oc = out.narrow(1, n0, nc);  // strided (ld = N) output: cuBLAS writes it in place
+    at::mm_out(oc, x, wc.t());
+  }
+}
+
+constexpr int64_t kChunkBytes = 24ll << 20;  // dequant workspace per chunk (see dequant_gemm)
 
 // Heuristic config choice (measured on H100, see kernels/NOTES.md and kernels/BENCHMARKS.md).
 // Returns -1 when the dequantise + cuBLAS path is the faster one.
 int choose_config(int64_t M, int64_t N, int64_t K) {
-  if (M <= 8) return 0;
-  if (M <= 16) return 3;
-  if (M <= 32) return 6;
-  if (M <= 64) return 9;
-  if (M <= 128) return 9;
+  const bool wide = N >= 8192;  // enough n16 tiles to give each warp 2 of them
+  if (M <= 8) return wide ? 2 : 0;
+  if (M <= 16) return wide ? 6 : 5;
+  if (M <= 32) return 10;
+  if (M <= 128) return N >= K ? 13 : 12;
   return -1;
 }
 
@@ -84,8 +118,7 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x_in, const at::Tensor& qweight, co
   if (cfg >= 0) {
     run_tc(cfg, x, qweight, scales, out);
   } else {
-    at::Tensor w = dequant(qweight, scales);
-    at::mm_out(out, x, w.t());
+    dequant_gemm(x, qweight, scales, out, kChunkBytes);
   }
   return out;
 }
@@ -113,6 +146,14 @@ at::Tensor tc_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at:
   return out;
 }
 
+at::Tensor deq_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t chunk_bytes) {
+  check_inputs(x, qweight, scales, 128);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({x.size(0), qweight.size(0) * 16}, x.options());
+  dequant_gemm(x.contiguous(), qweight, scales, out, chunk_bytes);
+  return out;
+}
+
 std::vector<int64_t> config_info(int64_t cfg) {
   TcConfig c;
   TORCH_CHECK(grace_w4a16::tc_config((int)cfg, &c), "w4a16: unknown config ", cfg);
@@ -127,6 +168,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tc_gemm", &tc_gemm, "tensor-core W4A16 GEMM with an explicit config id");
   m.def("tc_gemm_out", &tc_gemm_out, "same, into a preallocated output");
   m.def("dequant", &dequant, "packed int4 -> (N,K) weight in the scales dtype");
+  m.def("deq_gemm", &deq_gemm, "dequantise (in chunks of chunk_bytes, <=0: all) + cuBLAS");
   m.def("config_info", &config_info, "(MT, TN, WN, WK) of a config id");
   m.def("choose_config", &choose_config, "config id the op uses for (M,N,K); -1 = dequant + cuBLAS");
   m.attr("num_configs") = grace_w4a16::kNumConfigs;

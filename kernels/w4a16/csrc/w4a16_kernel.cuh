@@ -135,8 +135,8 @@ template <> __device__ __forceinline__ __half from_float<__half>(float v) { retu
 //   Pipelining: P = 8/TN k64 blocks of weights (P*TN*512 B per warp) are in flight in registers:
 //   the block kb+P is requested before block kb is dequantised and multiplied, so each SM keeps
 //   ~16-64 KB of loads outstanding (what ~3 TB/s x ~1 us of DRAM latency needs over 132 SMs).
-//   The activations (tiny, L2/L1-resident, shared by every CTA) are read with plain 16-byte loads
-//   one block ahead.
+//   The scales ride in the same ring; the activations (tiny, L2/L1-resident, shared by every CTA)
+//   are prefetched PX blocks ahead (P at MT=1, P/2 at MT=2, else 1: registers).
 // ---------------------------------------------------------------------------------------------
 template <typename T, int MT, int TN, int WN, int WK>
 __global__ void __launch_bounds__(WN * WK * 32)
@@ -180,21 +180,31 @@ __global__ void __launch_bounds__(WN * WK * 32)
       sp[tn] = sc + (size_t)tile * G * 8 + g;
     }
 
+    // Register ring of P k64 blocks in flight: weights + their scales, and the activations PX
+    // blocks ahead (P for MT=1, P/2 for MT=2, 1 for larger MT: their registers would not fit). Block kb lives in slot (kb - kb_begin) % P; the loop below is
+    // unrolled by P so every slot index is a compile-time constant (no local memory).
+    constexpr int PX = MT == 1 ? P : (MT == 2 ? (P / 2 > 1 ? P / 2 : 1) : 1);
     uint4 wbuf[P][TN];
+    uint32_t sbuf[P][TN];
+    uint4 xbuf[PX][MT][2];
 #pragma unroll
     for (int j = 0; j < P; ++j)
+      if (kb_begin + j < kb_end) {
+#pragma unroll
+        for (int tn = 0; tn < TN; ++tn) {
+          wbuf[j][tn] = ld_stream(wp[tn] + (size_t)(kb_begin + j) * 32);
+          sbuf[j][tn] = __ldg(sp[tn] + ((kb_begin + j) >> 1) * 8);
+        }
+      }
+#pragma unroll
+    for (int j = 0; j < PX; ++j)
       if (kb_begin + j < kb_end)
 #pragma unroll
-        for (int tn = 0; tn < TN; ++tn) wbuf[j][tn] = ld_stream(wp[tn] + (size_t)(kb_begin + j) * 32);
-
-    uint4 xn[MT][2];  // activations of the next block
-    if (kb_begin < kb_end)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const uint4* p = reinterpret_cast<const uint4*>(xrow[mt] + (size_t)kb_begin * kKBlock);
-        xn[mt][0] = __ldg(p);
-        xn[mt][1] = __ldg(p + 1);
-      }
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint4* p = reinterpret_cast<const uint4*>(xrow[mt] + (size_t)(kb_begin + j) * kKBlock);
+          xbuf[j][mt][0] = __ldg(p);
+          xbuf[j][mt][1] = __ldg(p + 1);
+        }
 
     for (int base = kb_begin; base < kb_end; base += P) {
 #pragma unroll
@@ -202,25 +212,29 @@ __global__ void __launch_bounds__(WN * WK * 32)
         const int kb = base + j;
         if (kb < kb_end) {
           uint4 wcur[TN];
+          uint32_t scur[TN];
 #pragma unroll
-          for (int tn = 0; tn < TN; ++tn) wcur[tn] = wbuf[j][tn];
+          for (int tn = 0; tn < TN; ++tn) { wcur[tn] = wbuf[j][tn]; scur[tn] = sbuf[j][tn]; }
           if (kb + P < kb_end)
 #pragma unroll
-            for (int tn = 0; tn < TN; ++tn) wbuf[j][tn] = ld_stream(wp[tn] + (size_t)(kb + P) * 32);
+            for (int tn = 0; tn < TN; ++tn) {
+              wbuf[j][tn] = ld_stream(wp[tn] + (size_t)(kb + P) * 32);
+              sbuf[j][tn] = __ldg(sp[tn] + ((kb + P) >> 1) * 8);  // (s[g], s[g+8]) of group kb/2
+            }
           uint4 xc[MT][2];
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) { xc[mt][0] = xn[mt][0]; xc[mt][1] = xn[mt][1]; }
-          if (kb + 1 < kb_end)
+          for (int mt = 0; mt < MT; ++mt) { xc[mt][0] = xbuf[j % PX][mt][0]; xc[mt][1] = xbuf[j % PX][mt][1]; }
+          if (kb + PX < kb_end)
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-              const uint4* p = reinterpret_cast<const uint4*>(xrow[mt] + (size_t)(kb + 1) * kKBlock);
-              xn[mt][0] = __ldg(p);
-              xn[mt][1] = __ldg(p + 1);
+              const uint4* p = reinterpret_cast<const uint4*>(xrow[mt] + (size_t)(kb + PX) * kKBlock);
+              xbuf[j % PX][mt][0] = __ldg(p);
+              xbuf[j % PX][mt][1] = __ldg(p + 1);
             }
           uint32_t s_lo[TN], s_hi[TN];
 #pragma unroll
           for (int tn = 0; tn < TN; ++tn) {
-            uint32_t s2 = __ldg(sp[tn] + (kb >> 1) * 8);  // (s[g], s[g+8]) of group kb/2
+            const uint32_t s2 = scur[tn];
             s_lo[tn] = __byte_perm(s2, s2, 0x1010);     // s[g]   in both halves
             s_hi[tn] = __byte_perm(s2, s2, 0x3232);     // s[g+8] in both halves
           }
