@@ -1,0 +1,97 @@
+"""Greedy decoding with a static KV cache and a graph-capturable decode step (used by launch/bench.py).
+
+Checked against `model.generate(do_sample=False)` for LLaVA and Qwen2-VL in tests/test_export.py.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class StaticDecoder:
+    """Greedy decoding over a StaticCache with the decode step as one replayable unit.
+
+    The step runs the language model on one token per row with explicit position ids (LLaVA: the
+    cache position; Qwen2-VL: cache position + the M-RoPE delta computed at prefill, for all three
+    sections), then lm_head + argmax, and writes the next token into its own input buffer and into
+    the output buffer: all state lives in device tensors, so a CUDA graph of it can be replayed.
+    """
+
+    def __init__(self, model, config, batch, max_len, device):
+        from transformers import StaticCache
+
+        self.model, self.config, self.device = model, config, device
+        self.family = config.model_type
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.lm = model.model.language_model
+        self.head = model.lm_head
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros((3, batch, 1) if self.family != "llava" else (batch, 1), dtype=torch.long, device=device)
+        self.out = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        self.step_idx = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph = None
+        self.compiled = None
+
+    def prefill(self, inputs) -> None:
+        self.cache.reset()
+        if hasattr(self.model.model, "rope_deltas"):
+            self.model.model.rope_deltas = None
+        out = self.model(**inputs, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1)
+        s = inputs["input_ids"].shape[1]
+        self.tok.copy_(nxt[:, None])
+        if self.family == "llava":
+            self.pos.fill_(s)
+        else:
+            delta = self.model.model.rope_deltas.reshape(-1, 1).to(self.device)  # (B, 1)
+            self.pos.copy_((s + delta)[None].expand_as(self.pos))
+        self.out.zero_()
+        self.out[:, 0] = nxt
+        self.step_idx.fill_(1)
+
+    def step(self) -> None:
+        h = self.lm(input_ids=self.tok, position_ids=self.pos, past_key_values=self.cache,
+                    use_cache=True).last_hidden_state
+        nxt = self.head(h[:, -1]).argmax(-1)
+        self.tok.copy_(nxt[:, None])
+        self.pos.add_(1)
+        self.out.index_copy_(1, self.step_idx, nxt[:, None])
+        self.step_idx.add_(1)
+
+    def _state(self):
+        lens = [layer.cumulative_length.clone() for layer in self.cache.layers]
+        return [self.tok.clone(), self.pos.clone(), self.out.clone(), self.step_idx.clone(), lens]
+
+    def _restore(self, st):
+        self.tok.copy_(st[0]); self.pos.copy_(st[1]); self.out.copy_(st[2]); self.step_idx.copy_(st[3])
+        for layer, n in zip(self.cache.layers, st[4]):
+            layer.cumulative_length.copy_(n)
+
+    def capture(self, warmup: int = 2) -> None:
+        """CUDA-graph the step (after `prefill`): warm up on a side stream, restore the state, capture."""
+        st = self._state()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(warmup):
+                self.step()
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        self._restore(st)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self.step()
+        torch.cuda.synchronize()
+        self._restore(st)  # capture does not run kernels, but keep the state exact regardless
+        self.graph = g
+
+    def compile(self) -> None:
+        self.compiled = torch.compile(self.step, mode="reduce-overhead", fullgraph=False)
+
+    def run_steps(self, n: int) -> None:
+        for _ in range(n):
+            if self.graph is not None:
+                self.graph.replay()
+            elif self.compiled is not None:
+                self.compiled()
+            else:
+                self.step()

@@ -1,0 +1,395 @@
+"""End-to-end generation benchmark: bf16 vs INT4 (W4A16 kernel) for 7B-class VLM students (issue 5).
+
+    python launch/bench.py                                    # LLaVA-1.5-7B + Qwen2-VL-7B, bf16 + int4, batch 1 and 16
+    python launch/bench.py --arch qwen2-vl-7b --batch 1 --variants int4
+    python launch/bench.py --checkpoint runs/demo/final       # the trained demo student (its own config)
+    python launch/bench.py --smoke                            # tiny configs on the CPU, 8 new tokens (CI check)
+
+What one measurement is (per architecture x variant x batch):
+- prompt: one image (576 visual tokens: LLaVA 336 px CLIP; Qwen2-VL a 48x48-patch grid merged 2x2)
+  + 64 random text tokens per row; random weights (no weights can be downloaded), greedy decoding,
+  256 new tokens, EOS ignored so every run decodes the same number of steps;
+- static KV cache (transformers StaticCache) for both variants; the decode step (language model +
+  lm_head + argmax on one token) is captured once as a CUDA graph and replayed (`--mode graph`, the
+  default; `--mode compile` uses torch.compile(mode="reduce-overhead"), `--mode eager` neither); if
+  capture fails the run falls back to eager and the table says so;
+- time to first token = one prefill (vision tower + projector + LLM over the prompt + first token),
+  measured after a warm-up prefill; decode tokens/s = batch * steps / decode time;
+- peak GPU memory = torch.cuda.max_memory_allocated / max_memory_reserved from just before the
+  prefill to the end of decoding (model weights included, build-time temporaries excluded);
+- bf16: the HF model built directly on the GPU in bf16; int4: parameters on the meta device, every
+  decoder linear (QuantConfig's default include/exclude) replaced by a W4A16Linear holding random
+  codes + scales packed for the kernel - no bf16 copy of those weights is ever allocated.
+Each (architecture, variant) runs in its own subprocess, so one failure (OOM, kernel build) does not
+stop the others and memory numbers do not leak between variants. Output: a markdown table (card,
+date, command) on stdout and in --out, raw numbers in --json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+DEFAULT_ARCHS = ("llava-1.5-7b", "qwen2-vl-7b")
+SMOKE_ARCHS = ("tiny-llava", "tiny-qwen2vl")
+
+
+# ============================================================================ model construction
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _random_fill_(model, device, dtype, seed=0):
+    """Materialise every parameter still on meta with benchmark-grade random values (norm weights 1,
+    biases 0, matrices N(0, 0.02)) directly on `device`."""
+    from torch import nn
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    for mname, mod in model.named_modules():
+        for pname, p in list(mod._parameters.items()):
+            if p is None or p.device.type != "meta":
+                continue
+            t = torch.empty(p.shape, dtype=dtype, device=device)
+            lname = f"{mname}.{pname}".lower()
+            if pname == "bias":
+                t.zero_()
+            elif p.dim() == 1 and ("norm" in lname or "ln" in lname):
+                t.fill_(1.0)
+            else:
+                t.normal_(0.0, 0.02, generator=g)
+            mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
+
+
+def build_bf16(config, device, dtype, checkpoint=None):
+    import transformers
+
+    from grace_ds.export.load import model_class
+
+    if checkpoint is not None:
+        cls = model_class(config)
+        return cls.from_pretrained(str(checkpoint), dtype=dtype, device_map=str(device)).eval()
+    with torch.device(device):
+        model = model_class(config)._from_config(config, dtype=dtype)
+    del transformers
+    return model.eval()
+
+
+def build_int4(config, device, dtype, seed=0):
+    """Random INT4 student: no 16-bit weight of a quantised linear is ever allocated."""
+    from tqdm.auto import tqdm
+
+    from grace_ds.export.load import build_empty_model, finish_model, quantized_linear, replace_module, select_quant_layers
+
+    model = build_empty_model(config, dtype)
+    layers = select_quant_layers(model)
+    if not layers:
+        raise RuntimeError(f"no quantisable linears found in {config.model_type} (QuantConfig default include)")
+    g = torch.Generator(device=device).manual_seed(seed)
+    for name in tqdm(layers, desc="int4 layers", unit="layer", mininterval=5):
+        lin = model.get_submodule(name)
+        n, k = lin.out_features, lin.in_features
+        codes = torch.randint(-8, 8, (n, k), generator=g, device=device, dtype=torch.int8)
+        # uniform codes have std ~4.6: scales ~0.02/4.6 keep the weight scale of HF's init
+        scales = torch.empty(n, k // 128, device=device, dtype=torch.float32).uniform_(0.003, 0.006, generator=g)
+        bias = torch.zeros(n, device=device, dtype=dtype) if lin.bias is not None else None
+        replace_module(model, name, quantized_linear(codes, scales, 4, 128, bias, dtype))
+        del codes, scales
+    _random_fill_(model, device, dtype, seed)
+    return finish_model(model, device)
+
+
+def build_packed(directory, device, dtype):
+    from grace_ds.export.load import load_packed_model
+
+    return load_packed_model(directory, device=device, dtype=dtype)
+
+
+# ============================================================================ generation
+
+@torch.no_grad()
+def bench_batch(model, config, batch, args, device, dtype) -> dict:
+    from grace_ds.export.arch import make_prompt
+    from grace_ds.export.decode import StaticDecoder
+
+    inputs = make_prompt(config, batch, args.text_tokens, args.visual_tokens, device=device, dtype=dtype)
+    prompt_len = inputs["input_ids"].shape[1]
+    n_visual = int((inputs["input_ids"] == (config.image_token_index if config.model_type == "llava"
+                                             else config.image_token_id)).sum()) // batch
+    steps = args.new_tokens - 1  # the first new token comes from the prefill
+    dec = StaticDecoder(model, config, batch, prompt_len + args.new_tokens, device)
+    is_cuda = torch.device(device).type == "cuda"
+
+    dec.prefill(inputs)  # warm-up: allocates the cache, autotunes, loads the kernel extension
+    _sync(device)
+    check = min(8, steps)
+    dec.run_steps(check)  # eager reference tokens for the graph check
+    eager_tokens = dec.out[:, : check + 1].clone()
+
+    if is_cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    t0 = time.perf_counter()
+    dec.prefill(inputs)
+    _sync(device)
+    ttft = time.perf_counter() - t0
+
+    mode, note = args.mode if is_cuda else "eager", ""
+    try:
+        if mode == "graph":
+            dec.capture()
+        elif mode == "compile":
+            dec.compile()
+            dec.run_steps(0)
+    except Exception as exc:  # noqa: BLE001 - report and measure eager instead
+        note = f"{mode} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}), eager used"
+        print(f"[bench] {note}", file=sys.stderr)
+        traceback.print_exc()
+        dec.graph, dec.compiled, mode = None, None, "eager"
+        dec.prefill(inputs)
+    if mode == "compile":  # compile warm-up runs the step: redo the prefill, then time
+        dec.run_steps(3)
+        dec.prefill(inputs)
+    _sync(device)
+    t0 = time.perf_counter()
+    dec.run_steps(steps)
+    _sync(device)
+    t_dec = time.perf_counter() - t0
+    tokens = dec.out[:, : args.new_tokens]
+    same = bool(torch.equal(tokens[:, : check + 1], eager_tokens))
+    res = dict(batch=batch, prompt_len=prompt_len, visual_tokens=n_visual, new_tokens=args.new_tokens,
+               ttft_s=ttft, decode_s=t_dec, decode_steps=steps, decode_tok_s=batch * steps / t_dec,
+               ms_per_step=1000 * t_dec / steps, mode=mode, graph_matches_eager=same, note=note)
+    if is_cuda:
+        res.update(peak_alloc_gib=torch.cuda.max_memory_allocated() / 2**30,
+                   peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+    del dec
+    if is_cuda:
+        torch.cuda.empty_cache()
+    return res
+
+
+def worker(args) -> None:
+    """One (architecture, variant): build the model once, measure every batch size, write JSON."""
+    import transformers
+
+    from grace_ds.export.arch import bench_config
+    from grace_ds.export.load import quantized_backends
+
+    device = args.device
+    dtype = getattr(torch, args.dtype)
+    is_cuda = torch.device(device).type == "cuda"
+    if is_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    result = dict(arch=args.arch, variant=args.variant, dtype=args.dtype, device=device, runs=[], error=None)
+    try:
+        t0 = time.perf_counter()
+        if args.arch.startswith("checkpoint:"):
+            ckpt = Path(args.arch.split(":", 1)[1])
+            config = transformers.AutoConfig.from_pretrained(str(ckpt))
+            if args.variant == "bf16":
+                model = build_bf16(config, device, dtype, checkpoint=ckpt)
+            else:
+                packed = ckpt if "grace_packed" in json.loads((ckpt / "config.json").read_text()) else None
+                if packed is None:  # pack the final export dir on the fly (verification included)
+                    from grace_ds.export.convert import convert_checkpoint
+
+                    packed = Path(tempfile.mkdtemp(prefix="grace_bench_packed_"))
+                    convert_checkpoint(ckpt, packed, "grace", allow_dequant=True, progress=False,
+                                       log=lambda s: print(s, file=sys.stderr))
+                model = build_packed(packed, device, dtype)
+        else:
+            config = bench_config(args.arch)
+            model = build_bf16(config, device, dtype) if args.variant == "bf16" else build_int4(config, device, dtype)
+        _sync(device)
+        result["build_s"] = time.perf_counter() - t0
+        result["backends"] = quantized_backends(model)
+        if is_cuda:
+            torch.cuda.empty_cache()
+            result["weights_gib"] = torch.cuda.memory_allocated() / 2**30
+            result["build_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        for b in args.batch:
+            try:
+                r = bench_batch(model, config, b, args, device, dtype)
+            except torch.cuda.OutOfMemoryError as exc:
+                r = dict(batch=b, error=f"OOM: {str(exc).splitlines()[0][:200]}")
+                torch.cuda.empty_cache()
+            print(f"[bench] {args.arch} {args.variant} batch {b}: {json.dumps(r)}", file=sys.stderr)
+            result["runs"].append(r)
+    except Exception as exc:  # noqa: BLE001 - the parent prints it in the table
+        traceback.print_exc()
+        result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    Path(args.json_out).write_text(json.dumps(result, indent=2))
+
+
+# ============================================================================ orchestration + report
+
+def _card(device) -> str:
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def render(results: list[dict], args, command: str) -> str:
+    lines = [f"## End-to-end generation: bf16 vs INT4 (W4A16)",
+             "",
+             f"- card: {_card(args.device)}; torch {torch.__version__}; date {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+             f"- command: `{command}`",
+             f"- prompt: 1 image + {args.text_tokens} text tokens; {args.new_tokens} new tokens, greedy; static KV cache; "
+             f"decode step mode requested: {args.mode}; random weights",
+             "",
+             "| model | variant | batch | prompt (visual) | TTFT ms | decode tok/s | ms/step | peak alloc GiB | peak reserved GiB | weights GiB | mode | linears | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        backends = ", ".join(f"{k}: {v}" for k, v in (res.get("backends") or {}).items()) or "bf16"
+        if res.get("error") and not res.get("runs"):
+            lines.append(f"| {res['arch']} | {res['variant']} | - | - | - | - | - | - | - | - | - | - | FAILED: {res['error']} |")
+            continue
+        for r in res["runs"]:
+            if "error" in r:
+                lines.append(f"| {res['arch']} | {res['variant']} | {r['batch']} | - | - | - | - | - | - | - | - | - | {r['error']} |")
+                continue
+            note = r.get("note", "")
+            if not r.get("graph_matches_eager", True):
+                note = (note + "; " if note else "") + "replayed tokens != eager tokens"
+            lines.append(
+                f"| {res['arch']} | {res['variant']} | {r['batch']} | {r['prompt_len']} ({r['visual_tokens']}) | "
+                f"{1000 * r['ttft_s']:.1f} | {r['decode_tok_s']:.1f} | {r['ms_per_step']:.2f} | "
+                f"{_fmt(r.get('peak_alloc_gib'), '.2f')} | {_fmt(r.get('peak_reserved_gib'), '.2f')} | "
+                f"{_fmt(res.get('weights_gib'), '.2f')} | {r['mode']} | {backends} | {note} |")
+    # speed-ups of int4 over bf16 for the same model and batch
+    by = {(res["arch"], res["variant"], r["batch"]): r for res in results for r in res.get("runs", []) if "error" not in r}
+    rows = []
+    for (arch, variant, b), r in sorted(by.items()):
+        base = by.get((arch, "bf16", b))
+        if variant == "bf16" or base is None:
+            continue
+        mem = "-"
+        if r.get("peak_reserved_gib") and base.get("peak_reserved_gib"):
+            mem = f"{100 * (1 - r['peak_reserved_gib'] / base['peak_reserved_gib']):.0f}% / " \
+                  f"{100 * (1 - r['peak_alloc_gib'] / base['peak_alloc_gib']):.0f}%"
+        target = {1: "3.2x", 16: "2.5x"}.get(b, "-")
+        rows.append(f"| {arch} | {variant} | {b} | {r['decode_tok_s'] / base['decode_tok_s']:.2f}x (target {target}) | "
+                    f"{base['ttft_s'] / r['ttft_s']:.2f}x | {mem} (target >= 60%) |")
+    if rows:
+        lines += ["", "| model | variant | batch | decode speed-up vs bf16 | TTFT speed-up | peak memory saved (reserved / alloc) |",
+                  "|---|---|---|---|---|---|"] + rows
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", nargs="+", default=None,
+                   help=f"architectures (default {' '.join(DEFAULT_ARCHS)}; smoke: {' '.join(SMOKE_ARCHS)})")
+    p.add_argument("--checkpoint", action="append", default=[],
+                   help="also benchmark a trained student: a final export dir (packed on the fly) or a packed dir")
+    p.add_argument("--variants", nargs="+", default=["bf16", "int4"], choices=["bf16", "int4"])
+    p.add_argument("--batch", nargs="+", type=int, default=None, help="batch sizes (default 1 16; smoke: 1 2)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="activation / 16-bit dtype")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default 256; smoke: 8)")
+    p.add_argument("--text-tokens", type=int, default=64)
+    p.add_argument("--visual-tokens", type=int, default=576, help="visual tokens per image (Qwen: grid chosen to match)")
+    p.add_argument("--mode", default="graph", choices=["graph", "compile", "eager"], help="decode-step execution")
+    p.add_argument("--device", default=None, help="default cuda if available (smoke: cpu)")
+    p.add_argument("--timeout", type=int, default=420, help="seconds per (architecture, variant) subprocess")
+    p.add_argument("--smoke", action="store_true", help="tiny configs on the CPU, 8 new tokens, eager")
+    p.add_argument("--in-process", action="store_true", help="run the workers in this process (debugging, tests)")
+    p.add_argument("--out", default=None, help="also write the markdown table here")
+    p.add_argument("--json", default=None, help="also write the raw results here")
+    # internal: one worker
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.arch = args.arch or list(SMOKE_ARCHS)
+        args.batch = args.batch or [1, 2]
+        args.new_tokens = args.new_tokens or 8
+        args.device = args.device or "cpu"
+        args.visual_tokens = min(args.visual_tokens, 16)
+        args.text_tokens = min(args.text_tokens, 8)
+        if args.device == "cpu":
+            args.dtype = "bfloat16"
+    args.arch = args.arch if args.arch is not None else list(DEFAULT_ARCHS)
+    args.batch = args.batch or [1, 16]
+    args.new_tokens = args.new_tokens or 256
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.new_tokens < 2:
+        p.error(f"--new-tokens {args.new_tokens}: need at least 2 (one from the prefill, one decoded)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        args.arch = args.arch[0]
+        worker(args)
+        return 0
+    command = "python launch/bench.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    if torch.device(args.device).type == "cuda" and "int4" in args.variants:
+        # build the kernel extension once, up front (cached), so no worker pays for it inside its timeout
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-c", "import kernels.w4a16 as k; k.load_extension(verbose=False)"],
+                           cwd=ROOT, env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"))
+        print(f"[bench] kernel extension build/load: rc {r.returncode}, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    jobs = [(a, v) for a in args.arch for v in args.variants] + \
+           [(f"checkpoint:{Path(c).resolve()}", v) for c in args.checkpoint for v in args.variants]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="grace_bench_") as tmp:
+        for i, (arch, variant) in enumerate(jobs):
+            out = Path(tmp) / f"{i}.json"
+            wargs = ["--worker", "--arch", arch, "--variant", variant, "--json-out", str(out),
+                     "--batch", *map(str, args.batch), "--dtype", args.dtype, "--new-tokens", str(args.new_tokens),
+                     "--text-tokens", str(args.text_tokens), "--visual-tokens", str(args.visual_tokens),
+                     "--mode", args.mode, "--device", args.device]
+            print(f"[bench] {arch} {variant} ...", file=sys.stderr, flush=True)
+            if args.in_process:
+                wa = parse_args(wargs)
+                wa.arch = arch
+                worker(wa)
+            else:
+                try:
+                    subprocess.run([sys.executable, str(Path(__file__).resolve()), *wargs], cwd=ROOT,
+                                   timeout=args.timeout,
+                                   env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"))
+                except subprocess.TimeoutExpired:
+                    out.write_text(json.dumps(dict(arch=arch, variant=variant, runs=[],
+                                                   error=f"timed out after {args.timeout} s")))
+            if out.exists():
+                results.append(json.loads(out.read_text()))
+            else:
+                results.append(dict(arch=arch, variant=variant, runs=[], error="worker died without a result (see stderr)"))
+    table = render(results, args, command)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(command=command, card=_card(args.device), results=results), indent=2))
+    failed = [r for r in results if r.get("error") or any("error" in x for x in r.get("runs", []))]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""Export: packing layouts (grace + AutoAWQ GEMM), verified conversion, packed-model loader, decoding.
+
+The final export dir is fabricated here the way architecture.md describes it (config.json with
+grace_quantization, model.safetensors with the latent weights, int_weights.safetensors from
+export_int_weights) from a tiny LLaVA with QAT, so these tests do not depend on the trainer.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from grace_ds.export.arch import bench_config, make_prompt
+from grace_ds.export.convert import ConversionError, convert_checkpoint
+from grace_ds.export.load import DequantLinear, PackedMetadataError, W4A16Linear, load_packed_model
+from grace_ds.export.pack import (
+    AWQ_ORDER,
+    PackError,
+    from_awq,
+    pack_grace,
+    pack_int4,
+    to_awq,
+    unpack_grace,
+    unpack_int4,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- AutoAWQ, restated
+# Independent restatement of AutoAWQ's WQLinear_GEMM.from_linear packing loop and of its
+# utils/packing_utils.unpack_awq + reverse_awq_order, written as loops like the original.
+
+def autoawq_pack(intweight_out_in: torch.Tensor, zeros_groups_out: torch.Tensor):
+    order_map = [0, 2, 4, 6, 1, 3, 5, 7]
+    intweight = intweight_out_in.t().contiguous().to(torch.int32)  # (in, out)
+    qweight = torch.zeros((intweight.shape[0], intweight.shape[1] // 8), dtype=torch.int32)
+    for col in range(intweight.shape[1] // 8):
+        for i in range(8):
+            qweight[:, col] |= intweight[:, col * 8 + order_map[i]] << (i * 4)
+    zeros = zeros_groups_out.to(torch.int32)
+    qzeros = torch.zeros((zeros.shape[0], zeros.shape[1] // 8), dtype=torch.int32)
+    for col in range(zeros.shape[1] // 8):
+        for i in range(8):
+            qzeros[:, col] |= zeros[:, col * 8 + order_map[i]] << (i * 4)
+    return qweight, qzeros
+
+
+def autoawq_unpack(qweight: torch.Tensor, qzeros: torch.Tensor):
+    shifts = torch.arange(0, 32, 4)
+    iw = torch.bitwise_right_shift(qweight[:, :, None], shifts[None, None, :]).to(torch.int8).view(qweight.shape[0], -1)
+    iz = torch.bitwise_right_shift(qzeros[:, :, None], shifts[None, None, :]).to(torch.int8).view(qzeros.shape[0], -1)
+    reverse = torch.arange(iw.shape[-1]).view(-1, 8)[:, [0, 4, 1, 5, 2, 6, 3, 7]].view(-1)
+    iw, iz = iw[:, reverse], iz[:, torch.arange(iz.shape[-1]).view(-1, 8)[:, [0, 4, 1, 5, 2, 6, 3, 7]].view(-1)]
+    return torch.bitwise_and(iw, 0xF), torch.bitwise_and(iz, 0xF)  # (in, out), (in/g, out)
+
+
+def _random_layer(n=32, k=256, g=128, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-8, 8, (n, k), generator=gen).to(torch.int8)
+    codes[0, :16] = torch.arange(-8, 8, dtype=torch.int8)  # every code value appears
+    scales = torch.rand(n, k // g, generator=gen) * 0.01 + 1e-3
+    return codes, scales
+
+
+def test_awq_layout_matches_autoawq_bit_for_bit():
+    codes, scales = _random_layer()
+    qweight, qzeros, s16 = to_awq(codes, scales, 128)
+    ref_qw, ref_qz = autoawq_pack(codes.to(torch.int32) + 8, torch.full((2, 32), 8))
+    assert qweight.dtype == torch.int32 and qweight.shape == (256, 4) and torch.equal(qweight, ref_qw)
+    assert qzeros.dtype == torch.int32 and qzeros.shape == (2, 4) and torch.equal(qzeros, ref_qz)
+    assert s16.dtype == torch.float16 and s16.shape == (2, 32) and torch.equal(s16, scales.half().t())
+    # AutoAWQ's own unpack gives q_awq = codes + 8 and zeros 8; its dequant equals codes * s exactly
+    iw, iz = autoawq_unpack(qweight, qzeros)
+    assert torch.equal(iw.to(torch.int16), codes.t().to(torch.int16) + 8) and bool((iz == 8).all())
+    w_awq = (iw.float() - iz.float().repeat_interleave(128, 0)) * s16.float().repeat_interleave(128, 0)
+    assert torch.equal(w_awq, codes.t().float() * s16.float().repeat_interleave(128, 0))
+    # and our inverse gives the codes and the (fp16) scales back bit for bit
+    c2, s2 = from_awq(qweight, qzeros, s16, 128)
+    assert torch.equal(c2, codes) and torch.equal(s2, scales.half())
+    assert AWQ_ORDER == (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def test_grace_layout_round_trip_and_errors():
+    codes, scales = _random_layer(16, 128, 64)
+    p = pack_grace(codes, scales, 4, 64)
+    assert p["qweight"].dtype == torch.uint8 and p["qweight"].shape == (16, 64)
+    assert int(p["qweight"][0, 0]) == ((-7 + 8) << 4) | (-8 + 8)  # column 0 (-8) low nibble, 1 (-7) high
+    c2, s2 = unpack_grace(p["qweight"], p["scales"], 4)
+    assert torch.equal(c2, codes) and torch.equal(s2, scales)
+    assert torch.equal(unpack_int4(pack_int4(codes)), codes)
+    c8 = torch.randint(-128, 128, (16, 128)).to(torch.int8)
+    p8 = pack_grace(c8, scales, 8, 64)
+    assert torch.equal(unpack_grace(p8["qweight"], p8["scales"], 8)[0], c8)
+    with pytest.raises(PackError, match=r"outside the 4-bit grid \[-8, 7\]"):
+        pack_grace(c8, scales, 4, 64)
+    with pytest.raises(PackError, match="scales shape"):
+        pack_grace(codes, scales[:, :1], 4, 64)
+    with pytest.raises(PackError, match="out_features 12 .* multiple of 8"):
+        to_awq(codes[:12], scales[:12], 64)
+
+
+# ----------------------------------------------------------------------------- fabricated final export
+
+def _qat_model(arch="tiny-llava", bits=4, group_size=128, seed=0):
+    import transformers
+
+    from grace_ds.quant import QuantConfig, prepare_qat
+
+    cfg = bench_config(arch)
+    torch.manual_seed(seed)
+    model = getattr(transformers, cfg.architectures[0])._from_config(cfg, dtype=torch.float32).eval()
+    qc = QuantConfig(bits=bits, group_size=group_size)
+    layers = prepare_qat(model, qc)
+    with torch.no_grad():  # move the scales off their init so the test is not about init only
+        for m in layers.values():
+            m.log_scale.add_(torch.randn_like(m.log_scale) * 0.05)
+    return cfg, model, qc, list(layers)
+
+
+def write_final_dir(out: Path, cfg, model, qc, layers) -> Path:
+    """The trainer's final export layout (architecture.md): latent weights + int_weights + config."""
+    from grace_ds.quant import export_int_weights
+
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.endswith("log_scale")}
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    c = cfg.to_dict()
+    c["grace_quantization"] = dict(qc.to_dict(), layers=layers)
+    (out / "config.json").write_text(json.dumps(c))
+    ints = export_int_weights(model)
+    iw = {}
+    for name, e in ints.items():
+        iw[f"{name}.codes"], iw[f"{name}.scales"] = e["codes"], e["scales"]
+    save_file(iw, str(out / "int_weights.safetensors"), metadata={"bits": str(qc.bits), "group_size": str(qc.group_size)})
+    (out / "tokenizer_config.json").write_text("{}")  # stands in for the processor files
+    return out
+
+
+@pytest.fixture(scope="module")
+def llava4(tmp_path_factory):
+    cfg, model, qc, layers = _qat_model()
+    d = write_final_dir(tmp_path_factory.mktemp("final") / "final", cfg, model, qc, layers)
+    inputs = make_prompt(cfg, 2, 6, dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    return dict(dir=d, cfg=cfg, layers=layers, inputs=inputs, ref=ref)
+
+
+def test_convert_grace_verifies_and_loads(llava4, tmp_path):
+    out = tmp_path / "packed"
+    logs = []
+    reports = convert_checkpoint(llava4["dir"], out, "grace", progress=False, log=logs.append)
+    assert len(reports) == len(llava4["layers"]) == 14
+    assert all(r.max_code_error == 0 and r.code_mismatches == 0 and r.roundtrip_ok and r.path == "kernel"
+               for r in reports)
+    assert "| layer |" in logs[0] and "max code error 0" in logs[1]
+    cfg = json.loads((out / "config.json").read_text())
+    packed = cfg["grace_packed"]
+    assert packed["format"] == "grace" and packed["bits"] == 4 and packed["group_size"] == 128
+    assert sorted(packed["layers"]) == sorted(llava4["layers"]) and cfg["grace_quantization"]["bits"] == 4
+    assert (out / "tokenizer_config.json").exists() and not list(out.glob(".*tmp"))
+    name = llava4["layers"][0]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor(f"{name}.qweight").dtype == torch.uint8 and f"{name}.weight" not in f.keys()
+        assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16  # non-quantised: 16-bit
+    iw = load_file(str(llava4["dir"] / "int_weights.safetensors"))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        for n in llava4["layers"]:  # stored codes == QAT export, bit for bit
+            assert torch.equal(unpack_int4(f.get_tensor(f"{n}.qweight")), iw[f"{n}.codes"])
+            assert torch.equal(f.get_tensor(f"{n}.scales"), iw[f"{n}.scales"])
+
+    # exact oracle: dequantise path in fp32 == the fake-quant model (16-bit copies of the other tensors
+    # are the only difference: bf16 rounding of embeddings / vision / lm_head)
+    m = load_packed_model(out, dtype=torch.float32, force_dequant=True)
+    assert all(isinstance(m.get_submodule(n), DequantLinear) for n in llava4["layers"])
+    with torch.no_grad():
+        got = m(**llava4["inputs"]).logits
+    ref = llava4["ref"]
+    assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
+    # kernel path (reference op on CPU): the kernel takes 16-bit scales, a further bf16 rounding
+    mk = load_packed_model(out, dtype=torch.float32)
+    assert all(isinstance(mk.get_submodule(n), W4A16Linear) for n in llava4["layers"])
+    with torch.no_grad():
+        got_k = mk(**llava4["inputs"]).logits
+    assert (got_k - ref).abs().max() <= 3e-2 * ref.abs().max()
+    assert (got_k.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_exact_logits_when_nonquantised_tensors_are_16bit(tmp_path):
+    """With a model whose every tensor is bf16-representable, the dequant path reproduces the
+    fake-quant logits to fp32 rounding: the packed weights are exactly codes * s."""
+    cfg, model, qc, layers = _qat_model("tiny-qwen2vl", seed=1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if not n.endswith("log_scale"):
+                p.copy_(p.to(torch.bfloat16).float())
+    d = write_final_dir(tmp_path / "final", cfg, model, qc, layers)
+    convert_checkpoint(d, tmp_path / "packed", "grace", progress=False, log=lambda s: None)
+    m = load_packed_model(tmp_path / "packed", dtype=torch.float32, force_dequant=True)
+    inputs = make_prompt(cfg, 1, 6, 16, dtype=torch.float32)
+    with torch.no_grad():
+        ref, got = model(**inputs).logits, m(**inputs).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_tampered_codes_fail_verification(llava4, tmp_path):
+    d = tmp_path / "tampered"
+    shutil.copytree(llava4["dir"], d)
+    iw = load_file(str(d / "int_weights.safetensors"))
+    name = llava4["layers"][3]
+    codes = iw[f"{name}.codes"].clone()
+    codes[1, 5] = codes[1, 5] + 1 if codes[1, 5] < 7 else codes[1, 5] - 1
+    iw[f"{name}.codes"] = codes
+    save_file(iw, str(d / "int_weights.safetensors"), metadata={"bits": "4", "group_size": "128"})
+    with pytest.raises(ConversionError, match=rf"verification failed, nothing written: {name}: 1 codes differ \(max 1\)"):
+        convert_checkpoint(d, tmp_path / "out", "grace", progress=False, log=lambda s: None)
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_awq_checkpoint(llava4, tmp_path):
+    out = tmp_path / "awq"
+    reports = convert_checkpoint(llava4["dir"], out, "awq", progress=False, log=lambda s: None)
+    assert all(r.ok and r.scale_rel_err < 2**-10 for r in reports)
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert {k: qc[k] for k in ("quant_method", "bits", "group_size", "zero_point", "version")} == \
+        {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+    assert "lm_head" in qc["modules_to_not_convert"] and "model.vision_tower" in qc["modules_to_not_convert"]
+    assert not any(n.startswith(p) for p in qc["modules_to_not_convert"] for n in llava4["layers"])
+    import transformers
+
+    assert transformers.AwqConfig.from_dict(qc).bits == 4  # transformers' AWQ config accepts it
+    iw = load_file(str(llava4["dir"] / "int_weights.safetensors"))
+    f = load_file(str(out / "model.safetensors"))
+    for n in llava4["layers"]:
+        c, s = from_awq(f[f"{n}.qweight"], f[f"{n}.qzeros"], f[f"{n}.scales"], 128)
+        assert torch.equal(c, iw[f"{n}.codes"]) and torch.equal(s, iw[f"{n}.scales"].half())
+    m = load_packed_model(out, dtype=torch.float32)
+    with torch.no_grad():
+        got = m(**llava4["inputs"]).logits
+    assert (got - llava4["ref"]).abs().max() <= 3e-2 * llava4["ref"].abs().max()
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def test_error_no_qat_scales(llava4, tmp_path):
+    d = tmp_path / "plain"
+    shutil.copytree(llava4["dir"], d)
+    (d / "int_weights.safetensors").unlink()
+    with pytest.raises(ConversionError, match="int_weights.safetensors missing: .*quant.enabled=true"):
+        convert_checkpoint(d, tmp_path / "o", progress=False)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["grace_quantization"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match="no grace_quantization in config.json"):
+        convert_checkpoint(d, tmp_path / "o", progress=False)
+
+
+def test_error_bits_and_format(llava4, tmp_path):
+    with pytest.raises(ConversionError, match="--bits 8: the checkpoint was trained with 4-bit"):
+        convert_checkpoint(llava4["dir"], tmp_path / "o", bits=8, progress=False)
+    with pytest.raises(ConversionError, match="--format 'gptq': choose one of"):
+        convert_checkpoint(llava4["dir"], tmp_path / "o", "gptq", progress=False)
+
+
+def test_group_size_kernel_cannot_take_and_8bit(tmp_path):
+    cfg, model, qc, layers = _qat_model(group_size=64, seed=2)
+    d = write_final_dir(tmp_path / "g64", cfg, model, qc, layers)
+    with pytest.raises(ConversionError, match=r"q_proj \(128x128, 4-bit, group 64\): the W4A16 kernel cannot take it: "
+                                              r"group_size 64 != 128.*--allow-dequant"):
+        convert_checkpoint(d, tmp_path / "o", progress=False, log=lambda s: None)
+    reports = convert_checkpoint(d, tmp_path / "o", allow_dequant=True, progress=False, log=lambda s: None)
+    assert all(r.path.startswith("dequant") and r.ok for r in reports)
+    m = load_packed_model(tmp_path / "o", dtype=torch.float32)
+    assert all(isinstance(m.get_submodule(n), DequantLinear) for n in layers)
+
+    cfg, model, qc, layers = _qat_model(bits=8, seed=3)
+    d8 = write_final_dir(tmp_path / "b8", cfg, model, qc, layers)
+    with pytest.raises(ConversionError, match="AWQ GEMM checkpoints are 4-bit"):
+        convert_checkpoint(d8, tmp_path / "o8", "awq", progress=False)
+    convert_checkpoint(d8, tmp_path / "o8", progress=False, log=lambda s: None)
+    with safe_open(str(tmp_path / "o8" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor(f"{layers[0]}.qweight").dtype == torch.int8
+    m8 = load_packed_model(tmp_path / "o8", dtype=torch.float32)
+    inputs = make_prompt(cfg, 1, 6, dtype=torch.float32)
+    with torch.no_grad():
+        ref, got = model(**inputs).logits, m8(**inputs).logits
+    assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_packed_metadata_mismatch(llava4, tmp_path):
+    out = tmp_path / "p"
+    convert_checkpoint(llava4["dir"], out, progress=False, log=lambda s: None)
+    cfg_text = (out / "config.json").read_text()
+    name = llava4["layers"][0]
+
+    cfg = json.loads(cfg_text)
+    cfg["grace_packed"]["layers"][name]["shape"] = [64, 128]
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PackedMetadataError, match=rf"{name}: packed as 64x128 but the model has \(128, 128\)"):
+        load_packed_model(out)
+
+    cfg = json.loads(cfg_text)
+    cfg["grace_packed"]["layers"]["model.language_model.layers.9.mlp.up_proj"] = {"shape": [384, 128], "bits": 4, "group_size": 128}
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PackedMetadataError, match="do not exist in the model"):
+        load_packed_model(out)
+
+    cfg = json.loads(cfg_text)
+    del cfg["grace_packed"]["layers"][name]  # file holds qweight/scales the model has no place for
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PackedMetadataError, match=rf"holds '{name}.qweight'"):
+        load_packed_model(out)
+
+    cfg = json.loads(cfg_text)
+    del cfg["grace_packed"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PackedMetadataError, match="not a packed checkpoint.*launch/convert.py"):
+        load_packed_model(out)
+
+
+# ----------------------------------------------------------------------------- CLIs and decoding
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(f"grace_launch_{name}", ROOT / "launch" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_convert_cli(llava4, tmp_path, capsys):
+    convert = _load_script("convert")
+    rc = convert.main(["--checkpoint", str(llava4["dir"]), "--out", str(tmp_path / "cli"), "--format", "awq",
+                       "--bits", "auto", "--no-progress"])
+    out = capsys.readouterr()
+    assert rc == 0 and "max code error 0" in out.out and (tmp_path / "cli" / "config.json").exists()
+    rc = convert.main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no config.json" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("arch", ["tiny-llava", "tiny-qwen2vl"])
+def test_static_decoder_matches_generate(arch):
+    import transformers
+
+    from grace_ds.export.decode import StaticDecoder
+
+    cfg = bench_config(arch)
+    torch.manual_seed(0)
+    model = getattr(transformers, cfg.architectures[0])._from_config(cfg, dtype=torch.float32).eval()
+    inputs = make_prompt(cfg, 2, 6, 16, dtype=torch.float32)
+    s = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)[:, s:]
+        dec = StaticDecoder(model, cfg, 2, s + 6, "cpu")
+        dec.prefill(inputs)
+        dec.run_steps(5)
+    assert torch.equal(dec.out[:, :6], ref)
+
+
+def test_bench_smoke_int4(tmp_path):
+    bench = _load_script("bench")
+    rc = bench.main(["--smoke", "--in-process", "--arch", "tiny-qwen2vl", "--batch", "2", "--new-tokens", "3",
+                     "--out", str(tmp_path / "t.md"), "--json", str(tmp_path / "t.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert [r["variant"] for r in res] == ["bf16", "int4"] and res[1]["backends"] == {"kernels.w4a16": 14}
+    assert all(r["runs"][0]["visual_tokens"] == 16 and r["runs"][0]["graph_matches_eager"] for r in res)
+    assert "decode speed-up vs bf16" in (tmp_path / "t.md").read_text()
