@@ -226,3 +226,42 @@ def test_collate_right_pads_and_eval_loader_masks_wrapped_duplicates(data48, pro
             n_sup.append([int((row != IGNORE_INDEX).any()) for row in batch["labels"]])
         assert len(ev) == 2 and ev.stats["repeated"] == 1
     assert sum(map(sum, n_sup)) == 10                # 12 rows, the 2 duplicates carry no loss
+
+
+# ------------------------------------------------------------------------------ real ranks
+
+
+def _ranks_body(rank, world_size, d, proc, stop_after):
+    """Each step runs a collective (like a ZeRO-3 gather): unequal step counts would hang here."""
+    import torch.distributed as dist
+
+    cfg = _cfg(d, num_workers=0, micro_batch_size=2, max_bad_fraction=0.5, shuffle=False)
+    loader = build_train_loader(cfg, proc, FAMILY, rank, world_size)
+    first = []
+    for step, _ in enumerate(loader):
+        dist.all_reduce(torch.ones(1))
+        first.append(list(loader.last_keys))
+        if step + 1 == stop_after:
+            break
+    state = loader.state_dict()                      # collective: gathers every rank's position
+    box = [state]
+    dist.broadcast_object_list(box, src=0)           # resume every rank from rank 0's copy
+    resumed = build_train_loader(cfg, proc, FAMILY, rank, world_size)
+    resumed.load_state_dict(box[0])
+    rest = []
+    for _ in resumed:
+        dist.all_reduce(torch.ones(1))
+        rest.append(list(resumed.last_keys))
+    full = _run(build_train_loader(cfg, proc, FAMILY, rank, world_size))
+    assert first + rest == full, (rank, first, rest, full)      # exact continuation on every rank
+    return len(loader), first, rest, dict(resumed.stats)
+
+
+def test_two_gloo_ranks_equal_steps_and_resume_from_rank0_state(dirty, proc):
+    from distributed import run_distributed
+
+    (n0, f0, r0, s0), (n1, f1, r1, s1) = run_distributed(_ranks_body, 2, args=(str(dirty), proc, 3), timeout=60)
+    assert n0 == n1 == len(f0) + len(r0) == len(f1) + len(r1) == 6     # 23 -> 12 per rank (wrap), batch 2
+    assert s0.get("bad_image") == 1 and "corrupt_tar" in s1          # rank-local skips, equal steps anyway
+    flat = [k for part in (f0, r0, f1, r1) for b in part for k in b]
+    assert set(flat) == {f"train-{i:08d}" for i in range(16)}
