@@ -26,6 +26,7 @@ def export_final(engine, wrapper, cfg, processor, qat_layers: list[str]) -> Path
     """Collective (every rank gathers its partitions); rank 0 writes."""
     from safetensors.torch import save_file
 
+    from grace_ds.models import save_processor
     from grace_ds.quant import export_int_weights
 
     state = engine._zero3_consolidated_16bit_state_dict()        # full params on rank 0, one layer at a time
@@ -53,7 +54,7 @@ def export_final(engine, wrapper, cfg, processor, qat_layers: list[str]) -> Path
             save_file(tensors, str(tmp / "int_weights.safetensors"),
                       metadata={"bits": str(first["bits"]), "group_size": str(cfg.quant.group_size)})
         (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True))
-        processor.save_pretrained(str(tmp))
+        save_processor(processor, tmp)             # records the real processor class (no-torchvision variant)
         (tmp / "recipe.yaml").write_text(cfg.to_yaml())
         for p in tmp.iterdir():
             with open(p, "rb") as f:
