@@ -1,0 +1,98 @@
+"""Study presets: how big, how long, how much data. One dataclass, two instances.
+
+- `cpu-smoke`: tiny everything; checks that every row of the table is produced (CI, ~2 minutes on
+  the 2-core machine). Its numbers mean nothing.
+- `gpu`: sized for one H100 in <= 20 minutes: larger tiny models than the library presets, bf16,
+  enough steps for the teacher to learn the synthetic task well and the baseline to fall short of
+  it. Untested on a GPU at the time of writing (no device time was available): the step counts are
+  estimates from CPU step times scaled to an H100 (see docs/study.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A tiny Qwen2-VL built for the study (same tokenizer/vision geometry as the library presets)."""
+
+    hidden_size: int
+    num_layers: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    vision_width: int
+    vision_depth: int = 2
+    vision_heads: int = 2
+
+
+@dataclass(frozen=True)
+class StudyPreset:
+    name: str
+    # data (grace_ds.data.synthetic)
+    train_samples: int
+    val_samples: int
+    hard_val_samples: int
+    difficulty: str = "medium"
+    image_size: int = 112
+    data_seed: int = 0
+    # models: a library preset name, or a ModelSpec built by the study
+    teacher: str | ModelSpec = "tiny-qwen2vl-teacher"
+    student: str | ModelSpec = "tiny-qwen2vl-student"
+    family: str = "qwen2_vl"
+    # training (optimizer steps; micro batch; learning rates)
+    teacher_steps: int = 20
+    baseline_steps: int = 20
+    qat_steps: int = 10
+    micro_batch: int = 4
+    grad_accum: int = 1
+    teacher_lr: float = 1e-3
+    baseline_lr: float = 1e-3
+    qat_lr: float = 2e-4
+    warmup_steps: int = 2
+    group_size: int = 128
+    num_workers: int = 0
+    max_length: int = 512
+    save_every: int = 0             # checkpoints inside a run (resume after a kill); 0 = none
+    # objective knobs shared by the distillation rows
+    kd_temperature: float = 2.0     # GDKD temperature (paper 2.0); naive KD uses T = 1 (issue 6)
+    omega: float = 1.0
+    # evaluation
+    seeds: int = 3
+    eval_samples: int | None = None   # per split; None = all
+    eval_batch: int = 16
+    max_new_tokens: int = 8
+    extra: dict = field(default_factory=dict)
+
+    def with_overrides(self, **kw) -> "StudyPreset":
+        return replace(self, **kw)
+
+
+PRESETS: dict[str, StudyPreset] = {
+    "cpu-smoke": StudyPreset(
+        name="cpu-smoke", train_samples=32, val_samples=6, hard_val_samples=6, difficulty="easy",
+        image_size=64, teacher_steps=3, baseline_steps=3, qat_steps=2, micro_batch=2,
+        seeds=1, eval_batch=6, max_new_tokens=3,
+    ),
+    # One H100, <= 20 minutes for 1 teacher + 3 x (baseline + 7 W4/W8 runs) + RTN + 25 evaluations.
+    # Medium difficulty with a hard held-out split: the teacher (4x the student's text width,
+    # 3x its depth) learns it; the student at the same step budget does not saturate it.
+    "gpu": StudyPreset(
+        name="gpu", train_samples=24000, val_samples=1000, hard_val_samples=1000, difficulty="medium",
+        image_size=112,
+        teacher=ModelSpec(hidden_size=512, num_layers=6, intermediate_size=1536, num_heads=8, num_kv_heads=4,
+                          vision_width=128, vision_depth=4, vision_heads=4),
+        student=ModelSpec(hidden_size=256, num_layers=2, intermediate_size=768, num_heads=4, num_kv_heads=2,
+                          vision_width=64, vision_depth=2, vision_heads=2),
+        teacher_steps=1500, baseline_steps=600, qat_steps=300, micro_batch=32, grad_accum=1,
+        teacher_lr=1e-3, baseline_lr=1e-3, qat_lr=2e-4, warmup_steps=50, num_workers=4,
+        save_every=200, seeds=3, eval_samples=None, eval_batch=64, max_new_tokens=8,
+    ),
+}
+
+
+def get_preset(name: str) -> StudyPreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown study preset {name!r}: expected one of {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,80 @@
+"""Reproduce the paper's comparison on the synthetic VQA benchmark, with one command.
+
+    python launch/study.py [--preset gpu|cpu-smoke] [--out DIR] [--seeds N] [--doc docs/study.md]
+
+Steps: synthetic train / val / hard-val shards -> teacher (larger tiny VLM, CE only) -> per seed:
+the student in 16 bits with CE only (baseline) -> W4 students from it: RTN, QAT (CE), QAT + naive KD
+(token KL, T=1), QAT + GRACE, GRACE ablations (GDKD only, RCKA only, IB controller off) and W8
+GRACE -> evaluation of every model on val and val_hard -> tables shaped like the paper's Tables 2
+and 4 (mean ± std over seeds) and a PASS/FAIL check of the paper's ordering.
+
+Resumable: each run's export and scores are cached under --out; re-running skips finished runs.
+Writes <out>/study.json and <out>/study.md (and --doc, by default docs/study.md for the gpu preset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="gpu", choices=("gpu", "cpu-smoke"))
+    ap.add_argument("--out", default=None, help="study directory (default runs/study-<preset>)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per student row (preset default: gpu 3, cpu-smoke 1)")
+    ap.add_argument("--doc", default=None, help="also write the markdown here (default: docs/study.md for gpu)")
+    ap.add_argument("--notes", default=None, help="a markdown file appended as the commentary section")
+    ap.add_argument("--subprocess", action="store_true", help="run each training in a fresh process")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from grace_ds.study.presets import get_preset
+    from grace_ds.study.report import check_claims, missing_rows, render_markdown, summarise
+    from grace_ds.study.runner import Study
+    from grace_ds.study.writeup import auto_commentary, setup_text
+
+    preset = get_preset(args.preset)
+    out = Path(args.out or REPO / "runs" / f"study-{args.preset}")
+    study = Study(preset, out, seeds=args.seeds, subprocess_runs=args.subprocess, progress=not args.no_progress)
+    result = study.run()
+    summary = summarise(result["scores"])
+    checks = check_claims(summary)
+    missing = missing_rows(summary)
+    notes = auto_commentary(summary, checks, preset)
+    if args.notes:
+        notes = Path(args.notes).read_text() + "\n\n" + notes
+    md = render_markdown(summary, checks, preset=preset.name, seeds=len(study.seeds), notes=notes,
+                         setup=setup_text(preset, len(study.seeds), result["seconds"]))
+    doc = {
+        "preset": preset.name, "seeds": study.seeds, "seconds": result["seconds"],
+        "scores": result["scores"],
+        "summary": {r: {s: {m: vars(st) for m, st in ms.items()} for s, ms in ss.items()} for r, ss in summary.items()},
+        "checks": [vars(c) for c in checks], "missing_rows": missing,
+    }
+    (out / "study.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    (out / "study.md").write_text(md)
+    doc_path = args.doc or (str(REPO / "docs" / "study.md") if preset.name == "gpu" else None)
+    if doc_path:
+        Path(doc_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(doc_path).write_text(md)
+    print(md)
+    print(f"wrote {out / 'study.json'} and {out / 'study.md'}" + (f" and {doc_path}" if doc_path else ""))
+    if missing:
+        print(f"MISSING rows: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
