@@ -22,7 +22,8 @@ the other ranks (likely stuck in a collective) are killed after a short grace pe
 
 "fork" (default) reuses the modules the test process already imported: ~1 s per run instead of
 ~10 s for a fresh interpreter. Import torch/deepspeed/transformers in the test module, not only
-inside fn, to get that benefit. The first DeepSpeed initialisation on a machine JIT-builds
+inside fn, build one model of the class the ranks use in the parent (transformers imports model
+code lazily), and call preload_deepspeed() at import time if the ranks call deepspeed.initialize. The first DeepSpeed initialisation on a machine JIT-builds
 deepspeed_shm_comm (~35 s, then cached in ~/.cache/torch_extensions). Use "spawn" if the parent
 holds state a fork must not inherit (then fn and args must be picklable by reference/value).
 """
@@ -30,6 +31,7 @@ holds state a fork must not inherit (then fn and args must be picklable by refer
 from __future__ import annotations
 
 import datetime
+import gc
 import multiprocessing as mp
 import os
 import pickle
@@ -38,7 +40,7 @@ import socket
 import time
 import traceback
 
-__all__ = ["run_distributed", "DistributedError"]
+__all__ = ["run_distributed", "DistributedError", "preload_deepspeed"]
 
 # After one rank fails, how long the others get to report before they are killed: they are
 # usually blocked in a collective that the failed rank will never join.
@@ -47,6 +49,34 @@ _GRACE_S = 5.0
 
 class DistributedError(RuntimeError):
     pass
+
+
+def preload_deepspeed() -> None:
+    """Import, in the parent, what deepspeed.initialize would otherwise import in EVERY forked rank.
+
+    - DeepSpeed 0.19's optimizer sanity check (zero/utils.py: is_zero_supported_optimizer) imports
+      its Muon optimizer, whose module-level torch.compile pulls in torch._inductor: 10-30 s per
+      rank on this 2-core machine;
+    - init_distributed probes every op's compatibility (compiler runs: the "cannot find -laio"
+      lines) and loads deepspeed_shm_comm (JIT-built on first use, ~35 s, then cached on disk);
+      op builders keep loaded ops in a class-level cache that forked ranks inherit.
+    Call it at import time of a test module whose ranks call deepspeed.initialize. Best effort:
+    a failure here only means the ranks do the work themselves.
+    """
+    import deepspeed
+
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+    except ImportError:     # other DeepSpeed versions: nothing to preload
+        pass
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            builder.load()
+    except Exception:
+        pass
 
 
 def _free_port() -> int:
@@ -90,8 +120,17 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, timeout, results))
              for r in range(world_size)]
-    for p in procs:
-        p.start()
+    # Move the parent's objects (torch, transformers, the test session...) to gc's permanent
+    # generation for the fork: DeepSpeed's ZeRO-3 setup calls gc.collect(), which otherwise walks
+    # all of them in every rank (seconds each).
+    if start_method == "fork":
+        gc.freeze()
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if start_method == "fork":
+            gc.unfreeze()
     done: dict[int, tuple[bool, object]] = {}
     deadline = time.monotonic() + timeout
     try:

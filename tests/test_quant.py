@@ -320,10 +320,10 @@ def test_group_size_fallback():
 # models: prepare_qat, parameter groups, export, bake
 # ---------------------------------------------------------------------------------------------
 
-def tiny_qwen2vl(seed=0, hidden=128, dtype=torch.float32):
+def tiny_qwen2vl_config(hidden=128):
     """Qwen2-VL from a tiny config: text hidden 128 (one 128-group per row for q/k/v/o/gate/up,
     two for down_proj), 2 decoder layers, vocabulary 512."""
-    cfg = transformers.Qwen2VLConfig(
+    return transformers.Qwen2VLConfig(
         text_config=dict(vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          rope_parameters=dict(rope_type="default", mrope_section=[4, 6, 6], rope_theta=10000.0),
@@ -331,8 +331,11 @@ def tiny_qwen2vl(seed=0, hidden=128, dtype=torch.float32):
         vision_config=dict(depth=1, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
         image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503)
+
+
+def tiny_qwen2vl(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
-    return transformers.Qwen2VLForConditionalGeneration(cfg).to(dtype)
+    return transformers.Qwen2VLForConditionalGeneration(tiny_qwen2vl_config()).to(dtype)
 
 
 QWEN_DECODER_LINEARS = {f"model.language_model.layers.{i}.{p}" for i in range(2) for p in
