@@ -6,6 +6,12 @@ forward (lm_head's own forward never runs) and again in backward (it recomputes 
 weight is registered as an external parameter of the wrapper: ZeRO-3 then gathers it for the
 wrapper's whole forward and backward. Without it, a loss computed outside the engine's forward
 sees the empty shard (the known failure of fused-loss libraries); fused_gdkd_ce refuses it.
+
+DeepSpeed 0.19 also auto-registers a partitioned parameter that is read during the root module's
+forward (a forward pre-hook sets ZeROOrderedDict._in_forward), so an unregistered read inside the
+forward happens to work there (measured in tests/test_distill_zero3.py). The explicit registration
+does not rely on that heuristic: older DeepSpeed versions lack it, and with it the weight is part
+of the wrapper's fetch set from the first step (ZeRO's prefetch trace sees it like any other).
 """
 
 from __future__ import annotations
@@ -31,10 +37,10 @@ def register_head_for_loss(owner: nn.Module, weight: nn.Parameter) -> bool:
             "(the wrapper whose forward calls the loss), so ZeRO-3 tracks it with the model's parameters"
         )
     try:
-        from deepspeed.zero import register_external_parameter
+        import deepspeed  # `deepspeed.zero` is a namespace set by the package, not an importable module
     except ImportError:
         return False
-    register_external_parameter(owner, weight)
+    deepspeed.zero.register_external_parameter(owner, weight)
     return True
 
 
