@@ -77,16 +77,14 @@ def _random_fill_(model, device, dtype, seed=0):
 
 
 def build_bf16(config, device, dtype, checkpoint=None):
-    import transformers
-
     from grace_ds.export.load import model_class
 
     if checkpoint is not None:
         cls = model_class(config)
-        return cls.from_pretrained(str(checkpoint), dtype=dtype, device_map=str(device)).eval()
+        # no device_map: it may need accelerate, which the GPU image lacks; demo students are small
+        return cls.from_pretrained(str(checkpoint), dtype=dtype).to(device).eval()
     with torch.device(device):
         model = model_class(config)._from_config(config, dtype=dtype)
-    del transformers
     return model.eval()
 
 
@@ -302,7 +300,8 @@ def render(results: list[dict], args, command: str) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", nargs="+", default=None,
-                   help=f"architectures (default {' '.join(DEFAULT_ARCHS)}; smoke: {' '.join(SMOKE_ARCHS)})")
+                   help=f"architectures (default {' '.join(DEFAULT_ARCHS)}; smoke: {' '.join(SMOKE_ARCHS)}; "
+                        f"none when only --checkpoint is given)")
     p.add_argument("--checkpoint", action="append", default=[],
                    help="also benchmark a trained student: a final export dir (packed on the fly) or a packed dir")
     p.add_argument("--variants", nargs="+", default=["bf16", "int4"], choices=["bf16", "int4"])
@@ -313,7 +312,10 @@ def parse_args(argv=None):
     p.add_argument("--visual-tokens", type=int, default=576, help="visual tokens per image (Qwen: grid chosen to match)")
     p.add_argument("--mode", default="graph", choices=["graph", "compile", "eager"], help="decode-step execution")
     p.add_argument("--device", default=None, help="default cuda if available (smoke: cpu)")
-    p.add_argument("--timeout", type=int, default=420, help="seconds per (architecture, variant) subprocess")
+    p.add_argument("--timeout", type=int, default=400, help="seconds per (architecture, variant) subprocess")
+    p.add_argument("--budget", type=int, default=560,
+                   help="seconds for the whole run: jobs that would not fit are skipped (and listed), so the "
+                        "table is always printed inside a 10-minute command limit")
     p.add_argument("--smoke", action="store_true", help="tiny configs on the CPU, 8 new tokens, eager")
     p.add_argument("--in-process", action="store_true", help="run the workers in this process (debugging, tests)")
     p.add_argument("--out", default=None, help="also write the markdown table here")
@@ -324,7 +326,7 @@ def parse_args(argv=None):
     p.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
-        args.arch = args.arch or list(SMOKE_ARCHS)
+        args.arch = args.arch if args.arch is not None else ([] if args.checkpoint else list(SMOKE_ARCHS))
         args.batch = args.batch or [1, 2]
         args.new_tokens = args.new_tokens or 8
         args.device = args.device or "cpu"
@@ -332,7 +334,7 @@ def parse_args(argv=None):
         args.text_tokens = min(args.text_tokens, 8)
         if args.device == "cpu":
             args.dtype = "bfloat16"
-    args.arch = args.arch if args.arch is not None else list(DEFAULT_ARCHS)
+    args.arch = args.arch if args.arch is not None else ([] if args.checkpoint else list(DEFAULT_ARCHS))
     args.batch = args.batch or [1, 16]
     args.new_tokens = args.new_tokens or 256
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -347,13 +349,23 @@ def main(argv=None) -> int:
         args.arch = args.arch[0]
         worker(args)
         return 0
+    t_start = time.perf_counter()
+
+    def left() -> float:
+        return args.budget - (time.perf_counter() - t_start)
+
     command = "python launch/bench.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     if torch.device(args.device).type == "cuda" and "int4" in args.variants:
         # build the kernel extension once, up front (cached), so no worker pays for it inside its timeout
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-c", "import kernels.w4a16 as k; k.load_extension(verbose=False)"],
-                           cwd=ROOT, env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"))
-        print(f"[bench] kernel extension build/load: rc {r.returncode}, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        try:
+            r = subprocess.run([sys.executable, "-c", "import kernels.w4a16 as k; k.load_extension(verbose=False)"],
+                               cwd=ROOT, timeout=max(30, int(left() / 2)),
+                               env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"))
+            rc = r.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        print(f"[bench] kernel extension build/load: rc {rc}, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     jobs = [(a, v) for a in args.arch for v in args.variants] + \
            [(f"checkpoint:{Path(c).resolve()}", v) for c in args.checkpoint for v in args.variants]
     results = []
@@ -364,7 +376,11 @@ def main(argv=None) -> int:
                      "--batch", *map(str, args.batch), "--dtype", args.dtype, "--new-tokens", str(args.new_tokens),
                      "--text-tokens", str(args.text_tokens), "--visual-tokens", str(args.visual_tokens),
                      "--mode", args.mode, "--device", args.device]
-            print(f"[bench] {arch} {variant} ...", file=sys.stderr, flush=True)
+            print(f"[bench] {arch} {variant} ... ({left():.0f} s of the budget left)", file=sys.stderr, flush=True)
+            if left() < 45:
+                results.append(dict(arch=arch, variant=variant, runs=[],
+                                    error=f"skipped: --budget {args.budget} s spent; run it alone (--arch {arch})"))
+                continue
             if args.in_process:
                 wa = parse_args(wargs)
                 wa.arch = arch
@@ -372,11 +388,11 @@ def main(argv=None) -> int:
             else:
                 try:
                     subprocess.run([sys.executable, str(Path(__file__).resolve()), *wargs], cwd=ROOT,
-                                   timeout=args.timeout,
+                                   timeout=int(min(args.timeout, left() - 10)),
                                    env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"))
                 except subprocess.TimeoutExpired:
                     out.write_text(json.dumps(dict(arch=arch, variant=variant, runs=[],
-                                                   error=f"timed out after {args.timeout} s")))
+                                                   error="timed out (--timeout / --budget)")))
             if out.exists():
                 results.append(json.loads(out.read_text()))
             else:

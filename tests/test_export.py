@@ -365,6 +365,16 @@ def test_static_decoder_matches_generate(arch):
     assert torch.equal(dec.out[:, :6], ref)
 
 
+def test_bench_smoke_trained_checkpoint(llava4, tmp_path):
+    """--checkpoint with a final export dir: bf16 from the latent weights, INT4 packed on the fly."""
+    bench = _load_script("bench")
+    rc = bench.main(["--smoke", "--in-process", "--checkpoint", str(llava4["dir"]), "--batch", "1",
+                     "--new-tokens", "2", "--json", str(tmp_path / "t.json")])
+    res = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert rc == 0, res
+    assert [r["variant"] for r in res] == ["bf16", "int4"] and res[1]["backends"] == {"kernels.w4a16": 14}
+
+
 def test_bench_smoke_int4(tmp_path):
     bench = _load_script("bench")
     rc = bench.main(["--smoke", "--in-process", "--arch", "tiny-qwen2vl", "--batch", "2", "--new-tokens", "3",
