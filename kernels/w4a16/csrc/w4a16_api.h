@@ -4,29 +4,36 @@
 
 namespace grace_w4a16 {
 
-// Tensor-core configurations: (MT token tiles of 8, TN n16 tiles per warp, WN x WK warps per CTA).
+// Tensor-core configurations: (MT token tiles of 8, TN n16 tiles per warp, WN x WK warps per CTA,
+// XR: 1 = activations prefetched deep in the register ring, 0 = one block ahead).
 // Kept in one table so the binding, the benchmark and the heuristic agree on ids.
 #define GRACE_W4A16_CONFIGS(X) \
-  X(0, 1, 1, 1, 8)             \
-  X(1, 1, 1, 2, 4)             \
-  X(2, 1, 2, 1, 4)             \
-  X(3, 1, 1, 1, 4)             \
-  X(4, 1, 2, 2, 2)             \
-  X(5, 2, 1, 1, 8)             \
-  X(6, 2, 2, 1, 4)             \
-  X(7, 2, 1, 2, 4)             \
-  X(8, 2, 2, 2, 2)             \
-  X(9, 4, 1, 1, 8)             \
-  X(10, 4, 1, 2, 4)            \
-  X(11, 4, 2, 2, 2)            \
-  X(12, 8, 1, 2, 4)            \
-  X(13, 8, 2, 2, 2)            \
-  X(14, 8, 1, 1, 4)
+  X(0, 1, 1, 1, 8, 0)          \
+  X(1, 1, 1, 1, 8, 1)          \
+  X(2, 1, 2, 1, 4, 0)          \
+  X(3, 1, 2, 1, 4, 1)          \
+  X(4, 1, 1, 1, 4, 0)          \
+  X(5, 1, 1, 1, 4, 1)          \
+  X(6, 1, 4, 1, 4, 0)          \
+  X(7, 1, 4, 1, 2, 0)          \
+  X(8, 2, 1, 1, 8, 0)          \
+  X(9, 2, 1, 2, 4, 1)          \
+  X(10, 2, 2, 1, 4, 0)         \
+  X(11, 2, 2, 1, 4, 1)         \
+  X(12, 2, 4, 1, 4, 0)         \
+  X(13, 2, 4, 1, 2, 0)         \
+  X(14, 4, 1, 2, 4, 0)         \
+  X(15, 4, 2, 2, 2, 0)         \
+  X(16, 4, 2, 1, 4, 0)         \
+  X(17, 8, 1, 2, 4, 0)         \
+  X(18, 8, 2, 2, 2, 0)         \
+  X(19, 8, 2, 1, 4, 0)         \
+  X(20, 8, 1, 1, 4, 0)
 
-constexpr int kNumConfigs = 15;
+constexpr int kNumConfigs = 21;
 
 struct TcConfig {
-  int mt, tn, wn, wk;
+  int mt, tn, wn, wk, xr;
 };
 
 // Returns false for an unknown id.

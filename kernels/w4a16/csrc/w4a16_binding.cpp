@@ -93,7 +93,8 @@ void dequant_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   }
 }
 
-constexpr int64_t kChunkBytes = 24ll << 20;  // dequant workspace per chunk (see dequant_gemm)
+// Chunked dequant measured slower than one full dequant on H100 (NOTES.md): 0 = one chunk.
+constexpr int64_t kChunkBytes = 0;
 
 // Heuristic config choice (measured on H100, see kernels/NOTES.md and kernels/BENCHMARKS.md).
 // Returns -1 when the dequantise + cuBLAS path is the faster one.
@@ -157,7 +158,7 @@ at::Tensor deq_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Te
 std::vector<int64_t> config_info(int64_t cfg) {
   TcConfig c;
   TORCH_CHECK(grace_w4a16::tc_config((int)cfg, &c), "w4a16: unknown config ", cfg);
-  return {c.mt, c.tn, c.wn, c.wk};
+  return {c.mt, c.tn, c.wn, c.wk, c.xr};
 }
 
 }  // namespace
@@ -169,7 +170,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tc_gemm_out", &tc_gemm_out, "same, into a preallocated output");
   m.def("dequant", &dequant, "packed int4 -> (N,K) weight in the scales dtype");
   m.def("deq_gemm", &deq_gemm, "dequantise (in chunks of chunk_bytes, <=0: all) + cuBLAS");
-  m.def("config_info", &config_info, "(MT, TN, WN, WK) of a config id");
+  m.def("config_info", &config_info, "(MT, TN, WN, WK, XR) of a config id");
   m.def("choose_config", &choose_config, "config id the op uses for (M,N,K); -1 = dequant + cuBLAS");
   m.attr("num_configs") = grace_w4a16::kNumConfigs;
 }

@@ -136,9 +136,10 @@ template <> __device__ __forceinline__ __half from_float<__half>(float v) { retu
 //   the block kb+P is requested before block kb is dequantised and multiplied, so each SM keeps
 //   ~16-64 KB of loads outstanding (what ~3 TB/s x ~1 us of DRAM latency needs over 132 SMs).
 //   The scales ride in the same ring; the activations (tiny, L2/L1-resident, shared by every CTA)
-//   are prefetched PX blocks ahead (P at MT=1, P/2 at MT=2, else 1: registers).
+//   are prefetched PX blocks ahead (XR=0: 1 block; XR=1: P at MT=1, P/2 at MT=2). Deeper x
+//   prefetch costs registers and occupancy; which wins depends on the shape (see NOTES.md).
 // ---------------------------------------------------------------------------------------------
-template <typename T, int MT, int TN, int WN, int WK>
+template <typename T, int MT, int TN, int WN, int WK, int XR>
 __global__ void __launch_bounds__(WN * WK * 32)
     w4a16_tc_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const uint32_t* __restrict__ sc,
                     T* __restrict__ out, int M, int N, int K) {
@@ -181,9 +182,9 @@ __global__ void __launch_bounds__(WN * WK * 32)
     }
 
     // Register ring of P k64 blocks in flight: weights + their scales, and the activations PX
-    // blocks ahead (P for MT=1, P/2 for MT=2, 1 for larger MT: their registers would not fit). Block kb lives in slot (kb - kb_begin) % P; the loop below is
+    // blocks ahead (XR=0: 1; XR=1: P for MT=1, P/2 for MT=2; registers limit it for larger MT). Block kb lives in slot (kb - kb_begin) % P; the loop below is
     // unrolled by P so every slot index is a compile-time constant (no local memory).
-    constexpr int PX = MT == 1 ? P : (MT == 2 ? (P / 2 > 1 ? P / 2 : 1) : 1);
+    constexpr int PX = XR == 0 ? 1 : (MT == 1 ? P : (MT == 2 ? (P / 2 > 1 ? P / 2 : 1) : 1));
     uint4 wbuf[P][TN];
     uint32_t sbuf[P][TN];
     uint4 xbuf[PX][MT][2];

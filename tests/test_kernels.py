@@ -1,0 +1,264 @@
+"""W4A16 kernels: packing and reference on CPU, an nvcc compile check, and GPU correctness
+(skipped without a GPU; run them on the device machine with `pytest -m gpu tests/test_kernels.py`)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels.w4a16 import dequantize, pack_weights, reference_w4a16, unpack_weights, w4a16_gemm
+from kernels.w4a16.pack import _index_tables
+
+CSRC = Path(__file__).resolve().parents[1] / "kernels" / "w4a16" / "csrc"
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192), (8192, 28672)]
+GPU_MS = [1, 3, 16, 33, 64, 256, 1024]
+
+
+def rand_weight(N, K, device="cpu", seed=None):
+    g = None
+    if seed is not None:
+        g = torch.Generator(device=device)
+        g.manual_seed(seed)
+    codes = torch.randint(-8, 8, (N, K), dtype=torch.int8, device=device, generator=g)
+    scales = torch.rand(N, K // 128, device=device, generator=g) * 0.015 + 0.005
+    return codes, scales
+
+
+def rel_err(out, ref):
+    out = out.double()
+    assert torch.isfinite(out).all(), "non-finite output (unwritten / poisoned elements?)"
+    return float((out - ref).norm() / ref.norm())
+
+
+def ref64(x, codes, scales):
+    w = codes.double() * scales.double().repeat_interleave(128, dim=1)
+    return x.double() @ w.t()
+
+
+# ---------------------------------------------------------------- CPU: packing and reference
+@pytest.mark.parametrize("N,K", [(16, 128), (48, 256), (32, 640)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pack_roundtrip(N, K, dtype):
+    codes, scales = rand_weight(N, K)
+    p = pack_weights(codes, scales, dtype=dtype)
+    assert p["qweight"].dtype == torch.int32 and tuple(p["qweight"].shape) == (N // 16, K // 64, 128)
+    assert p["scales"].dtype == dtype and tuple(p["scales"].shape) == (N // 16, K // 128, 16)
+    c2, s2 = unpack_weights(p)
+    assert torch.equal(c2, codes)
+    assert torch.equal(s2, scales.to(dtype))
+
+
+def test_pack_layout_matches_documented_formula():
+    """Spot-check every nibble position of one block against the formula in pack.py / the .cuh."""
+    N, K = 32, 256
+    codes, scales = rand_weight(N, K, seed=1)
+    qw = pack_weights(codes, scales)["qweight"].view(N // 16, K // 64, 32, 4).to(torch.int64) & 0xFFFFFFFF
+    for tile in range(N // 16):
+        for kb in range(K // 64):
+            for lane in range(32):
+                g, c = lane // 4, lane % 4
+                for s in range(4):
+                    for i in range(8):
+                        reg, half = i % 4, i // 4
+                        row = 16 * tile + g + 8 * (reg % 2)
+                        k = 64 * kb + 16 * c + 4 * s + 2 * (reg // 2) + half
+                        assert ((int(qw[tile, kb, lane, s]) >> (4 * i)) & 0xF) - 8 == int(codes[row, k])
+
+
+def test_index_tables_are_a_permutation():
+    row, k = _index_tables()
+    flat = (row * 64 + k).flatten()
+    assert torch.equal(flat.sort().values, torch.arange(16 * 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_reference_matches_float64(dtype):
+    N, K = 48, 384
+    codes, scales = rand_weight(N, K)
+    x = torch.randn(2, 5, K).to(dtype)
+    out = reference_w4a16(x, codes, scales)
+    assert out.shape == (2, 5, N) and out.dtype == dtype
+    ref = ref64(x.reshape(-1, K), codes, scales).reshape(2, 5, N)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel_err(out, ref) <= tol
+
+
+def test_dequantize_values():
+    codes = torch.tensor([[-8, 7] + [0] * 126], dtype=torch.int8)
+    scales = torch.tensor([[0.5]])
+    w = dequantize(codes, scales)
+    assert w[0, 0] == -4.0 and w[0, 1] == 3.5
+
+
+def test_w4a16_gemm_cpu_falls_back_to_reference():
+    N, K = 32, 256
+    codes, scales = rand_weight(N, K)
+    p = pack_weights(codes, scales, dtype=torch.bfloat16)
+    x = torch.randn(3, 7, K, dtype=torch.bfloat16)
+    out = w4a16_gemm(x, p)
+    assert out.shape == (3, 7, N)
+    assert torch.equal(out, reference_w4a16(x, codes, scales.bfloat16()))
+
+
+def test_op_fake_kernel_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(5, 256, dtype=torch.bfloat16)
+        qw = torch.empty(3, 4, 128, dtype=torch.int32)
+        sc = torch.empty(3, 2, 16, dtype=torch.bfloat16)
+        out = torch.ops.grace.w4a16_gemm(x, qw, sc, 128)
+        assert tuple(out.shape) == (5, 48) and out.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- CPU: error messages
+def test_error_k_not_multiple_of_group():
+    codes = torch.zeros(16, 200, dtype=torch.int8)
+    with pytest.raises(ValueError, match="K=200"):
+        pack_weights(codes, torch.ones(16, 1))
+
+
+def test_error_n_not_multiple_of_tile():
+    codes, scales = rand_weight(24, 128)
+    with pytest.raises(ValueError, match="N=24"):
+        pack_weights(codes, scales)
+
+
+def test_error_group_size():
+    codes, scales = rand_weight(16, 128)
+    with pytest.raises(ValueError, match="group_size must be 128, got 64"):
+        pack_weights(codes, scales, group_size=64)
+    with pytest.raises(ValueError, match="group_size must be 128, got 32"):
+        reference_w4a16(torch.randn(1, 128), codes, scales, group_size=32)
+
+
+def test_error_codes_out_of_range_and_dtype():
+    codes, scales = rand_weight(16, 128)
+    codes[0, 0] = 9
+    with pytest.raises(ValueError, match=r"\[-8, 7\].*9"):
+        pack_weights(codes, scales)
+    with pytest.raises(TypeError, match="float32"):
+        pack_weights(codes.float(), scales)
+    with pytest.raises(TypeError, match="bfloat16 or float16, got torch.float32"):
+        pack_weights(torch.zeros(16, 128, dtype=torch.int8), scales, dtype=torch.float32)
+
+
+def test_error_scales_shape_and_x_k():
+    codes, scales = rand_weight(16, 256)
+    with pytest.raises(ValueError, match=r"\(16, 2\)"):
+        pack_weights(codes, scales[:, :1])
+    p = pack_weights(codes, scales)
+    with pytest.raises(ValueError, match="K=128"):
+        w4a16_gemm(torch.randn(2, 128, dtype=torch.bfloat16), p)
+
+
+# ---------------------------------------------------------------- compile check (nvcc, no torch)
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_kernel_compiles_for_sm90a(tmp_path):
+    """The kernel TU (no torch headers) must compile for Hopper; ptxas -O0 keeps it well under 60 s."""
+    cmd = ["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-std=c++17", "-O1", "-Xptxas", "-O0",
+           "-c", str(CSRC / "w4a16_bf16.cu"), "-o", str(tmp_path / "k.o")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+# ---------------------------------------------------------------- GPU
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from kernels.w4a16 import load_extension
+
+    return load_extension()
+
+
+@gpu
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_op_matches_reference(ext, N, K, dtype):
+    codes, scales = rand_weight(N, K, "cuda")
+    p = pack_weights(codes, scales, dtype=dtype)
+    sq = scales.to(dtype)
+    for M in GPU_MS:
+        x = torch.randn(M, K, device="cuda", dtype=dtype)  # fresh inputs per check
+        # poison the caching allocator's free blocks so an unwritten output element shows as NaN
+        junk = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+        del junk
+        out = w4a16_gemm(x, p)
+        assert out.shape == (M, N) and out.dtype == dtype
+        assert rel_err(out, ref64(x, codes, sq)) <= 1e-2, (N, K, M, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("M", [1, 3, 16, 33, 64, 100])
+def test_gpu_every_config_poisoned(ext, M):
+    N, K = 11008, 4096
+    codes, scales = rand_weight(N, K, "cuda")
+    for dtype in (torch.bfloat16, torch.float16):
+        p = pack_weights(codes, scales, dtype=dtype)
+        for cfg in range(ext.num_configs):
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+            ext.tc_gemm_out(x, p["qweight"], p["scales"], cfg, out)
+            assert rel_err(out, ref64(x, codes, scales.to(dtype))) <= 1e-2, (cfg, M, dtype)
+
+
+@gpu
+def test_gpu_leading_dims_and_noncontiguous(ext):
+    N, K = 256, 512
+    codes, scales = rand_weight(N, K, "cuda")
+    p = pack_weights(codes, scales)
+    x = torch.randn(2, 3, 2 * K, device="cuda", dtype=torch.bfloat16)[..., ::2]
+    out = w4a16_gemm(x, p)
+    assert out.shape == (2, 3, N)
+    assert rel_err(out.reshape(-1, N), ref64(x.reshape(-1, K), codes, scales.bfloat16())) <= 1e-2
+
+
+@gpu
+def test_gpu_errors_name_the_value(ext):
+    codes, scales = rand_weight(64, 256, "cuda")
+    p = pack_weights(codes, scales)
+    with pytest.raises(TypeError, match="float32"):
+        w4a16_gemm(torch.randn(2, 256, device="cuda"), p)
+    with pytest.raises(RuntimeError, match="group_size must be 128, got 64"):
+        torch.ops.grace.w4a16_gemm(torch.randn(2, 256, device="cuda", dtype=torch.bfloat16),
+                                   p["qweight"], p["scales"], 64)
+
+
+@gpu
+def test_gpu_cuda_graph_and_compile(ext):
+    N, K = 4096, 4096
+    codes, scales = rand_weight(N, K, "cuda")
+    p = pack_weights(codes, scales)
+    ref_fn = lambda x: ref64(x, codes, scales.bfloat16())  # noqa: E731
+    for M in (1, 16, 300):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        static_x = x.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            w4a16_gemm(static_x, p)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_out = w4a16_gemm(static_x, p)
+        x2 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        static_x.copy_(x2)
+        static_out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel_err(static_out, ref_fn(x2)) <= 1e-2
+
+    f = torch.compile(lambda x: w4a16_gemm(x, p) * 2, fullgraph=True)
+    x = torch.randn(5, K, device="cuda", dtype=torch.bfloat16)
+    assert rel_err(f(x), 2 * ref_fn(x)) <= 1e-2
+    fg = torch.compile(lambda x: w4a16_gemm(x, p), mode="reduce-overhead")
+    for _ in range(3):
+        x = torch.randn(16, K, device="cuda", dtype=torch.bfloat16)
+        assert rel_err(fg(x), ref_fn(x)) <= 1e-2
