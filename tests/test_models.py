@@ -117,6 +117,26 @@ def test_processor_round_trip(family, tmp_path):
         assert (enc["mm_token_type_ids"] == (enc["input_ids"] == image_id)).all()
 
 
+def test_load_processor_released_checkpoint_layout(tmp_path):
+    """Released Qwen2-VL checkpoints keep the processor class in preprocessor_config.json (no
+    processor_config.json); load_processor must still give the family's processor."""
+    proc = build_processor("qwen2_vl")
+    proc.image_processor.save_pretrained(tmp_path)
+    proc.tokenizer.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    cfg["processor_class"] = "Qwen2VLProcessor"
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
+    assert not (tmp_path / "processor_config.json").exists()
+    again = load_processor(tmp_path)
+    assert type(again).__name__.startswith("Qwen2VLProcessor")
+    enc = again(text=["<|vision_start|><|image_pad|><|vision_end|>hi"], images=[_image(0, 112)], return_tensors="pt")
+    assert int((enc["input_ids"] == again.image_token_id).sum()) == 16
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no processor files"):
+        load_processor(empty)
+
+
 def test_tokenizer_training_is_deterministic_across_processes():
     import hashlib
     import subprocess
@@ -321,6 +341,18 @@ def _zero3_worker(model_dir: str, result_file: str, port: int) -> None:
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         leaked = is_deepspeed_zero3_enabled()
+        # A caller's own HfDeepSpeedConfig (e.g. HF Trainer's) survives a load_model inside it.
+        from transformers.integrations import HfDeepSpeedConfig, deepspeed_config
+
+        from grace_ds.models import zero3_context
+
+        outer_cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}}
+        outer = HfDeepSpeedConfig(outer_cfg)
+        with zero3_context(ds):
+            inner_mb = deepspeed_config()["train_micro_batch_size_per_gpu"]
+        restored = deepspeed_config() is not None and deepspeed_config()["train_micro_batch_size_per_gpu"] == 2
+        restored = restored and inner_mb == 1
+        del outer
         plain = load_model(model_dir).eval()
         proc = load_processor(model_dir)
         family = plain.config.model_type
@@ -331,7 +363,7 @@ def _zero3_worker(model_dir: str, result_file: str, port: int) -> None:
         with torch.no_grad():
             f_ref, p_ref = adapter.forward_hidden(plain, batch)
             f_z, p_z = get_adapter(engine).forward_hidden(engine, batch)
-        out = {"partitioned": partitioned, "leaked": leaked, "n": len(params),
+        out = {"partitioned": partitioned, "leaked": leaked, "restored": restored, "n": len(params),
                "final": (f_ref - f_z).abs().max().item(), "penult": (p_ref - p_z).abs().max().item()}
         dist.destroy_process_group()
     except Exception:  # report to the parent instead of dying silently
@@ -353,4 +385,5 @@ def test_zero3_init_partitions_and_matches(preset_dirs, tmp_path):
     assert "error" not in out, out.get("error")
     assert out["partitioned"] and out["n"] > 10
     assert not out["leaked"], "HfDeepSpeedConfig stayed registered after load_model"
+    assert out["restored"], "zero3_context did not restore the caller's HfDeepSpeedConfig"
     assert out["final"] < 1e-5 and out["penult"] < 1e-5, out

@@ -76,15 +76,20 @@ def zero3_context(zero3_config, dtype: torch.dtype = torch.float32):
     plain `from_pretrained` calls in the same process (e.g. a non-ZeRO student) are not partitioned.
     """
     from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    from transformers.integrations import deepspeed as hf_ds
 
     cfg = _dtype_for_ds(_read_ds_config(zero3_config), dtype)
+    # A caller may already hold its own HfDeepSpeedConfig (e.g. HF Trainer): restore it afterwards.
+    previous = hf_ds._hf_deepspeed_config_weak_ref() if hf_ds._hf_deepspeed_config_weak_ref is not None else None
     hf_ds_config = HfDeepSpeedConfig(cfg)
     try:
         yield hf_ds_config
     finally:
         del hf_ds_config
-        unset_hf_deepspeed_config()
+        if previous is not None:
+            hf_ds.set_hf_deepspeed_config(previous)
+        else:
+            hf_ds.unset_hf_deepspeed_config()
 
 
 def load_model(path_or_preset: str | os.PathLike, dtype: torch.dtype = torch.float32, zero3_config=None,

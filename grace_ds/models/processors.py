@@ -410,14 +410,33 @@ def load_processor(path: str | os.PathLike):
         raise FileNotFoundError(
             f"no processor files in {p} (expected preprocessor_config.json / tokenizer_config.json): "
             "save one with processor.save_pretrained(dir) or build a tiny preset with build_tiny_preset")
-    cfg_file = p / "processor_config.json"
-    if not _has_torchvision() and cfg_file.exists():
-        real_name = json.loads(cfg_file.read_text()).get("processor_class", "")
-        family = {"Qwen2VLProcessor": "qwen2_vl", "Qwen2_5_VLProcessor": "qwen2_5_vl",
-                  "Qwen3VLProcessor": "qwen3_vl"}.get(real_name)
+    if not _has_torchvision():
+        family = _qwen_family_of_saved_processor(p)
         if family is not None:
             return _qwen_processor_cls(family).from_pretrained(str(path), local_files_only=True)
     return AutoProcessor.from_pretrained(str(path), local_files_only=True)
+
+
+_QWEN_PROCESSOR_FAMILY = {"Qwen2VLProcessor": "qwen2_vl", "Qwen2_5_VLProcessor": "qwen2_5_vl",
+                          "Qwen3VLProcessor": "qwen3_vl"}
+
+
+def _qwen_family_of_saved_processor(p: Path) -> str | None:
+    """The Qwen family a saved processor belongs to, from whichever file records its class.
+
+    transformers 5 writes processor_config.json; released checkpoints (Qwen2-VL-7B-Instruct & co)
+    record "processor_class" in preprocessor_config.json / tokenizer_config.json instead.
+    """
+    for f in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        fp = p / f
+        if fp.exists():
+            try:
+                name = json.loads(fp.read_text()).get("processor_class")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if name:
+                return _QWEN_PROCESSOR_FAMILY.get(name)
+    return None
 
 
 def _check_family(family: str) -> None:
