@@ -31,6 +31,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# log(max(p, eps)) == max(log p, log eps): the clamp is applied to log-probabilities from
+# log_softmax, which is the same function (value and gradient) with one less (n x V) temporary
+# and no log(0).
+LOG_CLAMP = math.log(PROB_CLAMP)
+
+
 def _xlogx_ratio(p: Tensor, q: Tensor) -> Tensor:
     """sum_v p * (log p - log q) with both clamped at PROB_CLAMP; p == 0 terms vanish exactly."""
     return (p * (p.clamp_min(PROB_CLAMP).log() - q.clamp_min(PROB_CLAMP).log())).sum(-1)
@@ -39,13 +45,29 @@ def _xlogx_ratio(p: Tensor, q: Tensor) -> Tensor:
 def teacher_entropy(teacher_logits: Tensor) -> Tensor:
     """Entropy H_i of the teacher softmax at T = 1, per row (the gate's input). No gradient."""
     with torch.no_grad():
-        p = torch.softmax(teacher_logits, dim=-1)
-        return -(p * p.clamp_min(PROB_CLAMP).log()).sum(-1)
+        lp = torch.log_softmax(teacher_logits, dim=-1)
+        p = lp.exp()
+        return -torch.linalg.vecdot(p, lp.clamp_min_(LOG_CLAMP))
 
 
 def entropy_gate(entropy: Tensor, vocab_size: int) -> Tensor:
     """g_i = exp(-H_i / log|V|) in [1/e, 1] (section 1); a constant weight, never differentiated."""
     return torch.exp(-entropy.detach() / math.log(vocab_size))
+
+
+def _kl_to_student(teacher_scaled: Tensor, student_scaled: Tensor) -> Tensor:
+    """KL(softmax(teacher) || softmax(student)) per row, probabilities clamped at PROB_CLAMP.
+
+    The teacher side is a constant: sum p_t log p_t is reduced under no_grad, so autograd only keeps
+    the student's log-probabilities (one (n x V) tensor) and the teacher's probabilities.
+    """
+    with torch.no_grad():
+        lpt = torch.log_softmax(teacher_scaled, -1)
+        pt = lpt.exp()
+        neg_ent = torch.linalg.vecdot(pt, lpt.clamp_min_(LOG_CLAMP))
+        del lpt
+    lps = torch.log_softmax(student_scaled, -1).clamp_min(LOG_CLAMP)
+    return neg_ent - torch.linalg.vecdot(pt, lps)
 
 
 def token_kd_terms(
@@ -64,25 +86,22 @@ def token_kd_terms(
     kl:   KL(p_T || p_S) at T, times T^2 (the study's "naive KD" baseline).
     Gradient flows to `student` only; `teacher` is detached.
     """
-    teacher = teacher.detach()
     s_t = student / temperature
-    t_t = teacher / temperature
+    t_t = teacher.detach() / temperature
     if kd_mode == "kl":
-        kd = _xlogx_ratio(torch.softmax(t_t, -1), torch.softmax(s_t, -1))
-        return kd * temperature**2
+        return _kl_to_student(t_t, s_t) * temperature**2
     idx = target.unsqueeze(1)
-    # TCKD: binary KL between [p(y), 1 - p(y)] of teacher and student.
-    ps_y = torch.softmax(s_t, -1).gather(1, idx).squeeze(1)
+    # TCKD: binary KL between [p(y), 1 - p(y)] of teacher and student (p(y) from the logsumexp, so no
+    # full softmax is kept for it).
+    ps_y = torch.exp(s_t.gather(1, idx).squeeze(1) - torch.logsumexp(s_t, -1))
     with torch.no_grad():
-        pt_y = torch.softmax(t_t, -1).gather(1, idx).squeeze(1)
+        pt_y = torch.exp(t_t.gather(1, idx).squeeze(1) - torch.logsumexp(t_t, -1))
     tckd = _xlogx_ratio(torch.stack([pt_y, 1.0 - pt_y], -1), torch.stack([ps_y, 1.0 - ps_y], -1))
     # NCKD: distributions over v != y, renormalised. Masking the target logit with the dtype minimum
     # (not -1000 as in the original DKD code) makes its probability exactly 0 for any logit scale.
     neg = torch.finfo(s_t.dtype).min
     mask = torch.zeros_like(s_t, dtype=torch.bool).scatter_(1, idx, True)
-    qs = torch.softmax(s_t.masked_fill(mask, neg), -1)
-    qt = torch.softmax(t_t.masked_fill(mask, neg), -1)
-    nckd = _xlogx_ratio(qt, qs)
+    nckd = _kl_to_student(t_t.masked_fill(mask, neg), s_t.masked_fill(mask, neg))
     return (alpha * tckd + beta_dkd * nckd) * temperature**2
 
 
