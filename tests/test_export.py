@@ -125,11 +125,13 @@ def _qat_model(arch="tiny-llava", bits=4, group_size=128, seed=0):
 
 
 def write_final_dir(out: Path, cfg, model, qc, layers) -> Path:
-    """The trainer's final export layout (architecture.md): latent weights + int_weights + config."""
+    """The trainer's final export layout (architecture.md, grace_ds.engine.export): 16-bit latent weights
+    (an fp32-trained model is cast to bf16, its codes come from the fp32 weights) + int_weights + config."""
     from grace_ds.quant import export_int_weights
 
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.endswith("log_scale")}
+    sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()
+          if not k.endswith("log_scale")}
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     c = cfg.to_dict()
     c["grace_quantization"] = dict(qc.to_dict(), layers=layers)
@@ -158,9 +160,12 @@ def test_convert_grace_verifies_and_loads(llava4, tmp_path):
     logs = []
     reports = convert_checkpoint(llava4["dir"], out, "grace", progress=False, log=logs.append)
     assert len(reports) == len(llava4["layers"]) == 14
-    assert all(r.max_code_error == 0 and r.code_mismatches == 0 and r.roundtrip_ok and r.path == "kernel"
-               for r in reports)
-    assert "| layer |" in logs[0] and "max code error 0" in logs[1]
+    # fp32 weights exported as bf16 latents: a few codes sit within half a bf16 ulp of a rounding
+    # boundary; they are explained (counted), never unexplained
+    assert all(r.unexplained == 0 and r.max_code_error <= 1 and r.roundtrip_ok and r.path == "kernel" for r in reports)
+    n_mism = sum(r.code_mismatches for r in reports)
+    assert 0 < n_mism < 0.01 * sum(r.shape[0] * r.shape[1] for r in reports)  # seed 0: 1212 of 393216
+    assert "| layer |" in logs[0] and "0 layers failed" in logs[1]
     cfg = json.loads((out / "config.json").read_text())
     packed = cfg["grace_packed"]
     assert packed["format"] == "grace" and packed["bits"] == 4 and packed["group_size"] == 128
@@ -202,7 +207,8 @@ def test_exact_logits_when_nonquantised_tensors_are_16bit(tmp_path):
             if not n.endswith("log_scale"):
                 p.copy_(p.to(torch.bfloat16).float())
     d = write_final_dir(tmp_path / "final", cfg, model, qc, layers)
-    convert_checkpoint(d, tmp_path / "packed", "grace", progress=False, log=lambda s: None)
+    reports = convert_checkpoint(d, tmp_path / "packed", "grace", progress=False, log=lambda s: None)
+    assert all(r.code_mismatches == 0 and r.max_code_error == 0 for r in reports)  # exact: latents are bf16
     m = load_packed_model(tmp_path / "packed", dtype=torch.float32, force_dequant=True)
     inputs = make_prompt(cfg, 1, 6, 16, dtype=torch.float32)
     with torch.no_grad():
@@ -216,10 +222,10 @@ def test_tampered_codes_fail_verification(llava4, tmp_path):
     iw = load_file(str(d / "int_weights.safetensors"))
     name = llava4["layers"][3]
     codes = iw[f"{name}.codes"].clone()
-    codes[1, 5] = codes[1, 5] + 1 if codes[1, 5] < 7 else codes[1, 5] - 1
+    codes[1, 5] = codes[1, 5] + 2 if codes[1, 5] < 6 else codes[1, 5] - 2  # 16-bit rounding moves at most 1
     iw[f"{name}.codes"] = codes
     save_file(iw, str(d / "int_weights.safetensors"), metadata={"bits": "4", "group_size": "128"})
-    with pytest.raises(ConversionError, match=rf"verification failed, nothing written: {name}: 1 codes differ \(max 1\)"):
+    with pytest.raises(ConversionError, match=rf"verification failed, nothing written: {name}: 1 codes differ \(max 2\)"):
         convert_checkpoint(d, tmp_path / "out", "grace", progress=False, log=lambda s: None)
     assert not (tmp_path / "out" / "config.json").exists()
 
@@ -340,7 +346,7 @@ def test_convert_cli(llava4, tmp_path, capsys):
     rc = convert.main(["--checkpoint", str(llava4["dir"]), "--out", str(tmp_path / "cli"), "--format", "awq",
                        "--bits", "auto", "--no-progress"])
     out = capsys.readouterr()
-    assert rc == 0 and "max code error 0" in out.out and (tmp_path / "cli" / "config.json").exists()
+    assert rc == 0 and "0 layers failed" in out.out and (tmp_path / "cli" / "config.json").exists()
     rc = convert.main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert rc == 2 and "no config.json" in err and "Traceback" not in err
