@@ -376,6 +376,9 @@ class ShardLoader:
         self.workers = max(1, cfg.num_workers)
         self.n_slots = world_size * self.workers
         self.eval_mode = eval_mode
+        if self.total < self.n_slots:
+            raise DataError(f"{self.total} samples in {self.dirs} cannot feed {world_size} ranks x {self.workers} "
+                            f"workers (every worker needs at least one sample); lower data.num_workers or add data")
         self.quota = batches_per_worker(self.total, self.n_slots, cfg.micro_batch_size, cfg.remainder)
         if self.quota == 0:
             raise DataError(
