@@ -304,6 +304,21 @@ def test_compat_errors_name_both_values(preset_dirs):
         check_compatible(tp, big, tc, sc)
 
 
+def test_compat_across_qwen_families(preset_dirs):
+    # Qwen2-VL and Qwen2.5-VL share tokenizer and pixel format: distillable across the two.
+    tp, _, tc, _ = _load_pair(preset_dirs, *FAMILY_PRESETS["qwen2_vl"])
+    _, sp, _, sc = _load_pair(preset_dirs, *FAMILY_PRESETS["qwen2_5_vl"])
+    assert check_compatible(tp, sp, tc, sc).tokens_per_image == 16
+    # Qwen3-VL: same tokenizer and token count, but 16 px patches with [-1, 1] normalisation; the
+    # student's batch would not fit the Qwen2-VL vision tower.
+    _, sp3, _, sc3 = _load_pair(preset_dirs, *FAMILY_PRESETS["qwen3_vl"])
+    with pytest.raises(ValueError, match=r"different pixel_values .*shape \(64, 1176\) vs \(64, 1536\)"):
+        check_compatible(tp, sp3, tc, sc3)
+    # A processor whose patching disagrees with its own model's vision tower.
+    with pytest.raises(ValueError, match="student processor patch_size=16 but vision_config.patch_size=14"):
+        check_compatible(tp, sp3, tc, tc)
+
+
 # -- preset cache ---------------------------------------------------------------------------------
 
 def test_ensure_preset_reuses_and_rebuilds_stale(tmp_path):

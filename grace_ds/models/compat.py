@@ -31,8 +31,8 @@ def _text_config(config):
     return getattr(config, "text_config", None) or config
 
 
-def _probe_tokens_per_image(processor, adapter) -> int:
-    """Image tokens the processor emits for one probe image (the real expansion path)."""
+def _probe(processor, adapter) -> dict:
+    """The processor's output for one mid-grey probe image (the real expansion path)."""
     from PIL import Image
 
     ip = processor.image_processor
@@ -40,13 +40,35 @@ def _probe_tokens_per_image(processor, adapter) -> int:
     side = 224
     if isinstance(size, dict) and size.get("height"):
         side = int(size["height"])
-    img = Image.fromarray(np.full((side, side, 3), 127, dtype=np.uint8))
-    token = processor.image_token if hasattr(processor, "image_token") else None
+    # A gradient, not a flat colour, so normalisation differences show up in the pixel values.
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    img = Image.fromarray(np.stack([np.add.outer(ramp, ramp) / 2] * 3, -1).astype(np.uint8))
+    token = getattr(processor, "image_token", None)
     if token is None:
         raise ValueError(f"{type(processor).__name__} has no image_token: pass the model's multimodal processor")
     text = f"<|vision_start|>{token}<|vision_end|>" if adapter.family != "llava" else token
     enc = processor(text=[text], images=[img], return_tensors="pt")
-    return int((enc["input_ids"] == processor.tokenizer.convert_tokens_to_ids(token)).sum())
+    n = int((enc["input_ids"] == processor.tokenizer.convert_tokens_to_ids(token)).sum())
+    return {"tokens": n, "pixel_values": enc["pixel_values"], "grid": enc.get("image_grid_thw")}
+
+
+def _check_processor_matches_model(side: str, processor, adapter, config) -> None:
+    """The vision tower must accept what its processor produces (patch geometry)."""
+    vc = config.vision_config
+    ip = processor.image_processor
+    if adapter.family == "llava":
+        crop = getattr(ip, "crop_size", None) or {}
+        got = crop.get("height") if isinstance(crop, dict) else None
+        if got is not None and int(got) != int(vc.image_size):
+            raise ValueError(f"{side} processor crops to {got} px but the vision tower expects {vc.image_size}: "
+                             "use the model's own processor (crop_size = vision_config.image_size)")
+        return
+    for attr, cattr in (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
+                        ("merge_size", "spatial_merge_size")):
+        a, b = getattr(ip, attr, None), getattr(vc, cattr, None)
+        if a is not None and b is not None and int(a) != int(b):
+            raise ValueError(f"{side} processor {attr}={a} but vision_config.{cattr}={b}: use the model's own "
+                             "processor (its preprocessor_config.json)")
 
 
 def check_compatible(teacher_processor, student_processor, teacher_config, student_config) -> CompatReport:
@@ -92,9 +114,13 @@ def check_compatible(teacher_processor, student_processor, teacher_config, stude
             raise ValueError(f"{side} processor image token id {pid} != model config image_token_id {t_img}: "
                              "the processor does not belong to the model (save the model's own processor)")
 
-    # 3. Same number of visual tokens per image (same patching / merge / resize).
-    t_n = _probe_tokens_per_image(teacher_processor, ta)
-    s_n = _probe_tokens_per_image(student_processor, sa)
+    # 3. Same number of visual tokens per image (same patching / merge / resize) and the same pixel
+    #    format: the loader runs ONE processor (the student's) and both models consume its batch.
+    for side, proc, ad, cfg in (("teacher", teacher_processor, ta, teacher_config),
+                                ("student", student_processor, sa, student_config)):
+        _check_processor_matches_model(side, proc, ad, cfg)
+    tp, sp = _probe(teacher_processor, ta), _probe(student_processor, sa)
+    t_n, s_n = tp["tokens"], sp["tokens"]
     if t_n != s_n:
         raise ValueError(
             f"teacher emits {t_n} visual tokens per probe image, student {s_n}: RCKA pairs visual "
@@ -105,6 +131,14 @@ def check_compatible(teacher_processor, student_processor, teacher_config, stude
         if fixed is not None and fixed != t_n:
             raise ValueError(f"{side} model expects {fixed} image tokens per image but its processor emits "
                              f"{t_n}: set the processor's image size / patch_size to match the vision tower")
+    tpv, spv = tp["pixel_values"], sp["pixel_values"]
+    if tpv.shape != spv.shape or not np.allclose(tpv.numpy(), spv.numpy(), atol=1e-4):
+        what = (f"shape {tuple(tpv.shape)} vs {tuple(spv.shape)}" if tpv.shape != spv.shape
+                else f"max difference {float((tpv - spv).abs().max()):.3g} (normalisation differs)")
+        raise ValueError(
+            f"teacher and student image processors produce different pixel_values for the same image "
+            f"({what}): the loader builds each batch once with the student's processor, so both vision "
+            "towers must take the same pixel format (same family's patching and image_mean/std)")
 
     return CompatReport(shared_vocab=shared, teacher_vocab_size=t_vocab, student_vocab_size=s_vocab,
                         image_token_id=t_img, tokens_per_image=t_n, family_teacher=ta.family,
