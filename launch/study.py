@@ -1,6 +1,6 @@
 """Reproduce the paper's comparison on the synthetic VQA benchmark, with one command.
 
-    python launch/study.py [--preset gpu|cpu-smoke] [--out DIR] [--seeds N] [--doc docs/study.md]
+    python launch/study.py [--preset gpu|cpu|cpu-smoke] [--out DIR] [--seeds N] [--doc docs/study.md]
 
 Steps: synthetic train / val / hard-val shards -> teacher (larger tiny VLM, CE only) -> per seed:
 the student in 16 bits with CE only (baseline) -> W4 students from it: RTN, QAT (CE), QAT + naive KD
@@ -27,12 +27,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="gpu", choices=("gpu", "cpu-smoke"))
+    ap.add_argument("--preset", default="gpu", choices=("gpu", "cpu", "cpu-smoke"))
     ap.add_argument("--out", default=None, help="study directory (default runs/study-<preset>)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per student row (preset default: gpu 3, cpu-smoke 1)")
     ap.add_argument("--doc", default=None, help="also write the markdown here (default: docs/study.md for gpu)")
     ap.add_argument("--notes", default=None, help="a markdown file appended as the commentary section")
     ap.add_argument("--subprocess", action="store_true", help="run each training in a fresh process")
+    ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                    help="start no new run after this many seconds (exit code 3: run again to continue)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -46,7 +48,8 @@ def main(argv=None) -> int:
 
     preset = get_preset(args.preset)
     out = Path(args.out or REPO / "runs" / f"study-{args.preset}")
-    study = Study(preset, out, seeds=args.seeds, subprocess_runs=args.subprocess, progress=not args.no_progress)
+    study = Study(preset, out, seeds=args.seeds, subprocess_runs=args.subprocess, progress=not args.no_progress,
+                  time_budget_s=args.time_budget)
     result = study.run()
     summary = summarise(result["scores"])
     checks = check_claims(summary)
@@ -60,11 +63,16 @@ def main(argv=None) -> int:
         "preset": preset.name, "seeds": study.seeds, "seconds": result["seconds"],
         "scores": result["scores"],
         "summary": {r: {s: {m: vars(st) for m, st in ms.items()} for s, ms in ss.items()} for r, ss in summary.items()},
-        "checks": [vars(c) for c in checks], "missing_rows": missing,
+        "checks": [vars(c) for c in checks], "missing_rows": missing, "complete": result["complete"],
     }
     (out / "study.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     (out / "study.md").write_text(md)
     doc_path = args.doc or (str(REPO / "docs" / "study.md") if preset.name == "gpu" else None)
+    if not result["complete"]:
+        print(md)
+        print(f"INCOMPLETE: {len(missing)} row/split cells missing; partial tables in {out / 'study.md'}. "
+              f"Run the same command again to continue (finished runs are cached).", file=sys.stderr)
+        return 3
     if doc_path:
         Path(doc_path).parent.mkdir(parents=True, exist_ok=True)
         Path(doc_path).write_text(md)

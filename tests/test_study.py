@@ -152,3 +152,17 @@ def test_cpu_smoke_study_produces_every_row_and_resumes(tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "[study] trained" not in r2.stdout            # nothing retrained
     assert json.loads((out / "study.json").read_text())["scores"] == doc["scores"]
+
+
+def test_time_budget_stops_before_any_run_and_presets_cannot_mix(tmp_path):
+    from grace_ds.study.presets import get_preset
+    from grace_ds.study.runner import Study
+
+    smoke = get_preset("cpu-smoke")
+    res = Study(smoke, tmp_path, progress=False, log=lambda *_: None, time_budget_s=0).run()
+    assert res["complete"] is False and res["scores"] == {}
+    assert (tmp_path / "data" / "val_hard" / "manifest.json").exists()
+    with pytest.raises(ValueError, match="different settings.*qat_steps"):
+        Study(smoke.with_overrides(qat_steps=99), tmp_path, progress=False, time_budget_s=0).run()
+    # only the seed count may change between invocations
+    assert Study(smoke, tmp_path, seeds=3, progress=False, log=lambda *_: None, time_budget_s=0).run()["complete"] is False

@@ -75,6 +75,14 @@ PRESETS: dict[str, StudyPreset] = {
         image_size=64, teacher_steps=3, baseline_steps=3, qat_steps=2, micro_batch=2,
         seeds=1, eval_batch=6, max_new_tokens=3,
     ),
+    # What the 2-core CPU machine can afford in ~20-30 minutes (one seed): enough to see whether the
+    # pipeline learns at all; too small to test the paper's ordering (docs/study.md says so).
+    "cpu": StudyPreset(
+        name="cpu", train_samples=1500, val_samples=150, hard_val_samples=150, difficulty="easy",
+        image_size=112, teacher_steps=400, baseline_steps=200, qat_steps=80, micro_batch=8,
+        teacher_lr=2e-3, baseline_lr=2e-3, qat_lr=3e-4, warmup_steps=20, seeds=1, eval_batch=25,
+        max_new_tokens=6,
+    ),
     # One H100, <= 20 minutes for 1 teacher + 3 x (baseline + 7 W4/W8 runs) + RTN + 25 evaluations.
     # Medium difficulty with a hard held-out split: the teacher (4x the student's text width,
     # 3x its depth) learns it; the student at the same step budget does not saturate it.
@@ -85,9 +93,9 @@ PRESETS: dict[str, StudyPreset] = {
                           vision_width=128, vision_depth=4, vision_heads=4),
         student=ModelSpec(hidden_size=256, num_layers=2, intermediate_size=768, num_heads=4, num_kv_heads=2,
                           vision_width=64, vision_depth=2, vision_heads=2),
-        teacher_steps=1500, baseline_steps=600, qat_steps=300, micro_batch=32, grad_accum=1,
+        teacher_steps=1200, baseline_steps=500, qat_steps=250, micro_batch=32, grad_accum=1,
         teacher_lr=1e-3, baseline_lr=1e-3, qat_lr=2e-4, warmup_steps=50, num_workers=4,
-        save_every=200, seeds=3, eval_samples=None, eval_batch=64, max_new_tokens=8,
+        save_every=200, seeds=3, eval_samples=600, eval_batch=64, max_new_tokens=8,
     ),
 }
 

@@ -65,13 +65,17 @@ def student_runs(preset: StudyPreset) -> list[RunSpec]:
 
 class Study:
     def __init__(self, preset: StudyPreset, out_dir: str | os.PathLike, *, seeds: int | None = None,
-                 subprocess_runs: bool = False, progress: bool = True, log=print):
+                 subprocess_runs: bool = False, progress: bool = True, log=print,
+                 time_budget_s: float | None = None):
         self.p = preset
         self.out = Path(out_dir).resolve()
         self.seeds = list(range(seeds if seeds is not None else preset.seeds))
         if not self.seeds:
             raise ValueError("--seeds must be >= 1")
         self.subprocess_runs = subprocess_runs
+        # Stop before starting a run once this many seconds have passed (the GPU machine allows
+        # 10 minutes per command): the next invocation continues from the cache.
+        self.time_budget_s = time_budget_s
         self.progress = progress
         self.log = log
         self.data = self.out / "data"
@@ -90,6 +94,20 @@ class Study:
         return out
 
     # ------------------------------------------------------------------ steps
+    def check_preset(self) -> None:
+        """Cached runs are only valid for the preset that made them: refuse to mix two presets."""
+        path = self.out / "preset.json"
+        mine = json.loads(json.dumps(asdict(self.p), default=str))
+        mine.pop("seeds", None)
+        if path.exists():
+            theirs = json.loads(path.read_text())
+            if theirs != mine:
+                diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+                raise ValueError(f"{self.out} holds a study made with different settings ({', '.join(diff)}): "
+                                 "use another --out, or delete that directory to start over")
+        else:
+            path.write_text(json.dumps(mine, indent=1, sort_keys=True) + "\n")
+
     def make_data(self) -> None:
         if all((self.data / s / "manifest.json").exists() for s in ("train", *SPLITS)):
             return
@@ -208,14 +226,22 @@ class Study:
 
         t0 = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
+        self.check_preset()
         self.make_data()
         plan = self.plan()
         scores: dict = {}
         bar = tqdm(total=len(plan), desc="study runs", unit="run", disable=not self.progress, dynamic_ncols=True)
         teacher_final = bf16_final = None
+        complete = True
         for name, key, seed, spec in plan:
             bar.set_postfix_str(name)
             p = self.p
+            cached = (self.runs / name / "eval.json").exists()
+            if not cached and self.time_budget_s is not None and time.time() - t0 > self.time_budget_s:
+                self.log(f"[study] time budget of {self.time_budget_s:.0f}s used: stopping before {name}; "
+                         "run the same command again to continue")
+                complete = False
+                break
             if key == "teacher":
                 raw = self.train_config(name, student=self._base_model("teacher"), seed=0, steps=p.teacher_steps,
                                         lr=p.teacher_lr, bits=None, teacher=None, grace=None,
@@ -247,7 +273,7 @@ class Study:
                         float("nan") if v is None else float(v))
             bar.update(1)
         bar.close()
-        return {"scores": scores, "seconds": round(time.time() - t0, 1)}
+        return {"scores": scores, "seconds": round(time.time() - t0, 1), "complete": complete}
 
 
 def _free_memory() -> None:
