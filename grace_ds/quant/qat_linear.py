@@ -17,7 +17,8 @@ class QATLinear(nn.Module):
     `.weight` and `.bias` are the ORIGINAL Parameter objects of the wrapped linear (shared, not
     copied): optimizer state, tied references and ZeRO-3 partitions stay valid, and saving the model
     keeps the latent weights under their old names. `.log_scale` is one fp32 theta = ln(scale) per
-    group, flat (n_groups,), row-major over (out, in) - the layout of init_log_scale.
+    group, flat (n_groups,), row-major over (out, in) - the layout of init_log_scale. (Under
+    DeepSpeed with bf16/fp16 enabled it is held in that dtype like every model parameter.)
 
     Built from a ZeRO-3 partitioned linear, the weight is gathered to initialise the scales (never
     from the empty shard: that leaves theta = 0, scale 1, and a loss of ~60) and the new log_scale
@@ -48,6 +49,11 @@ class QATLinear(nn.Module):
                              f"({self.out_features} x {self.in_features} / group {self.group_size})")
         self.log_scale = nn.Parameter(log_scale.detach().reshape(-1).to(torch.float32).clone())
         if is_zero3_param(self.weight):
+            # ZeRO-3 keeps one flat low-precision buffer per rank and asserts a single dtype
+            # (zero/utils.py defragment): on a bf16 zero.Init model an fp32 log_scale makes
+            # deepspeed.initialize fail. The engine casts it the same way on a model that was not
+            # built under zero.Init; the optimizer's fp32 master copy keeps the precise value.
+            self.log_scale.data = self.log_scale.data.to(self.weight.dtype)
             partition_like(self.weight, [self.log_scale])
 
     def forward(self, x: Tensor) -> Tensor:
