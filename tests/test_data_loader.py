@@ -224,9 +224,13 @@ def test_collate_right_pads_and_eval_loader_masks_wrapped_duplicates(data48, pro
     n_sup = []
     for rank in range(2):
         ev = build_eval_loader(DataConfig(val_dirs=[str(tmp_path)], micro_batch_size=3, num_workers=0), proc, FAMILY, rank, 2)
-        for batch in ev:
+        next(iter(ev))                               # a partial pass (train.eval_batches)...
+        partial_first = list(ev.last_keys)
+        full = []
+        for batch in ev:                             # ...and the next pass starts from the beginning
+            full.append(list(ev.last_keys))
             n_sup.append([int((row != IGNORE_INDEX).any()) for row in batch["labels"]])
-        assert len(ev) == 2 and ev.stats["repeated"] == 1
+        assert full[0] == partial_first and len(full) == len(ev) == 2 and ev.stats["repeated"] == 1
     assert sum(map(sum, n_sup)) == 10                # 12 rows, the 2 duplicates carry no loss
 
 

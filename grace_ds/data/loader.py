@@ -415,6 +415,8 @@ class ShardLoader:
 
     def __iter__(self):
         W = self.workers
+        if self.eval_mode:
+            self._reset_positions()              # every validation pass starts at the beginning
         if self.consumed >= len(self):           # finished epoch without set_epoch: move on
             self.epoch += 1
             self._reset_positions()
