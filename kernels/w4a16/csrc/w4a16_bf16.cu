@@ -5,9 +5,9 @@ namespace grace_w4a16 {
 
 bool tc_config(int cfg, TcConfig* out) {
   switch (cfg) {
-#define GRACE_CFG(id, mt, tn, wn, wk, xr) \
-  case id:                                \
-    *out = TcConfig{mt, tn, wn, wk, xr};  \
+#define GRACE_CFG(id, mt, tn, wn, wk, xr, p) \
+  case id:                                   \
+    *out = TcConfig{mt, tn, wn, wk, xr, p};  \
     return true;
     GRACE_W4A16_CONFIGS(GRACE_CFG)
 #undef GRACE_CFG

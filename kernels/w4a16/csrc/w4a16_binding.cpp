@@ -100,10 +100,10 @@ constexpr int64_t kChunkBytes = 0;
 // Returns -1 when the dequantise + cuBLAS path is the faster one.
 int choose_config(int64_t M, int64_t N, int64_t K) {
   const bool wide = N >= 8192;  // enough n16 tiles to give each warp 2 of them
-  if (M <= 8) return wide ? 2 : 0;
-  if (M <= 16) return wide ? 6 : 5;
-  if (M <= 32) return 10;
-  if (M <= 128) return N >= K ? 13 : 12;
+  if (M <= 8) return N >= 11008 ? 2 : (K >= 16384 ? 4 : 0);
+  if (M <= 16) return wide ? 9 : 7;
+  if (M <= 32) return wide ? 13 : 12;
+  if (M <= 96) return wide ? 15 : 14;
   return -1;
 }
 
@@ -158,7 +158,7 @@ at::Tensor deq_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Te
 std::vector<int64_t> config_info(int64_t cfg) {
   TcConfig c;
   TORCH_CHECK(grace_w4a16::tc_config((int)cfg, &c), "w4a16: unknown config ", cfg);
-  return {c.mt, c.tn, c.wn, c.wk, c.xr};
+  return {c.mt, c.tn, c.wn, c.wk, c.xr, c.p};
 }
 
 }  // namespace
@@ -170,7 +170,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tc_gemm_out", &tc_gemm_out, "same, into a preallocated output");
   m.def("dequant", &dequant, "packed int4 -> (N,K) weight in the scales dtype");
   m.def("deq_gemm", &deq_gemm, "dequantise (in chunks of chunk_bytes, <=0: all) + cuBLAS");
-  m.def("config_info", &config_info, "(MT, TN, WN, WK, XR) of a config id");
+  m.def("config_info", &config_info, "(MT, TN, WN, WK, XR, P) of a config id");
   m.def("choose_config", &choose_config, "config id the op uses for (M,N,K); -1 = dequant + cuBLAS");
   m.attr("num_configs") = grace_w4a16::kNumConfigs;
 }

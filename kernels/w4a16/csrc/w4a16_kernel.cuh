@@ -132,18 +132,17 @@ template <> __device__ __forceinline__ __half from_float<__half>(float v) { retu
 //   cross-CTA reduction); the WK partial sums are added through shared memory at the end.
 //   grid.x = token chunks of MT*8 (fastest, so the CTAs that share a weight tile run together and
 //   the 2nd..nth chunk read it from L2), grid.y = groups of WN*TN n16 tiles.
-//   Pipelining: P = 8/TN k64 blocks of weights (P*TN*512 B per warp) are in flight in registers:
+//   Pipelining: P k64 blocks of weights (P*TN*512 B per warp) are in flight in registers:
 //   the block kb+P is requested before block kb is dequantised and multiplied, so each SM keeps
-//   ~16-64 KB of loads outstanding (what ~3 TB/s x ~1 us of DRAM latency needs over 132 SMs).
+//   ~32-64 KB of loads outstanding (~3-4.8 TB/s x ~1-1.5 us of DRAM latency over 132 SMs).
 //   The scales ride in the same ring; the activations (tiny, L2/L1-resident, shared by every CTA)
 //   are prefetched PX blocks ahead (XR=0: 1 block; XR=1: P at MT=1, P/2 at MT=2). Deeper x
 //   prefetch costs registers and occupancy; which wins depends on the shape (see NOTES.md).
 // ---------------------------------------------------------------------------------------------
-template <typename T, int MT, int TN, int WN, int WK, int XR>
+template <typename T, int MT, int TN, int WN, int WK, int XR, int P>
 __global__ void __launch_bounds__(WN * WK * 32)
     w4a16_tc_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const uint32_t* __restrict__ sc,
                     T* __restrict__ out, int M, int N, int K) {
-  constexpr int P = (8 / TN) > 2 ? (8 / TN) : 2;
   extern __shared__ float red[];  // [WK-1][WN][TN*MT*4][32] partial sums, lane fastest (no conflicts)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wn = warp % WN, wk = warp / WN;

@@ -6,12 +6,12 @@
 
 namespace grace_w4a16 {
 
-template <typename T, int MT, int TN, int WN, int WK, int XR>
+template <typename T, int MT, int TN, int WN, int WK, int XR, int P>
 cudaError_t launch_tc_t(const void* x, const void* qw, const void* sc, void* out, int M, int N, int K,
                         cudaStream_t stream) {
   constexpr int threads = WN * WK * 32;
   const size_t smem = (size_t)(WK - 1) * WN * TN * MT * 4 * 32 * sizeof(float);
-  auto kern = w4a16_tc_kernel<T, MT, TN, WN, WK, XR>;
+  auto kern = w4a16_tc_kernel<T, MT, TN, WN, WK, XR, P>;
   if (smem > 48 * 1024) {
     static bool done = false;  // raising the dynamic limit once per instantiation is enough
     if (!done) {
@@ -31,9 +31,9 @@ template <typename T>
 cudaError_t launch_tc_dispatch(int cfg, const void* x, const void* qw, const void* sc, void* out, int M, int N,
                                int K, cudaStream_t stream) {
   switch (cfg) {
-#define GRACE_CASE(id, mt, tn, wn, wk, xr) \
-  case id:                                 \
-    return launch_tc_t<T, mt, tn, wn, wk, xr>(x, qw, sc, out, M, N, K, stream);
+#define GRACE_CASE(id, mt, tn, wn, wk, xr, p) \
+  case id:                                    \
+    return launch_tc_t<T, mt, tn, wn, wk, xr, p>(x, qw, sc, out, M, N, K, stream);
     GRACE_W4A16_CONFIGS(GRACE_CASE)
 #undef GRACE_CASE
     default:
