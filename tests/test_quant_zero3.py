@@ -4,8 +4,8 @@ The trap this guards against (grace-method.md section 4): under ZeRO-3 a weight 
 an empty shard; scales initialised from it are wrong (theta = 0) and training starts at loss ~60.
 Both ways a model reaches ZeRO-3 are covered: built normally then partitioned by
 deepspeed.initialize, and built under deepspeed.zero.Init (partitioned before prepare_qat runs).
-Each must give, after deepspeed.initialize, exactly the single-process scales, the same first-step
-loss and the same gradients.
+Each must give, after deepspeed.initialize, exactly the single-process scales and integer export,
+the same first-step loss and (fp32) the same gradients.
 """
 
 import pytest
@@ -15,7 +15,7 @@ import transformers
 from deepspeed.utils import safe_get_full_grad
 
 from distributed import preload_deepspeed, run_distributed
-from grace_ds.quant import QuantConfig, init_log_scale, prepare_qat, scale_param_groups
+from grace_ds.quant import QuantConfig, export_int_weights, init_log_scale, prepare_qat, scale_param_groups
 from test_quant import QWEN_DECODER_LINEARS, tiny_qwen2vl, tiny_qwen2vl_config
 from transformers.integrations import HfDeepSpeedConfig
 
@@ -62,7 +62,9 @@ def _reference(dtype):
     losses = [model(input_ids=batch[r * MICRO:(r + 1) * MICRO], labels=batch[r * MICRO:(r + 1) * MICRO]).loss
               for r in range(WORLD)]
     (sum(losses) / WORLD).backward()
+    ints = export_int_weights(model)
     return {
+        "ints": {n: ints[n] for n in WEIGHT_GRAD_LAYERS},
         "state": state,
         "scales": {n: q.log_scale.detach().clone() for n, q in replaced.items()},
         "losses": [float(x.detach()) for x in losses],
@@ -104,6 +106,10 @@ def _rank_body(rank, world_size, mode, state):
     except ValueError:
         out["shard_init_raises"] = True
 
+    ints = export_int_weights(model)       # gathers layer by layer: a collective on every rank
+    out["ints"] = {n: ints[n] for n in WEIGHT_GRAD_LAYERS}
+    out["ints_layers"] = set(ints)
+
     batch = _batch()[rank * MICRO:(rank + 1) * MICRO]
     loss = engine(input_ids=batch, labels=batch).loss
     engine.backward(loss)
@@ -126,6 +132,11 @@ def test_zero3_scales_loss_and_grads_match_single_process(mode, request):
         assert set(out["scales"]) == QWEN_DECODER_LINEARS
         for name, ref in reference["scales"].items():
             assert torch.equal(out["scales"][name], ref), (rank, name)
+        assert out["ints_layers"] == QWEN_DECODER_LINEARS
+        for name, ref in reference["ints"].items():
+            got = out["ints"][name]
+            assert torch.equal(got["codes"], ref["codes"]) and torch.equal(got["scales"], ref["scales"]), (rank, name)
+            assert got["group_size"] == ref["group_size"] and got["bits"] == ref["bits"]
         torch.testing.assert_close(out["loss"], reference["losses"][rank], rtol=1e-6, atol=1e-6)
         if mode.endswith("bf16"):
             continue
