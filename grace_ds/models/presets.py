@@ -11,7 +11,7 @@ Design points the rest of the project relies on:
   divides every quantised linear's `in_features`.
 - Padded vocabularies, as in real checkpoints: the student's `vocab_size` is `len(tokenizer)`
   rounded up to a multiple of 64 and the teacher's adds another 64 rows (Qwen2-VL-7B has 152064
-  rows, the 2B 151936, for the same 151665-token tokenizer). The rows past `len(tokenizer)` are
+  rows, the 2B 151936, for the same ~151.6K-token tokenizer). The rows past `len(tokenizer)` are
   never produced by the tokenizer; losses slice logits to the shared real vocabulary
   (`CompatReport.shared_vocab`).
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from grace_ds.models.processors import GEOMETRY, build_processor, corpus_fingerprint
@@ -42,7 +42,6 @@ class TinyPreset:
     vision_width: int            # ViT width
     vision_depth: int = 2
     vision_heads: int = 2
-    extra: dict = field(default_factory=dict)
 
     @property
     def head_dim(self) -> int:
