@@ -390,3 +390,32 @@ def test_bench_smoke_int4(tmp_path):
     assert [r["variant"] for r in res] == ["bf16", "int4"] and res[1]["backends"] == {"kernels.w4a16": 14}
     assert all(r["runs"][0]["visual_tokens"] == 16 and r["runs"][0]["graph_matches_eager"] for r in res)
     assert "decode speed-up vs bf16" in (tmp_path / "t.md").read_text()
+
+
+# ----------------------------------------------------------------------------- GPU (skipped without CUDA)
+
+@pytest.mark.gpu
+def test_gpu_kernel_model_matches_dequant(llava4, tmp_path):
+    out = tmp_path / "packed"
+    convert_checkpoint(llava4["dir"], out, progress=False, log=lambda s: None)
+    inputs = {k: (v.to("cuda", torch.bfloat16) if v.is_floating_point() else v.to("cuda"))
+              for k, v in llava4["inputs"].items()}
+    mk = load_packed_model(out, device="cuda", dtype=torch.bfloat16)
+    md = load_packed_model(out, device="cuda", dtype=torch.bfloat16, force_dequant=True)
+    with torch.no_grad():
+        a, b = mk(**inputs).logits.float(), md(**inputs).logits.float()
+    assert (a - b).abs().max() <= 3e-2 * b.abs().max()
+
+
+@pytest.mark.gpu
+def test_gpu_bench_graph_capture(tmp_path):
+    """The decode step captures as a CUDA graph for bf16 and INT4 and replays the eager tokens."""
+    bench = _load_script("bench")
+    rc = bench.main(["--in-process", "--arch", "tiny-llava", "tiny-qwen2vl", "--batch", "1", "4", "--new-tokens", "8",
+                     "--visual-tokens", "16", "--text-tokens", "8", "--device", "cuda",
+                     "--json", str(tmp_path / "t.json")])
+    res = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert rc == 0, res
+    for r in res:
+        for run in r["runs"]:
+            assert run["mode"] == "graph" and run["graph_matches_eager"], (r["arch"], r["variant"], run)
