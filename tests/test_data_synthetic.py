@@ -190,3 +190,18 @@ def test_tokenizer_corpus_covers_every_emitted_word():
                 missing = set(turn["value"].replace("\n", " ").split()) - vocab
                 assert not missing, (d, i, missing)
     assert all(isinstance(s, str) for s in corpus) and json.dumps(corpus)
+
+
+def test_worker_pool_gives_the_same_samples():
+    from grace_ds.data.synthetic import generate_split
+
+    cfg = GeneratorConfig(seed=2, difficulty="easy", image_size=24)
+    plain = list(generate_split(cfg, "train", 300, progress=False, workers=1))
+    # forbid two images (as if train had them) so the redraw path runs in both modes
+    forbidden = {hashlib.sha256(plain[i].images[0][1]).hexdigest() for i in (5, 260)}
+    one_stats, two_stats = {}, {}
+    one = list(generate_split(cfg, "train", 300, forbidden=forbidden, stats=one_stats, progress=False, workers=1))
+    two = list(generate_split(cfg, "train", 300, forbidden=forbidden, stats=two_stats, progress=False, workers=2))
+    assert [(s.key, s.record, s.images) for s in one] == [(s.key, s.record, s.images) for s in two]
+    assert one_stats == two_stats == {"dedup_redrawn": 2}
+    assert one[5].images != plain[5].images and one[6].images == plain[6].images

@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import io
 import math
+import os
 import random
 import sys
 import time
@@ -428,28 +429,49 @@ def make_sample(cfg: GeneratorConfig, split: str, index: int, attempt: int = 0) 
     return ShardSample(key, record, [("png", image)])
 
 
+def _make_first(args: tuple[GeneratorConfig, str, int]) -> ShardSample:
+    return make_sample(*args)
+
+
 def generate_split(cfg: GeneratorConfig, split: str, n: int, forbidden: set[str] | None = None,
-                   seen: set[str] | None = None, stats: dict | None = None, progress: bool = True) -> Iterator[ShardSample]:
-    """Yield n samples; images whose hash is in ``forbidden`` (another split) or ``seen`` are redrawn."""
+                   seen: set[str] | None = None, stats: dict | None = None, progress: bool = True,
+                   workers: int = 1) -> Iterator[ShardSample]:
+    """Yield n samples in index order; an image whose hash is in ``forbidden`` (another split) or
+    ``seen`` (earlier in this split) is redrawn with attempt + 1.
+
+    With workers > 1 the first attempts are rendered in a process pool (ordered imap); the dedup
+    check and any redraw stay in this process, in index order, so the output does not depend on
+    the number of workers.
+    """
+    import multiprocessing as mp
+
     from tqdm import tqdm
 
     seen = set() if seen is None else seen
     forbidden = forbidden or set()
     bar = tqdm(total=n, desc=f"synthetic {split}", unit="sample", disable=not progress, file=sys.stderr)
-    for i in range(n):
-        for attempt in range(100):
-            s = make_sample(cfg, split, i, attempt)
-            h = hashlib.sha256(s.images[0][1]).hexdigest()
-            if h not in forbidden and h not in seen:
-                break
-            if stats is not None:
-                stats["dedup_redrawn"] = stats.get("dedup_redrawn", 0) + 1
-        else:
-            raise RuntimeError(f"synthetic: could not draw a unique image for {split}[{i}]; the difficulty is too easy for this many samples")
-        seen.add(h)
-        yield s
-        bar.update(1)
-    bar.close()
+    pool = mp.get_context("fork").Pool(workers) if workers > 1 and n >= 256 else None
+    try:
+        firsts = (pool.imap(_make_first, ((cfg, split, i) for i in range(n)), chunksize=32) if pool
+                  else (make_sample(cfg, split, i) for i in range(n)))
+        for i, s in enumerate(firsts):
+            for attempt in range(1, 101):
+                h = hashlib.sha256(s.images[0][1]).hexdigest()
+                if h not in forbidden and h not in seen:
+                    break
+                if stats is not None:
+                    stats["dedup_redrawn"] = stats.get("dedup_redrawn", 0) + 1
+                s = make_sample(cfg, split, i, attempt)
+            else:
+                raise RuntimeError(f"synthetic: could not draw a unique image for {split}[{i}]; the difficulty "
+                                   f"is too easy for this many samples")
+            seen.add(h)
+            yield s
+            bar.update(1)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        bar.close()
 
 
 def tokenizer_corpus() -> list[str]:
@@ -496,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hard-val", type=int, default=0, help="extra validation split at difficulty hard (val_hard/)")
     ap.add_argument("--samples-per-shard", type=int, default=500)
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                    help="rendering processes (output is identical for any value)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -509,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         stats: dict = {}
         seen: set[str] = set()
         forbidden = set() if split == "train" else train_hashes
-        gen = generate_split(c, split, n, forbidden=forbidden, seen=seen, stats=stats, progress=not args.quiet)
+        gen = generate_split(c, split, n, forbidden=forbidden, seen=seen, stats=stats, progress=not args.quiet,
+                             workers=args.workers)
         params = {**asdict(c), "split": split, "n": n}
         m = write_shards(gen, out / split, prefix=split, samples_per_shard=args.samples_per_shard,
                          extra_manifest={"created_by": "grace_ds.data.synthetic", "generator": params, "dedup": stats},
