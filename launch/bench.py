@@ -17,9 +17,10 @@ What one measurement is (per architecture x variant x batch):
   measured after a warm-up prefill; decode tokens/s = batch * steps / decode time;
 - peak GPU memory = torch.cuda.max_memory_allocated / max_memory_reserved from just before the
   prefill to the end of decoding (model weights included, build-time temporaries excluded);
-- bf16: the HF model built directly on the GPU in bf16; int4: parameters on the meta device, every
-  decoder linear (QuantConfig's default include/exclude) replaced by a W4A16Linear holding random
-  codes + scales packed for the kernel - no bf16 copy of those weights is ever allocated.
+- bf16: the HF model with parameters on the meta device, then every parameter allocated and filled
+  at random directly on the GPU in bf16; int4: the same, except that every decoder linear
+  (QuantConfig's default include/exclude) is first replaced by a W4A16Linear holding random codes +
+  scales packed for the kernel - no bf16 copy of those weights is ever allocated.
 Each (architecture, variant) runs in its own subprocess, so one failure (OOM, kernel build) does not
 stop the others and memory numbers do not leak between variants. Output: a markdown table (card,
 date, command) on stdout and in --out, raw numbers in --json.
@@ -77,15 +78,17 @@ def _random_fill_(model, device, dtype, seed=0):
 
 
 def build_bf16(config, device, dtype, checkpoint=None):
-    from grace_ds.export.load import model_class
+    """bf16 model on `device`: a trained checkpoint, or random weights allocated directly on the device
+    (meta construction + fill, the same path and the same weight statistics as the INT4 model)."""
+    from grace_ds.export.load import build_empty_model, finish_model, model_class
 
     if checkpoint is not None:
         cls = model_class(config)
         # no device_map: it may need accelerate, which the GPU image lacks; demo students are small
         return cls.from_pretrained(str(checkpoint), dtype=dtype).to(device).eval()
-    with torch.device(device):
-        model = model_class(config)._from_config(config, dtype=dtype)
-    return model.eval()
+    model = build_empty_model(config, dtype)
+    _random_fill_(model, device, dtype)
+    return finish_model(model, device)
 
 
 def build_int4(config, device, dtype, seed=0):
