@@ -62,6 +62,7 @@ def llava(tmp_path):
         ({"id": "tags", "image": "coco/a.png", "conversations": _conv("<image>\n<image>\nTwo?", "No.")}, "more_image_tags_than_images"),
         ({"id": "notag", "image": "coco/a.png", "conversations": _conv("What is it?", "x")}, "fewer_image_tags_than_images"),
         ({"id": "turn", "image": "coco/a.png", "conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}]}, "malformed_turn"),
+        ({"id": "imgans", "image": "coco/a.png", "conversations": _conv("<image>\nDraw", "<image>")}, "image_tag_in_assistant_turn"),
         ("just a string", "malformed_entry"),
     ]
     entries = []

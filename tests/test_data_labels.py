@@ -98,3 +98,10 @@ def test_text_only_and_image_mid_text(family, images):
     assert "No." in proc.tokenizer.decode(ex["input_ids"][0][sup])
     msgs = conversation_to_messages(conv)
     assert [c["type"] for c in msgs[0]["content"]] == ["text", "image", "text", "image", "text"]
+
+
+def test_processor_rejection_becomes_a_counted_skip():
+    proc = build_processor("qwen2_vl")
+    with pytest.raises(SkipSample) as e:      # Qwen's smart_resize refuses a 1000:1 aspect ratio
+        build_example(proc, CONV[:2], [Image.new("RGB", (2000, 2), (0, 0, 0))])
+    assert e.value.reason == "processor_error" and "ValueError" in str(e.value)

@@ -86,6 +86,8 @@ def validate_conversation(record: object, n_images: int) -> str | None:
             return "malformed_turn"
         if turn.get("from") not in (HUMAN, GPT):
             return "wrong_role"
+        if turn["from"] == GPT and IMAGE_TAG in turn["value"]:
+            return "image_tag_in_assistant_turn"   # images are inputs; a model cannot emit one
         n_tags += turn["value"].count(IMAGE_TAG)
     if not any(t["from"] == GPT for t in conv):
         return "no_assistant_turn"

@@ -130,7 +130,11 @@ def build_example(processor, conversations: list[dict], images: list, max_length
     text, spans = supervised_spans(processor, messages)
     if not spans:
         raise SkipSample("no_assistant_turn")
-    enc = processor(text=[text], images=images or None, return_tensors="pt")
+    try:
+        enc = processor(text=[text], images=images or None, return_tensors="pt")
+    except (ValueError, RuntimeError, IndexError, TypeError) as e:
+        # e.g. Qwen's smart_resize rejects images under 28 px or with aspect ratio > 200
+        raise SkipSample("processor_error", f"{type(e).__name__}: {e}") from None
     tok = processor.tokenizer
     u = tok(text, return_offsets_mapping=True)
     u_ids, offsets = u["input_ids"], u["offset_mapping"]
