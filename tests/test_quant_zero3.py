@@ -20,7 +20,6 @@ from test_quant import QWEN_DECODER_LINEARS, tiny_qwen2vl, tiny_qwen2vl_config
 from transformers.integrations import HfDeepSpeedConfig
 
 pytestmark = pytest.mark.slow
-preload_deepspeed()
 
 WORLD = 2
 MICRO = 2          # sequences per rank
@@ -37,6 +36,12 @@ WEIGHT_GRAD_LAYERS = ["model.language_model.layers.0.self_attn.q_proj", "model.l
 
 def _batch():
     return torch.randint(0, 400, (WORLD * MICRO, 16), generator=torch.Generator().manual_seed(123))
+
+
+@pytest.fixture(scope="module")
+def preloaded():
+    # in a fixture, not at import: collecting this module (e.g. under -k) must not pay for it
+    preload_deepspeed()
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +129,7 @@ def _rank_body(rank, world_size, mode, state):
 
 
 @pytest.mark.parametrize("mode", ["plain", "zero_init", "plain_bf16", "zero_init_bf16"])
-def test_zero3_scales_loss_and_grads_match_single_process(mode, request):
+def test_zero3_scales_loss_and_grads_match_single_process(mode, request, preloaded):
     reference = request.getfixturevalue("reference_bf16" if mode.endswith("bf16") else "reference")
     results = run_distributed(_rank_body, world_size=WORLD, args=(mode, reference["state"]), timeout=180)
     for rank, out in enumerate(results):
@@ -144,3 +149,39 @@ def test_zero3_scales_loss_and_grads_match_single_process(mode, request):
             torch.testing.assert_close(out["scale_grads"][name], ref, rtol=1e-4, atol=1e-7)
         for name, ref in reference["weight_grads"].items():
             torch.testing.assert_close(out["weight_grads"][name], ref, rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# the rank runner itself (tests/distributed.py), which other parts' tests rely on
+# ---------------------------------------------------------------------------------------------
+
+def _allreduce_rank(rank, world_size, base):
+    import os
+
+    t = torch.tensor([float(base + rank)])
+    torch.distributed.all_reduce(t)
+    return rank, world_size, int(os.environ["LOCAL_RANK"]), float(t)
+
+
+def _failing_rank(rank, world_size):
+    if rank == 1:
+        raise KeyError("rank one is broken")
+    torch.distributed.barrier()       # rank 0 waits for a peer that never comes
+
+
+def _sleeping_rank(rank, world_size):
+    if rank == 1:
+        import time
+
+        time.sleep(60)
+    return rank
+
+
+def test_run_distributed_results_errors_and_timeout():
+    from distributed import DistributedError
+
+    assert run_distributed(_allreduce_rank, world_size=2, args=(10,)) == [(0, 2, 0, 21.0), (1, 2, 1, 21.0)]
+    with pytest.raises(DistributedError, match=r"(?s)--- rank 1 ---.*KeyError: 'rank one is broken'"):
+        run_distributed(_failing_rank, world_size=2, timeout=60)
+    with pytest.raises(TimeoutError, match=r"ranks \[1\] did not finish within 3 s"):
+        run_distributed(_sleeping_rank, world_size=2, timeout=3)
