@@ -157,7 +157,7 @@ def main(argv=None):
     shapes = SHAPES[:2] if args.quick else SHAPES
 
     def cfgs_for(M):
-        return [c for c in range(nc) if info[c][0] * 8 >= min(M, 64) and (info[c][0] * 8 < 2 * M or info[c][0] == 1 or M >= 64)]
+        return [c for c in range(nc) if (info[c][0] * 8 >= min(M, 64) and (info[c][0] * 8 < 2 * M or info[c][0] == 1 or M >= 64)) or (M >= 64 and info[c][0] == 4)]
 
     if not args.no_check:
         with open(os.path.join(args.out, "check.jsonl"), "w") as log:

@@ -85,12 +85,20 @@ def w4a16_gemm(x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int
     """
     if group_size != GROUP_SIZE:
         raise ValueError(f"w4a16_gemm: group_size must be {GROUP_SIZE}, got {group_size}")
+    qweight, scales = packed["qweight"], packed["scales"]
+    if qweight.dtype != torch.int32 or qweight.dim() != 3 or qweight.shape[2] != 128:
+        raise ValueError(f"w4a16_gemm: qweight must be int32 (N/16, K/64, 128) from pack_weights, "
+                         f"got {qweight.dtype} {tuple(qweight.shape)}")
     N, K = packed_shape(packed)
+    if tuple(scales.shape) != (N // N_TILE, K // GROUP_SIZE, 16):
+        raise ValueError(f"w4a16_gemm: scales must have shape {(N // N_TILE, K // GROUP_SIZE, 16)}, "
+                         f"got {tuple(scales.shape)}")
+    if x.device != qweight.device or x.device != scales.device:
+        raise ValueError(f"w4a16_gemm: x is on {x.device} but the packed weight is on {qweight.device}")
     if x.shape[-1] != K:
         raise ValueError(f"w4a16_gemm: x has K={x.shape[-1]} but the packed weight has K={K}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
-    qweight, scales = packed["qweight"], packed["scales"]
     if x.is_cuda:
         if x.dtype not in (torch.bfloat16, torch.float16):
             raise TypeError(f"w4a16_gemm: x must be bfloat16 or float16 on CUDA, got {x.dtype}")

@@ -25,9 +25,11 @@ namespace grace_w4a16 {
   X(13, 4, 2, 1, 4, 0, 4)      \
   X(14, 8, 1, 2, 4, 0, 8)      \
   X(15, 8, 2, 1, 4, 0, 4)      \
-  X(16, 8, 2, 2, 2, 0, 4)
+  X(16, 8, 2, 2, 2, 0, 4)  \
+  X(17, 4, 4, 1, 4, 0, 2)  \
+  X(18, 2, 4, 1, 4, 0, 2)
 
-constexpr int kNumConfigs = 17;
+constexpr int kNumConfigs = 19;
 
 struct TcConfig {
   int mt, tn, wn, wk, xr, p;

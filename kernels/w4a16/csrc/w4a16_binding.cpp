@@ -96,14 +96,15 @@ void dequant_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
 // Chunked dequant measured slower than one full dequant on H100 (NOTES.md): 0 = one chunk.
 constexpr int64_t kChunkBytes = 0;
 
-// Heuristic config choice (measured on H100, see kernels/NOTES.md and kernels/BENCHMARKS.md).
-// Returns -1 when the dequantise + cuBLAS path is the faster one.
+// Heuristic config choice, from the sweeps of `python -m kernels.w4a16.bench --configs` on H100
+// and H200 (kernels/NOTES.md; config ids in w4a16_api.h). Returns -1 when dequantise + cuBLAS is
+// the faster path (M > 128: the mma.sync kernel is bound by activation traffic there).
 int choose_config(int64_t M, int64_t N, int64_t K) {
-  const bool wide = N >= 8192;  // enough n16 tiles to give each warp 2 of them
-  if (M <= 8) return N >= 11008 ? 2 : (K >= 16384 ? 4 : 0);
-  if (M <= 16) return wide ? 9 : 7;
-  if (M <= 32) return wide ? 13 : 12;
-  if (M <= 96) return wide ? 15 : 14;
+  const bool wide = N >= 8192;      // enough n16 tiles to give each warp 2 of them
+  const bool deep = K >= 16384;     // long K: more warps along K per CTA
+  if (M <= 8) return deep ? (wide ? 6 : 1) : (N >= 11008 ? 2 : 0);
+  if (M <= 16) return wide ? (deep ? 11 : 9) : 7;
+  if (M <= 128) return (wide && deep) ? 17 : 13;
   return -1;
 }
 
