@@ -293,3 +293,25 @@ def test_cli_writes_json(tiny, tmp_path, capsys):
     assert set(doc["results"]) == {"val", "train"} and doc["results"]["val"]["n_samples"] == 3
     assert "mc_ll_text" not in doc["results"]["val"]["multiple_choice"]
     assert "val: n=3" in capsys.readouterr().out
+
+
+def test_packed_checkpoint_scores_like_its_fake_quant_source(tiny, tmp_path):
+    """launch/convert.py output (packed INT4) is detected and scores like the export it came from."""
+    pytest.importorskip("grace_ds.export.convert")
+    from grace_ds.eval import evaluate_checkpoint
+    from grace_ds.eval.checkpoint import detect_format
+    from grace_ds.export.convert import convert_checkpoint
+    from grace_ds.study.rtn import make_rtn_checkpoint
+
+    root, ckpt = tiny
+    rtn = make_rtn_checkpoint(ckpt, tmp_path / "rtn", bits=4, group_size=128)
+    packed = tmp_path / "packed"
+    convert_checkpoint(rtn, packed, fmt="grace", progress=False, log=lambda *_: None)
+    assert detect_format(packed) == "packed"
+    kw = dict(max_samples=6, batch_size=6, max_new_tokens=2, keep_predictions=True, progress=False, dtype="fp32")
+    a = evaluate_checkpoint(rtn, root / "data" / "val", **kw)
+    b = evaluate_checkpoint(packed, root / "data" / "val", **kw)
+    assert b["model"]["format"] == "packed" and b["model"]["bits"] == 4
+    for pa, pb in zip(a["predictions"], b["predictions"]):
+        for letter, v in pa.get("letter_logprobs", {}).items():
+            assert abs(v - pb["letter_logprobs"][letter]) < 1e-3   # same weights, other matmul path

@@ -40,16 +40,12 @@ def _read_config(ckpt: Path) -> dict:
 
 
 def _is_packed(ckpt: Path, config: dict) -> bool:
+    # launch/convert.py records its packing metadata under this key (grace_ds.export.convert.PACKED_KEY).
     try:
-        from grace_ds.export import load as export_load
+        from grace_ds.export.convert import PACKED_KEY
     except ImportError:
-        return False
-    probe = getattr(export_load, "is_packed_checkpoint", None)
-    if probe is not None:
-        return bool(probe(ckpt))
-    # Packed exports record a `quantization_config` (the HF convention for pre-quantised weights);
-    # the trainer's final dir records `grace_quantization` instead.
-    return bool(config.get("quantization_config"))
+        PACKED_KEY = "grace_packed"
+    return PACKED_KEY in config
 
 
 def detect_format(ckpt: str | os.PathLike) -> str:
@@ -147,8 +143,12 @@ def load_for_eval(ckpt: str | os.PathLike, fmt: str = "auto", dtype: str = "auto
     if fmt == "packed":
         from grace_ds.export.load import load_packed_model
 
-        model = load_packed_model(str(ckpt))
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_packed_model(str(ckpt), device=dev, dtype=tdtype)
         info["weights"] = "packed integer codes"
+        packed = config.get("grace_packed", {})
+        info["bits"] = info.get("bits") or next((int(m["bits"]) for m in (packed.get("layers") or {}).values()), None)
+        info["packed_format"] = packed.get("format")
     else:
         model = _load_hf(ckpt, tdtype)
         if fmt == "fake-quant":

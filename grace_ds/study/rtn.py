@@ -45,8 +45,11 @@ def make_rtn_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits:
     tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    # The latent weights are the baseline's own: save before the QAT wrappers change module names.
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    # The latent weights are the baseline's own, saved under the in-memory module names exactly as the
+    # trainer's export does (save_pretrained would rename Qwen2-VL keys to the legacy layout, which
+    # launch/convert.py does not read), before the QAT wrappers exist.
+    model.config.save_pretrained(str(tmp))
+    save_file(_state_dict(model, torch.bfloat16), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     with torch.no_grad():
         layers = prepare_qat(model, qcfg)
     if not layers:
@@ -61,6 +64,7 @@ def make_rtn_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits:
               metadata={"bits": str(bits), "group_size": str(group_size), "method": "rtn"})
     cfg_path = tmp / "config.json"
     cfg = json.loads(cfg_path.read_text())
+    cfg["dtype"] = "bfloat16"
     cfg["grace_quantization"] = {**qcfg.to_dict(), "layers": sorted(ints), "method": "rtn"}
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     for f in src.iterdir():
@@ -69,4 +73,17 @@ def make_rtn_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, bits:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+    return out
+
+
+def _state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict:
+    """16-bit like the trainer's export (the integer weights are derived from the fp32 copy)."""
+    out, seen = {}, set()
+    for key, t in model.state_dict().items():
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ptr in seen:       # tied weights are stored once, as HF does
+            continue
+        seen.add(ptr)
+        t = t.detach().cpu()
+        out[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous().clone()
     return out
