@@ -205,16 +205,18 @@ class GraceObjective:
         loss = ce
         # A non-finite term is left out of the graph entirely (0 * nan would still be nan, in the
         # value and in the gradients).
+        # A zero weight (warm-up step 0, beta_min 0) also leaves the term out: the fused backward then
+        # skips recomputing the KD branch altogether.
         if gdkd is not None:
-            if math.isfinite(kd_v):
-                loss = loss + beta * gdkd
-            else:
+            if not math.isfinite(kd_v):
                 self.counters.nonfinite_kd += 1
+            elif beta > 0:
+                loss = loss + beta * gdkd
         if rcka is not None:
-            if math.isfinite(rcka_v):
-                loss = loss + omega * rcka.to(loss.dtype)
-            else:
+            if not math.isfinite(rcka_v):
                 self.counters.nonfinite_rcka += 1
+            elif omega > 0:
+                loss = loss + omega * rcka.to(loss.dtype)
         metrics = {
             "ce": ce_v,
             "gdkd": kd_v if gdkd is not None else 0.0,
