@@ -205,3 +205,16 @@ def test_worker_pool_gives_the_same_samples():
     assert [(s.key, s.record, s.images) for s in one] == [(s.key, s.record, s.images) for s in two]
     assert one_stats == two_stats == {"dedup_redrawn": 2}
     assert one[5].images != plain[5].images and one[6].images == plain[6].images
+
+
+def test_mc_options_do_not_give_the_answer_away():
+    # near-answer distractors must not put the answer at a predictable place (e.g. the middle count)
+    cfg = GeneratorConfig(seed=4, difficulty="hard", image_size=32)
+    ranks = []
+    for i in range(400):
+        m = make_sample(cfg, "train", i).record["meta"]
+        if m["format"] == "mc" and m["qtype"] == "count":
+            opts = sorted(map(int, m["options"]))
+            assert opts == list(range(opts[0], opts[0] + len(opts)))       # consecutive window
+            ranks.append(opts.index(int(m["answer_text"])))
+    assert len(ranks) > 30 and max(ranks.count(r) for r in set(ranks)) / len(ranks) < 0.4 and len(set(ranks)) == 5

@@ -205,13 +205,39 @@ def _relation(a: Obj, b: Obj) -> str | None:
     return None
 
 
-def _options(rng, answer: str, pool: list[str], d: Difficulty, prefer: list[str] | None = None) -> list[str]:
+def _options(rng, answer: str, pool: list[str], d: Difficulty, qtype: str) -> list[str]:
+    """MC options that do not give the answer away from the option list alone.
+
+    Near-answer distractors are what make a question hard, but a naive "answer +- 1, +- 2" set puts
+    the answer in the middle every time. So: counts use a window of consecutive numbers with the
+    answer at a random offset; colours (at medium/hard) pair the answer's near colours with another
+    colour's near colours, so the answer is not simply the centre of the only similar cluster;
+    everything else draws distractors uniformly.
+    """
     k = min(d.n_options, len(set(pool)))
-    distract = [p for p in dict.fromkeys(prefer or []) if p != answer]
-    rng.shuffle(distract)
-    rest = [p for p in dict.fromkeys(pool) if p != answer and p not in distract]
-    rng.shuffle(rest)
-    opts = [answer] + (distract + rest)[: k - 1]
+    if qtype == "count":
+        a = int(answer)
+        hi = max(int(p) for p in pool)
+        lo_start = max(0, a - k + 1)
+        start = rng.randint(lo_start, max(lo_start, min(a, hi - k + 1)))
+        opts = [str(i) for i in range(start, start + k)]
+    elif qtype == "colour" and rng.random() < d.similar_distractors:
+        fam = [c for c in pool if COLOUR_FAMILY[c] == COLOUR_FAMILY[answer] and c != answer]
+        other = rng.choice([c for c in pool if COLOUR_FAMILY[c] != COLOUR_FAMILY[answer]])
+        other_fam = [c for c in pool if COLOUR_FAMILY[c] == COLOUR_FAMILY[other]]
+        rng.shuffle(fam)
+        rng.shuffle(other_fam)
+        # equal cluster sizes (answer + n_fam vs n_fam + 1 of the other family): neither cluster
+        # stands out as "the one with the answer"
+        n_fam = max(1, (k - 2) // 2)
+        picked = fam[:n_fam] + other_fam[: min(n_fam + 1, k - 1 - len(fam[:n_fam]))]
+        rest = [c for c in pool if c != answer and c not in picked]
+        rng.shuffle(rest)
+        opts = [answer] + (picked + rest)[: k - 1]
+    else:
+        rest = [p for p in dict.fromkeys(pool) if p != answer]
+        rng.shuffle(rest)
+        opts = [answer] + rest[: k - 1]
     rng.shuffle(opts)
     return opts
 
@@ -414,7 +440,7 @@ def make_sample(cfg: GeneratorConfig, split: str, index: int, attempt: int = 0) 
             "objects": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(o).items()} for o in q["objs"]]}
     if mc:
         opts = (sorted(q["pool"], key=lambda _: rng.random()) if q.get("fixed_options")
-                else _options(rng, q["answer"], q["pool"], d, q["prefer"] if rng.random() < d.similar_distractors + 0.3 else []))
+                else _options(rng, q["answer"], q["pool"], d, qtype))
         letter = LETTERS[opts.index(q["answer"])]
         lines = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(opts))
         prompt = f"<image>\n{q['question']}\n{OPTIONS_HEADER}\n{lines}\n{MC_INSTRUCTION}"
