@@ -191,8 +191,20 @@ def test_preset_reload_and_forward_hidden(family, preset_dirs):
         ref = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
     # transformers installs its own output-recording hooks on first use; ours must come and go.
     n_hooks = sum(len(layer._forward_hooks) for layer in adapter.decoder_layers(model))
+    # forward_hidden must not keep every layer's output even when the config asks for it (memory).
+    # (transformers reads the flag from the text config's copy, which the decoder holds)
+    flag_cfgs = {id(c): c for c in (model.config, getattr(model.config, "text_config", model.config),
+                                     adapter.language_model(model).config)}.values()
+    for c in flag_cfgs:
+        c.output_hidden_states = True
+    seen = []
+    spy = model.model.register_forward_hook(lambda m, a, out: seen.append(getattr(out, "hidden_states", 0)))
     with torch.no_grad():
         final, penult = adapter.forward_hidden(model, batch)
+    spy.remove()
+    for c in flag_cfgs:
+        c.output_hidden_states = False
+    assert seen == [None]
     torch.testing.assert_close(final, ref.hidden_states[-1], rtol=0, atol=0)
     torch.testing.assert_close(penult, ref.hidden_states[-2], rtol=0, atol=0)
     torch.testing.assert_close(adapter.lm_head(model)(final), ref.logits, rtol=1e-5, atol=1e-5)

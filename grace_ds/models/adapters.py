@@ -107,7 +107,10 @@ class VLMAdapter:
         """
         hf = unwrap(model)
         with OutputCapture(self.decoder_layers(hf)[-2]) as cap:
-            out = hf.model(**self.model_inputs(hf, batch), use_cache=False, return_dict=True)
+            # Explicit False: a checkpoint whose config sets output_hidden_states would otherwise keep
+            # every layer's (B,S,H) output alive, which is what the hook is here to avoid.
+            out = hf.model(**self.model_inputs(hf, batch), use_cache=False, return_dict=True,
+                           output_hidden_states=False, output_attentions=False)
         return out.last_hidden_state, cap.take()
 
 
