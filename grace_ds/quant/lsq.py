@@ -105,30 +105,54 @@ def quantize_codes(weight: Tensor, log_scale: Tensor, bits: int, group_size: int
 
 class _LSQFakeQuant(torch.autograd.Function):
     """Saves only its inputs (the weight Parameter and theta) and recomputes x in backward: the
-    detach-trick version would keep ~4 fp32 copies of every weight alive until backward."""
+    detach-trick version would keep ~4 fp32 copies of every weight alive until backward. The
+    arithmetic is quantize_codes' (same ops, same order: bit-identical), done in place to hold one
+    fp32 temporary per weight in forward and two in backward."""
 
     @staticmethod
-    def forward(ctx, weight, log_scale, bits, group_size, grad_scale):
-        q, s, _ = quantize_codes(weight, log_scale, bits, group_size)
+    def forward(ctx, weight, log_scale, bits, group_size):
+        qn, qp = qmin_qmax(bits)
+        g = effective_group_size(weight.shape[1], group_size)
+        dtype = _compute_dtype(weight)
+        s = log_scale.reshape(-1).to(dtype).exp()[:, None]
+        # weight (bf16/fp32) / s (fp32) promotes to fp32 exactly: no separate upcast copy
+        w_hat = weight.reshape(-1, g).div(s).round_().clamp_(qn, qp).mul_(s)
         ctx.save_for_backward(weight, log_scale)
-        ctx.bits, ctx.group_size, ctx.grad_scale = bits, group_size, grad_scale
-        return (q * s[:, None]).reshape(weight.shape).to(weight.dtype)
+        ctx.bits, ctx.group_size = bits, group_size
+        return w_hat.reshape(weight.shape).to(weight.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_):
         weight, log_scale = ctx.saved_tensors
         qn, qp = qmin_qmax(ctx.bits)
-        q, s, x = quantize_codes(weight, log_scale, ctx.bits, ctx.group_size)
-        go = grad_out.to(x.dtype).reshape(x.shape)
+        g = effective_group_size(weight.shape[1], ctx.group_size)
+        dtype = _compute_dtype(weight)
+        s = log_scale.reshape(-1).to(dtype).exp()[:, None]
+        x = weight.reshape(-1, g).div(s)
         inside = (x >= qn) & (x <= qp)
+        go = grad_out.reshape(x.shape)
         grad_w = grad_theta = None
         if ctx.needs_input_grad[0]:
-            grad_w = torch.where(inside, go, 0.0).reshape(weight.shape).to(weight.dtype)
+            grad_w = go.masked_fill(~inside, 0).reshape(weight.shape).to(weight.dtype)
         if ctx.needs_input_grad[1]:
-            dwhat_ds = torch.where(inside, q - x, q)
-            grad_s = (go * dwhat_ds).sum(dim=1)
-            grad_theta = (grad_s * s * ctx.grad_scale).reshape(log_scale.shape).to(log_scale.dtype)
-        return grad_w, grad_theta, None, None, None
+            # dW_hat/ds = clamp(round(x)) - x * inside: round(x) - x inside, q_n / q_p at the clamps
+            d = x.round().clamp_(qn, qp).sub_(x.mul_(inside))
+            grad_s = d.mul_(go).sum(dim=1)
+            grad_theta = (grad_s * s[:, 0]).reshape(log_scale.shape).to(log_scale.dtype)
+        return grad_w, grad_theta, None, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward, gradient times a constant: LSQ's gradient scale on theta."""
+
+    @staticmethod
+    def forward(ctx, t, factor):
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
 
 
 def fake_quantize(weight: Tensor, log_scale: Tensor, bits: int = 4, group_size: int = 128, *,
@@ -151,7 +175,6 @@ def fake_quantize(weight: Tensor, log_scale: Tensor, bits: int = 4, group_size: 
                          f"build it with init_log_scale(weight, bits, group_size)")
     if log_scale_clamp is not None:
         log_scale = log_scale.clamp(float(log_scale_clamp[0]), float(log_scale_clamp[1]))
-    grad_scale = 1.0
     if lsq_grad_scale:
-        grad_scale = 1.0 / (g * qmin_qmax(bits)[1]) ** 0.5
-    return _LSQFakeQuant.apply(weight, log_scale, bits, group_size, grad_scale)
+        log_scale = _ScaleGrad.apply(log_scale, 1.0 / (g * qmin_qmax(bits)[1]) ** 0.5)
+    return _LSQFakeQuant.apply(weight, log_scale, bits, group_size)
