@@ -91,8 +91,9 @@ def init_log_scale(weight: Tensor, bits: int = 4, group_size: int = 128, *, cand
 def quantize_codes(weight: Tensor, log_scale: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """(q, s, x) in the compute dtype: codes as floats (n_groups, g), scales (n_groups,), x = W/s.
 
-    The single place the forward arithmetic lives: fake_quantize and export_int_weights both use
-    it, which is what makes export bit-exact (W_hat = q * s is one multiply in both).
+    export_int_weights and fake_quantize's backward use it; fake_quantize's forward runs the same
+    ops in the same order in place. That is what makes export bit-exact (W_hat = q * s is one fp32
+    multiply in both); tests/test_quant.py checks it with torch.equal.
     """
     qn, qp = qmin_qmax(bits)
     g = effective_group_size(weight.shape[1], group_size)
