@@ -374,6 +374,9 @@ def test_objective_combines_terms_against_reference():
     plain = GraceObjective(GraceConfig(omega=3.0, omega_warmup_steps=4, kd_warmup_steps=2, chunk_size=7,
                                        controller=False, fixed_beta=0.8, fused=False))
     assert plain(step=1, vocab_size=200, **inp)[0].item() == pytest.approx(loss.item(), rel=1e-6)
+    # Warm-up step 0: both weights are 0 and the loss is the CE alone.
+    l0, m0 = obj(step=0, vocab_size=200, **inp)
+    assert (m0["beta"], m0["omega"]) == (0.0, 0.0) and l0.item() == pytest.approx(m0["ce"], rel=1e-7)
     logit_inp = {k: v for k, v in inp.items() if "hidden" not in k and "weight" not in k}
     l3, _ = plain(step=1, vocab_size=200, student_logits=ls.float(), teacher_logits=lt.float(), **logit_inp)
     assert l3.item() == pytest.approx(loss.item(), rel=1e-6)
