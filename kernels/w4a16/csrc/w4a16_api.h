@@ -35,6 +35,10 @@ struct TcConfig {
   int mt, tn, wn, wk, xr, p;
 };
 
+// Launch the tensor-core kernel as one wave of grid-stride CTAs (1, default) or one CTA per
+// tile group (0). Process-wide; for benchmarking.
+void set_persistent(int on);
+
 // Returns false for an unknown id.
 bool tc_config(int cfg, TcConfig* out);
 

@@ -3,6 +3,12 @@
 
 namespace grace_w4a16 {
 
+int& persistent_flag() {
+  static int flag = 1;
+  return flag;
+}
+void set_persistent(int on) { persistent_flag() = on; }
+
 bool tc_config(int cfg, TcConfig* out) {
   switch (cfg) {
 #define GRACE_CFG(id, mt, tn, wn, wk, xr, p) \

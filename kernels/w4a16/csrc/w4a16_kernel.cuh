@@ -148,9 +148,13 @@ __global__ void __launch_bounds__(WN * WK * 32)
   const int wn = warp % WN, wk = warp / WN;
   const int g = lane >> 2, c = lane & 3;
   const int KB = K / kKBlock, G = K / kGroup, NT = N / kNTile;
-  const int tile0 = (blockIdx.y * WN + wn) * TN;
   const int m0 = blockIdx.x * (MT * 8);
   const int kb_begin = (int)(((long long)KB * wk) / WK), kb_end = (int)(((long long)KB * (wk + 1)) / WK);
+  const int n_groups = (NT + WN * TN - 1) / (WN * TN);
+  // Grid-stride over groups of WN*TN tiles: the launcher may size grid.y to one full wave of
+  // resident CTAs (persistent mode), so no half-empty last wave idles the memory system.
+  for (int grp = blockIdx.y; grp < n_groups; grp += gridDim.y) {
+  const int tile0 = (grp * WN + wn) * TN;
   const bool active = tile0 < NT;  // warp-uniform; inactive warps still join the barrier
 
   float acc[TN][MT][4];
@@ -307,6 +311,8 @@ __global__ void __launch_bounds__(WN * WK * 32)
       }
     }
   }
+  if (WK > 1 && grp + (int)gridDim.y < n_groups) __syncthreads();  // red[] is reused next group
+  }  // for grp
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@
 
 namespace grace_w4a16 {
 
+// Persistent (one-wave, grid-stride) launch of the tensor-core kernel; defined in w4a16_bf16.cu.
+int& persistent_flag();
+inline bool persistent_mode() { return persistent_flag() != 0; }
+
 template <typename T, int MT, int TN, int WN, int WK, int XR, int P>
 cudaError_t launch_tc_t(const void* x, const void* qw, const void* sc, void* out, int M, int N, int K,
                         cudaStream_t stream) {
@@ -21,7 +25,22 @@ cudaError_t launch_tc_t(const void* x, const void* qw, const void* sc, void* out
     }
   }
   const int nt = N / kNTile;
-  dim3 grid((M + MT * 8 - 1) / (MT * 8), (nt + WN * TN - 1) / (WN * TN));
+  const int m_chunks = (M + MT * 8 - 1) / (MT * 8);
+  int groups = (nt + WN * TN - 1) / (WN * TN);
+  if (persistent_mode()) {
+    // One wave: resident CTAs per SM (occupancy API, cached per instantiation) x SMs.
+    static int slots = 0;
+    if (slots == 0) {
+      int dev = 0, sms = 0, per_sm = 0;
+      cudaGetDevice(&dev);
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, threads, smem);
+      slots = sms * (per_sm > 0 ? per_sm : 1);
+    }
+    const int g1 = (slots + m_chunks - 1) / m_chunks;
+    if (groups > g1) groups = g1;
+  }
+  dim3 grid(m_chunks, groups);
   kern<<<grid, threads, smem, stream>>>(static_cast<const T*>(x), static_cast<const uint4*>(qw),
                                         static_cast<const uint32_t*>(sc), static_cast<T*>(out), M, N, K);
   return cudaGetLastError();
