@@ -92,7 +92,7 @@ def zero3_context(zero3_config, dtype: torch.dtype = torch.float32):
             hf_ds.unset_hf_deepspeed_config()
 
 
-def load_model(path_or_preset: str | os.PathLike, dtype: torch.dtype = torch.float32, zero3_config=None,
+def load_model(path_or_preset: str | os.PathLike, dtype: torch.dtype | str = torch.float32, zero3_config=None,
                cache_dir: str | os.PathLike | None = None) -> torch.nn.Module:
     """The family's `...ForConditionalGeneration` from a HF directory or tiny preset name, offline.
 
@@ -102,6 +102,10 @@ def load_model(path_or_preset: str | os.PathLike, dtype: torch.dtype = torch.flo
     """
     from transformers import AutoConfig
 
+    if isinstance(dtype, str):   # "bfloat16" / "float32" straight from a YAML recipe
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype name: use float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
     path = resolve_model_path(path_or_preset, cache_dir)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json: pass a Hugging Face model directory "
