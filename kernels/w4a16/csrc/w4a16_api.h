@@ -35,8 +35,8 @@ struct TcConfig {
   int mt, tn, wn, wk, xr, p;
 };
 
-// Launch the tensor-core kernel as one wave of grid-stride CTAs (1, default) or one CTA per
-// tile group (0). Process-wide; for benchmarking.
+// Launch the tensor-core kernel as one wave of grid-stride CTAs (1) or one CTA per
+// tile group (0, default: the measured path). Process-wide; for benchmarking.
 void set_persistent(int on);
 
 // Returns false for an unknown id.

@@ -172,7 +172,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant", &dequant, "packed int4 -> (N,K) weight in the scales dtype");
   m.def("deq_gemm", &deq_gemm, "dequantise (in chunks of chunk_bytes, <=0: all) + cuBLAS");
   m.def("set_persistent", [](int64_t on) { grace_w4a16::set_persistent((int)on); },
-        "1: tensor-core kernel launched as one wave of grid-stride CTAs (default); 0: one CTA per tile group");
+        "1: tensor-core kernel launched as one wave of grid-stride CTAs; 0 (default): one CTA per tile group");
   m.def("config_info", &config_info, "(MT, TN, WN, WK, XR, P) of a config id");
   m.def("choose_config", &choose_config, "config id the op uses for (M,N,K); -1 = dequant + cuBLAS");
   m.attr("num_configs") = grace_w4a16::kNumConfigs;
