@@ -303,6 +303,15 @@ def test_compat_errors_name_both_values(preset_dirs):
     with pytest.raises(ValueError, match=r"tokenizers differ: id 0 is .* for the teacher and .* for the student"):
         check_compatible(tp, lp, tc, lc)
 
+    # Extra tokens: at the teacher's end they are harmless (shared range = the student's tokens),
+    # at the student's end they have no teacher logits.
+    tp_extra = load_processor(preset_dirs["tiny-qwen2vl-teacher"])
+    tp_extra.tokenizer.add_tokens(["<extra_teacher_tok>"])
+    assert check_compatible(tp_extra, sp, tc, sc).shared_vocab == len(sp.tokenizer) == len(tp_extra.tokenizer) - 1
+    with pytest.raises(ValueError, match=rf"student tokenizer has {len(sp.tokenizer) + 1} tokens, teacher only "
+                                         rf"{len(sp.tokenizer)}"):
+        check_compatible(sp, tp_extra, sc, tc)
+
     # Different image token id in the student's config.
     bad = copy.deepcopy(sc)
     bad.image_token_id = sc.image_token_id - 1

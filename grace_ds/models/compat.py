@@ -19,6 +19,7 @@ from grace_ds.models.adapters import get_adapter
 @dataclass(frozen=True)
 class CompatReport:
     shared_vocab: int                  # real tokens both tokenizers share = logits columns to compare
+                                       # (= the student's tokenizer length; the teacher may have more)
     teacher_vocab_size: int            # lm_head rows (padded)
     student_vocab_size: int
     image_token_id: int
@@ -91,10 +92,15 @@ def check_compatible(teacher_processor, student_processor, teacher_config, stude
             f"{s_map.get(i)!r} for the student ({len(diff)} of {shared} ids differ): distillation "
             "compares logits id by id, so both models must use the same tokenizer (same family and "
             "release, e.g. Qwen2-VL 7B -> 2B); retokenising across families is not supported")
-    if n_t != n_s:
+    if n_s > n_t:
+        # The loader tokenises with the student's processor: ids >= n_t would hit the teacher's
+        # padding rows (or index past its embedding) and have no teacher distribution.
         raise ValueError(
-            f"teacher tokenizer has {n_t} tokens, student {n_s}: both must use the same tokenizer "
-            "(extra added tokens on one side change the real vocabulary); padded embedding rows are fine")
+            f"student tokenizer has {n_s} tokens, teacher only {n_t}: the student's extra tokens "
+            f"(ids {n_t}..{n_s - 1}) have no teacher logits; use the teacher's tokenizer for the student "
+            "or remove the added tokens (padded embedding rows are fine)")
+    # A teacher with extra tokens at the end (n_t > n_s) is fine: the student's batch never contains
+    # them, and the losses compare the first `shared` logits only.
     for side, n, v in (("teacher", n_t, t_vocab), ("student", n_s, s_vocab)):
         if v < n:
             raise ValueError(f"{side} vocab_size {v} < its tokenizer's {n} tokens: the checkpoint and tokenizer "

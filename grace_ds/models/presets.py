@@ -68,10 +68,6 @@ def padded_vocab_size(n_tokens: int, role: str) -> int:
     return base + (VOCAB_MULTIPLE if role == "teacher" else 0)
 
 
-def _tok_ids(tok) -> dict[str, int]:
-    return {t: tok.convert_tokens_to_ids(t) for t in tok.get_vocab() if t.startswith("<")}
-
-
 def make_config(name: str, processor):
     """The transformers config for preset `name`, with token ids taken from `processor`."""
     import transformers
