@@ -39,7 +39,7 @@ import math
 import random
 import tarfile
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -47,7 +47,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from grace_ds.data.format import image_index, read_manifest, split_member_name, validate_conversation
-from grace_ds.data.labels import IGNORE_INDEX, SkipSample, TemplateError, build_example
+from grace_ds.data.labels import IGNORE_INDEX, SkipSample, build_example
 
 STATE_VERSION = 1
 REMAINDER_POLICIES = ("wrap", "drop")
@@ -293,7 +293,8 @@ class _SlotDataset(IterableDataset):
         share = sum(s.end - s.start for s in job.plan[w])
         budget = cfg.max_bad_fraction * max(share, 1)
         bad = job.start_bad[w]
-        reasons: Counter = Counter()
+        reasons: Counter = Counter()      # since the last batch (sent with it to the main process)
+        all_reasons: Counter = Counter()  # since this worker started (for error messages)
         repeated = 0
         examples, keys = [], []
         good_in_pass = 0
@@ -302,9 +303,9 @@ class _SlotDataset(IterableDataset):
             if pos < job.start_pos[w]:
                 continue                  # resume: already consumed before the checkpoint
             if share and pos % share == 0 and pos > 0:
-                if good_in_pass == 0:
+                if good_in_pass == 0 and pos - share >= job.start_pos[w]:   # a whole pass seen here
                     raise DataError(f"worker slot {slot}: a whole pass over its {share} samples gave no usable "
-                                    f"sample (skips: {dict(reasons)}); check the shards under {L.dirs}")
+                                    f"sample (skips: {dict(all_reasons)}); check the shards under {L.dirs}")
                 good_in_pass = 0
             if share and pos >= share:
                 repeated += 1
@@ -314,11 +315,12 @@ class _SlotDataset(IterableDataset):
             except SkipSample as e:
                 bad += 1
                 reasons[e.reason] += 1
+                all_reasons[e.reason] += 1
                 if bad > budget:
                     raise DataError(
                         f"too many bad samples: {bad} skipped in a share of {share} (max_bad_fraction="
                         f"{cfg.max_bad_fraction}); last: shard {raw.shard} key {raw.key or f'#{raw.index}'} "
-                        f"reason {e}; by reason in this worker: {dict(reasons)}. Fix or re-convert the data "
+                        f"reason {e}; by reason in this worker since its start: {dict(all_reasons)}. Fix or re-convert the data "
                         f"(python -m grace_ds.data.convert reports bad samples), or raise data.max_bad_fraction"
                     ) from None
                 continue
