@@ -279,8 +279,7 @@ def _question(rng, d: Difficulty, qtype: str, cfg: GeneratorConfig) -> dict | No
             return None
         answer = str(ans)
         pool = list(NUMBERS[: max(d.max_count, len(objs)) + 1])
-        near = [str(ans + k) for k in (-2, -1, 1, 2) if 0 <= ans + k <= 9]
-        return dict(objs=objs, question=q, answer=answer, pool=pool, prefer=near)
+        return dict(objs=objs, question=q, answer=answer, pool=pool)
 
     objs = _random_scene(rng, d, n)
     if not objs:
@@ -298,13 +297,12 @@ def _question(rng, d: Difficulty, qtype: str, cfg: GeneratorConfig) -> dict | No
             if ref is None:
                 return None
             q = rng.choice(TEMPLATES["colour"]).format(a=ref)
-            prefer = [c for c in d.colours if COLOUR_FAMILY[c] == COLOUR_FAMILY[target.colour]]
-            return dict(objs=objs, question=q, answer=target.colour, pool=list(d.colours), prefer=prefer)
+            return dict(objs=objs, question=q, answer=target.colour, pool=list(d.colours))
         # the shape question refers by colour, so the colour must be unique (a near colour may exist)
         if sum(o.colour == target.colour for o in objs) != 1:
             return None
         q = rng.choice(TEMPLATES["shape"]).format(c=target.colour)
-        return dict(objs=objs, question=q, answer=target.shape, pool=list(d.shapes), prefer=[])
+        return dict(objs=objs, question=q, answer=target.shape, pool=list(d.shapes))
     if qtype == "position":
         objs = []
         cell = rng.choice(POSITIONS)
@@ -317,9 +315,7 @@ def _question(rng, d: Difficulty, qtype: str, cfg: GeneratorConfig) -> dict | No
         if ref is None:
             return None
         q = rng.choice(TEMPLATES["position"]).format(a=ref)
-        row, col = divmod(POSITIONS.index(cell), 3)
-        near = [POSITIONS[r * 3 + c] for r in range(3) for c in range(3) if abs(r - row) + abs(c - col) == 1]
-        return dict(objs=objs, question=q, answer=cell, pool=list(POSITIONS), prefer=near)
+        return dict(objs=objs, question=q, answer=cell, pool=list(POSITIONS))
     if qtype == "relation":
         if len(objs) < 2:
             _add_obj(rng, objs, d, rng.choice(d.shapes), rng.choice(d.colours))
@@ -331,7 +327,7 @@ def _question(rng, d: Difficulty, qtype: str, cfg: GeneratorConfig) -> dict | No
         if rel is None or ra is None or rb is None:
             return None
         q = rng.choice(TEMPLATES["relation"]).format(a=ra, b=rb)
-        return dict(objs=objs, question=q, answer=rel, pool=list(RELATIONS), prefer=[], relation_pair=(objs.index(a), objs.index(b)))
+        return dict(objs=objs, question=q, answer=rel, pool=list(RELATIONS))
     if qtype == "size":
         if len(objs) < 2:
             _add_obj(rng, objs, d, rng.choice(d.shapes), rng.choice(d.colours))
@@ -355,7 +351,7 @@ def _question(rng, d: Difficulty, qtype: str, cfg: GeneratorConfig) -> dict | No
         q = TEMPLATES["size"][0 if largest else 1]
         answer = refs[chosen.index(key[0])]
         # the options are exactly the chosen objects: pool = refs
-        return dict(objs=objs, question=q, answer=answer, pool=refs, prefer=refs, fixed_options=True)
+        return dict(objs=objs, question=q, answer=answer, pool=refs, fixed_options=True)
     raise ValueError(f"unknown question type {qtype!r}; expected one of {QTYPES}")
 
 
