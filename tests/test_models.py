@@ -85,6 +85,10 @@ def test_processor_round_trip(family, tmp_path):
     real = {"llava": "LlavaProcessor", "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
             "qwen3_vl": "Qwen3VLProcessor"}[family]
     assert saved["processor_class"] == real
+    # ... also when the loaded processor is saved again (the trainer's final export does that).
+    again.save_pretrained(str(tmp_path / "re"))
+    assert json.loads((tmp_path / "re" / "processor_config.json").read_text())["processor_class"] == real
+    assert json.loads((tmp_path / "re" / "tokenizer_config.json").read_text()).get("processor_class", real) == real
 
     # Byte-level BPE: any text (unseen words, unicode) round-trips with no unknown token.
     text = "Zebra quokka ünïcödé 42 ✓ Answer with the option's letter"

@@ -344,20 +344,20 @@ def build_processor(family: str, out_dir: str | os.PathLike | None = None):
 
 
 def save_processor(processor, out_dir: str | os.PathLike) -> None:
-    """`save_pretrained`, recording the real class name even when the no-video variant was used."""
+    """`processor.save_pretrained(out_dir)` (the no-video variant records the real class name itself)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     processor.save_pretrained(str(out))
-    real = getattr(type(processor), "_real_class_name", None)
-    if real is None:
-        return
+
+
+def _record_real_class_name(out: Path, variant: str, real: str) -> None:
     # The saved files must name the real processor class so AutoProcessor on a machine with
     # torchvision loads Qwen2VLProcessor & co; load_processor maps it back to the variant here.
     for f in ("processor_config.json", "tokenizer_config.json", "preprocessor_config.json"):
         fp = out / f
         if fp.exists():
             d = json.loads(fp.read_text())
-            if d.get("processor_class") == type(processor).__name__:
+            if d.get("processor_class") == variant:
                 d["processor_class"] = real
                 fp.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
@@ -388,9 +388,17 @@ def _qwen_processor_cls(family: str) -> type:
             real.__init__(self, image_processor=image_processor, tokenizer=tokenizer,
                           video_processor=None, chat_template=chat_template, **kwargs)
 
+        def save_pretrained(self, save_directory, *args, **kwargs):
+            # Whoever saves it (preset build, the trainer's final export) writes the real class
+            # name, so the directory loads with AutoProcessor wherever torchvision exists.
+            out = real.save_pretrained(self, save_directory, *args, **kwargs)
+            _record_real_class_name(Path(save_directory), type(self).__name__, real_name)
+            return out
+
         _NO_VIDEO_CLASSES[real_name] = type(
             real_name + "NoVideo", (real,),
-            {"__init__": __init__, "_real_class_name": real_name, "__module__": __name__,
+            {"__init__": __init__, "save_pretrained": save_pretrained, "_real_class_name": real_name,
+             "__module__": __name__,
              "__doc__": f"{real_name} without its video processor (torchvision is not installed)."},
         )
     return _NO_VIDEO_CLASSES[real_name]
@@ -415,6 +423,7 @@ def load_processor(path: str | os.PathLike):
 
 _QWEN_PROCESSOR_FAMILY = {"Qwen2VLProcessor": "qwen2_vl", "Qwen2_5_VLProcessor": "qwen2_5_vl",
                           "Qwen3VLProcessor": "qwen3_vl"}
+_QWEN_PROCESSOR_FAMILY.update({k + "NoVideo": v for k, v in _QWEN_PROCESSOR_FAMILY.items()})
 
 
 def _qwen_family_of_saved_processor(p: Path) -> str | None:
