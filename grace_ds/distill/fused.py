@@ -154,7 +154,8 @@ class _FusedKDCE(torch.autograd.Function):
                 s_low = _linear(h, ws, bs)
                 t = _linear(ht_sel[sl], wt_v, bt_v).to(cdt) if g_kd is not None else None
             with torch.enable_grad():
-                s = s_low.detach().to(cdt).requires_grad_(True)
+                s = s_low.to(cdt).requires_grad_(True)
+                del s_low  # the (chunk x V_s) 16-bit copy is not needed past the cast
                 total = s.new_zeros(())
                 if g_ce is not None:
                     ce_tok = torch.logsumexp(s, -1) - s.gather(1, y.unsqueeze(1)).squeeze(1)
@@ -168,10 +169,12 @@ class _FusedKDCE(torch.autograd.Function):
             ds = ds.to(ws.dtype)
             if need_h:
                 grad_rows[sl] = (ds @ ws).to(ctx.hs_dtype)
+            # In-place add of the 16-bit product into the fp32 buffer casts element-wise on load: no
+            # fp32 (V x H) copy of each chunk's product is made.
             if need_w:
-                grad_w += (ds.t() @ h.to(ws.dtype)).to(cdt)
+                grad_w += ds.t() @ h.to(ws.dtype)
             if grad_b is not None:
-                grad_b += ds.sum(0).to(cdt)
+                grad_b += ds.sum(0)
         grad_h = None
         if need_h:
             grad_h = torch.zeros(ctx.hs_shape[0] * ctx.hs_shape[1], H, dtype=ctx.hs_dtype, device=hs_sel.device)
