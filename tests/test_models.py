@@ -232,9 +232,7 @@ def test_preset_reload_and_forward_hidden(family, preset_dirs):
     assert adapter.decoder_layers(model)[0].mlp.down_proj.weight.grad is not None
 
 
-def test_llava_adjacent_images_are_split():
-    from transformers import AutoConfig  # noqa: F401
-
+def test_visual_positions_split_adjacent_images():
     from grace_ds.models.adapters import LlavaAdapter, Qwen2VLAdapter
     from grace_ds.models.presets import make_config
 
