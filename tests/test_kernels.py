@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+try:
+    import kernels.w4a16  # noqa: F401
+except ModuleNotFoundError:  # `kernels/` is not an installed package: plain `pytest` from elsewhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.w4a16 import dequantize, pack_weights, reference_w4a16, unpack_weights, w4a16_gemm
 from kernels.w4a16.pack import _index_tables
