@@ -472,6 +472,9 @@ def generate_split(cfg: GeneratorConfig, split: str, n: int, forbidden: set[str]
     seen = set() if seen is None else seen
     forbidden = forbidden or set()
     bar = tqdm(total=n, desc=f"synthetic {split}", unit="sample", disable=not progress, file=sys.stderr)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        workers = 1   # called inside a training process that holds a CUDA context: never fork it
     pool = mp.get_context("fork").Pool(workers) if workers > 1 and n >= 256 else None
     try:
         firsts = (pool.imap(_make_first, ((cfg, split, i) for i in range(n)), chunksize=32) if pool
