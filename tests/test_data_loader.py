@@ -271,3 +271,19 @@ def test_two_gloo_ranks_equal_steps_and_resume_from_rank0_state(dirty, proc):
     assert s0.get("bad_image") == 1 and "corrupt_tar" in s1          # rank-local skips, equal steps anyway
     flat = [k for part in (f0, r0, f1, r1) for b in part for k in b]
     assert set(flat) == {f"train-{i:08d}" for i in range(16)}
+
+
+@pytest.mark.parametrize("preset,family", [("tiny-qwen2vl-student", "qwen2_vl"), ("tiny-llava-student", "llava"),
+                                           ("tiny-qwen25vl-student", "qwen2_5_vl"), ("tiny-qwen3vl-student", "qwen3_vl")])
+def test_batches_feed_the_familys_model(data48, tmp_path, preset, family):
+    """A padded batch from the loader is exactly what the HF model consumes (shapes, image tokens)."""
+    from grace_ds.models.loading import load_model, load_processor
+    from grace_ds.models.presets import build_tiny_preset
+
+    d = build_tiny_preset(preset, tmp_path / preset)
+    processor, model = load_processor(d), load_model(d)
+    loader = build_train_loader(_cfg(data48, num_workers=0, micro_batch_size=3), processor, family)
+    batch = next(iter(loader))
+    assert (batch["attention_mask"].sum(1) < batch["input_ids"].shape[1]).any()     # really padded
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
