@@ -92,8 +92,10 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                              start_step, total_steps)
         last = dict(history[-1]) if history else {}
         if val_loader is not None:
-            last.update(evaluate(engine, wrapper, teacher, val_loader, cfg.train.eval_batches))
-            log.write(f"[grace_ds] final validation: " + _fmt({k: v for k, v in last.items() if k.startswith("eval_")}))
+            ev = evaluate(engine, wrapper, teacher, val_loader, cfg.train.eval_batches)
+            log.log(total_steps, ev)
+            log.write("[grace_ds] final validation: " + _fmt(ev))
+            last.update(ev)
         final_dir = export_final(engine, wrapper, cfg, processor, qat_layers) if cfg.train.export else None
     finally:
         log.close()
@@ -209,15 +211,19 @@ def fault_injection(step: int) -> None:
 
 
 def init_distributed() -> None:
-    """Join the launcher's process group, or create a 1-rank one for a bare process."""
+    """Join the launcher's process group, or create a 1-rank one for a bare process. Always goes
+    through deepspeed.init_distributed: it adopts an existing torch group (tests, the study helper),
+    and zero.Init reads the world size from DeepSpeed's comm layer, not from torch's."""
+    import deepspeed
+
     if dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
         return
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    import deepspeed
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
