@@ -75,13 +75,13 @@ PRESETS: dict[str, StudyPreset] = {
         image_size=64, teacher_steps=3, baseline_steps=3, qat_steps=2, micro_batch=2,
         seeds=1, eval_batch=6, max_new_tokens=3,
     ),
-    # What the 2-core CPU machine can afford in ~20-30 minutes (one seed): enough to see whether the
+    # What the shared 2-core CPU machine could afford in ~30 minutes (one seed): enough to see whether the
     # pipeline learns at all; too small to test the paper's ordering (docs/study.md says so).
     "cpu": StudyPreset(
         name="cpu", train_samples=1500, val_samples=150, hard_val_samples=150, difficulty="easy",
-        image_size=112, teacher_steps=400, baseline_steps=200, qat_steps=80, micro_batch=8,
-        teacher_lr=2e-3, baseline_lr=2e-3, qat_lr=3e-4, warmup_steps=20, seeds=1, eval_batch=25,
-        max_new_tokens=6,
+        image_size=112, teacher_steps=150, baseline_steps=80, qat_steps=30, micro_batch=8,
+        teacher_lr=2e-3, baseline_lr=2e-3, qat_lr=3e-4, warmup_steps=10, seeds=1, eval_samples=100,
+        eval_batch=25, max_new_tokens=6,
     ),
     # One H100, <= 20 minutes for 1 teacher + 3 x (baseline + 7 W4/W8 runs) + RTN + 25 evaluations.
     # Medium difficulty with a hard held-out split: the teacher (4x the student's text width,

@@ -97,8 +97,13 @@ class Study:
     def check_preset(self) -> None:
         """Cached runs are only valid for the preset that made them: refuse to mix two presets."""
         path = self.out / "preset.json"
+        from grace_ds.models.processors import corpus_fingerprint
+
         mine = json.loads(json.dumps(asdict(self.p), default=str))
         mine.pop("seeds", None)
+        # Teacher and student must share one tokenizer: a tokenizer change between invocations
+        # would pair a cached teacher with a student whose token ids mean other words.
+        mine["tokenizer"] = corpus_fingerprint()
         if path.exists():
             theirs = json.loads(path.read_text())
             if theirs != mine:
@@ -138,8 +143,11 @@ class Study:
             build_tiny_preset(name, tmp, seed=0)
             os.replace(tmp, target)
         else:
-            src = ensure_preset(ref, self.presets_dir)
-            shutil.copytree(src, target)
+            src = ensure_preset(ref)      # the shared preset cache (rebuilt when the tokenizer changed)
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            os.replace(tmp, target)
         return target
 
     def student_init(self, seed: int) -> Path:
@@ -228,6 +236,11 @@ class Study:
         self.out.mkdir(parents=True, exist_ok=True)
         self.check_preset()
         self.make_data()
+        # Both random inits now, from the same tokenizer build (the engine's compatibility check
+        # would otherwise only catch a mismatch at the first distillation run).
+        self._base_model("teacher")
+        for s in self.seeds:
+            self.student_init(s)
         plan = self.plan()
         scores: dict = {}
         bar = tqdm(total=len(plan), desc="study runs", unit="run", disable=not self.progress, dynamic_ncols=True)
