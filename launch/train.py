@@ -40,7 +40,7 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config", default=None, help="recipe YAML (default: recipes/demo.yaml, the CPU demo)")
     ap.add_argument("--accuracy", type=int, default=None,
-                    help="after training, score teacher and student on this many val samples (demo: 200; 0 = off)")
+                    help="after training, score teacher and student on this many val samples (demo: 100; 0 = off)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100 quant.bits=8")
     return ap.parse_args(argv)
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     result = run_training(cfg)
-    n_acc = args.accuracy if args.accuracy is not None else (200 if args.config is None else 0)
+    n_acc = args.accuracy if args.accuracy is not None else (100 if args.config is None else 0)
     if n_acc and int(os.environ.get("RANK", 0)) == 0 and result.final_dir is not None:
         report_accuracy(cfg, result.final_dir, n_acc)
     return 0

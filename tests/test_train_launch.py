@@ -164,12 +164,19 @@ def _run_with_nan(rank, world, overrides):
 
 
 def test_incompatible_teacher_stops_before_any_engine(workdir, tmp_path):
-    args = _overrides(workdir, tmp_path / "out", **{"model.teacher": "tiny-llava-teacher"})
-    with pytest.raises(DistributedError) as e:
-        run_distributed(_run, world_size=1, args=(args,), timeout=120)
-    msg = str(e.value)
-    assert "teacher" in msg and "student" in msg and ("tokenizers differ" in msg or "image_token_id" in msg), msg
-    assert not (tmp_path / "out" / "checkpoints").exists()
+    """A bare `python launch/train.py` (1-rank gloo group made by run_training itself) with a LLaVA
+    teacher for a Qwen2-VL student: stops at the compatibility check, naming both sides."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    r = subprocess.run([sys.executable, "launch/train.py", "--accuracy", "0"]
+                       + _overrides(workdir, out, **{"model.teacher": "tiny-llava-teacher"}),
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    msg = r.stderr
+    assert "ValueError" in msg and "teacher" in msg and "student" in msg, msg[-3000:]
+    assert "tokenizers differ" in msg or "image_token_id" in msg, msg[-3000:]
+    assert not (out / "checkpoints").exists()
 
 
 def test_nan_loss_raises_naming_the_step(workdir, tmp_path):
