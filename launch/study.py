@@ -35,8 +35,26 @@ def parse_args(argv=None):
     ap.add_argument("--subprocess", action="store_true", help="run each training in a fresh process")
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="start no new run after this many seconds (exit code 3: run again to continue)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a preset field, e.g. --set teacher_steps=600 (see grace_ds/study/presets.py)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
+
+
+def apply_sets(preset, items):
+    """--set FIELD=VALUE on the preset dataclass; the value is parsed as YAML (numbers, bools, null)."""
+    import dataclasses
+
+    import yaml
+
+    fields = {f.name for f in dataclasses.fields(preset)}
+    kw = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(fields))}")
+        kw[key] = yaml.safe_load(value)
+    return preset.with_overrides(**kw) if kw else preset
 
 
 def main(argv=None) -> int:
@@ -46,7 +64,7 @@ def main(argv=None) -> int:
     from grace_ds.study.runner import Study
     from grace_ds.study.writeup import auto_commentary, setup_text
 
-    preset = get_preset(args.preset)
+    preset = apply_sets(get_preset(args.preset), args.set)
     out = Path(args.out or REPO / "runs" / f"study-{args.preset}")
     study = Study(preset, out, seeds=args.seeds, subprocess_runs=args.subprocess, progress=not args.no_progress,
                   time_budget_s=args.time_budget)

@@ -87,7 +87,8 @@ def _compare(claim: str, split: str, a: Stat, b: Stat, kind: str, points: float 
         return Check(claim, split, "MISSING", "a row has no result")
     diff = a.mean - b.mean
     spread = math.sqrt(a.std ** 2 + b.std ** 2)
-    nums = f"{a.mean:.1f} vs {b.mean:.1f} (diff {diff:+.1f}, spread {spread:.1f})"
+    nums = f"{a.mean:.1f} vs {b.mean:.1f} (diff {diff:+.1f}, spread {spread:.1f}" + (
+        "; one seed: no spread estimate)" if min(a.n, b.n) < 2 and kind != "within" else ")")
     if kind == ">":
         if diff > spread:
             return Check(claim, split, "PASS", nums)

@@ -77,6 +77,10 @@ def auto_commentary(summary: dict, checks: list[Check], p: StudyPreset) -> str:
     if p.name == "gpu":
         lines.append("Step counts of the gpu preset were sized from CPU step times, not measured on a GPU "
                      "(no device time was used while writing it); check the wall time in the setup above.")
+    one_seed = [r for r, per in summary.items() if r != "teacher" and 0 < per.get("val", {}).get("acc", Stat(0, 0, 0)).n < 2]
+    if one_seed:
+        lines.append("One seed per row: the spread is unknown (taken as 0), so a PASS here only means the means are "
+                     "ordered, not that the gap is beyond noise. Run with --seeds 3 before reading anything into it.")
     fails = [c for c in checks if c.verdict != "PASS"]
     if fails:
         lines.append("Claims that did not hold here: " + "; ".join(f"{c.claim} [{c.split}] ({c.detail})" for c in fails) + ".")
