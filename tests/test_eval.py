@@ -316,3 +316,11 @@ def test_packed_checkpoint_scores_like_its_fake_quant_source(tiny, tmp_path):
         for letter, v in pa.get("letter_logprobs", {}).items():
             # same codes; the W4A16 kernel layout keeps the scales in bf16 (its contract), hence ~1e-3
             assert abs(v - pb["letter_logprobs"][letter]) < 1e-2
+
+
+def test_aggregate_exposes_constant_letter_answers():
+    recs = [{"kind": "mc", "type": "t", "hits": {"mc_gen": a == "B"}, "answer": a, "pred_letter": "B"}
+            for a in ("A", "B", "B", "C")]
+    mc = aggregate(recs)["multiple_choice"]
+    assert mc["pred_letter_counts"] == {"B": 4} and mc["answer_letter_counts"] == {"A": 1, "B": 2, "C": 1}
+    assert mc["constant_letter_acc"] == 0.5 and mc["top_pred_letter_share"] == 1.0 and mc["mc_gen"] == 0.5

@@ -177,6 +177,19 @@ def aggregate(records: list[dict]) -> dict:
         "per_type": {t: a.summary() for t, a in sorted(by_type.items())},
     }
     out["accuracy"] = mc.get("mc_gen", float("nan")) if mc["n"] else float("nan")
+    # A model that always writes one letter scores the share of that letter among the references:
+    # the histograms and the best constant-letter accuracy make that visible next to mc_gen.
+    mc_recs = [r for r in records if r["kind"] == "mc" and "answer" in r]
+    if mc_recs:
+        preds: dict[str, int] = {}
+        refs: dict[str, int] = {}
+        for r in mc_recs:
+            preds[str(r.get("pred_letter"))] = preds.get(str(r.get("pred_letter")), 0) + 1
+            refs[r["answer"]] = refs.get(r["answer"], 0) + 1
+        mc["pred_letter_counts"] = dict(sorted(preds.items()))
+        mc["answer_letter_counts"] = dict(sorted(refs.items()))
+        mc["constant_letter_acc"] = max(refs.values()) / len(mc_recs)
+        mc["top_pred_letter_share"] = max(preds.values()) / len(mc_recs)
     # Every sample, answered by generation: mc_gen for multiple choice, em for open answers.
     gen_hits = [bool(r["hits"].get("mc_gen", r["hits"].get("em", False))) for r in records]
     out["overall_gen"] = sum(gen_hits) / len(gen_hits) if gen_hits else float("nan")

@@ -280,7 +280,9 @@ class Study:
             for split in SPLITS:
                 r = doc["results"][split]
                 vals = {"acc": r["overall_gen"], "mc_gen": r["multiple_choice"].get("mc_gen"),
-                        "mc_ll": r["multiple_choice"].get("mc_ll"), "em": r["open"].get("em")}
+                        "mc_ll": r["multiple_choice"].get("mc_ll"), "em": r["open"].get("em"),
+                        "top_letter_share": r["multiple_choice"].get("top_pred_letter_share"),
+                        "constant_letter_acc": r["multiple_choice"].get("constant_letter_acc")}
                 for m, v in vals.items():
                     scores.setdefault(key, {}).setdefault(split, {}).setdefault(m, []).append(
                         float("nan") if v is None else float(v))

@@ -74,6 +74,15 @@ def auto_commentary(summary: dict, checks: list[Check], p: StudyPreset) -> str:
                          "steps/size or the task difficulty.")
         if t.mean > 97.0 and s.mean > 97.0:
             lines.append("Both saturate the val split; the hard split is the informative one.")
+    collapsed = [r for r, per in summary.items()
+                 if per.get("val", {}).get("top_letter_share", Stat(0, 0, 0)).n
+                 and per["val"]["top_letter_share"].mean >= 90.0]
+    if collapsed:
+        const = next(iter(summary.values())).get("val", {}).get("constant_letter_acc")
+        lines.append(f"{len(collapsed)} of {len(summary)} rows answer (almost) every multiple-choice question with the same "
+                     f"letter ({', '.join(sorted(collapsed))}): their MC accuracy is that letter's share of the answers, "
+                     "not evidence of reading the image" + (f" (always the most frequent letter: {const.mean:.1f}%)"
+                                                              if const is not None and const.n else "") + ".")
     if p.name == "gpu":
         lines.append("Step counts of the gpu preset were sized from CPU step times, not measured on a GPU "
                      "(no device time was used while writing it); check the wall time in the setup above.")
