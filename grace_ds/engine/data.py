@@ -57,9 +57,9 @@ def processor_config(cfg):
     return AutoConfig.from_pretrained(str(resolve_model_path(ref, cache)), local_files_only=True)
 
 
-def infinite_batches(loader, throughput):
-    """Batches across epochs. The loader advances its own epoch at the end of one and resumes
-    mid-epoch from load_state_dict, so this only re-enters it and times the wait."""
+def infinite_batches(loader, throughput, device):
+    """Batches across epochs, on `device`. The loader advances its own epoch at the end of one and
+    resumes mid-epoch from load_state_dict, so this only re-enters it and times the wait."""
     while True:
         it = iter(loader)
         while True:
@@ -69,7 +69,11 @@ def infinite_batches(loader, throughput):
             except StopIteration:
                 break
             throughput.add_batch(batch, time.perf_counter() - t0)
-            yield batch
+            yield to_device(batch, device)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
 def _as_list(v):

@@ -11,10 +11,12 @@ created). `teacher_train.max_steps > 0` first trains the teacher with CE only (a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import random
 import socket
+import sys
 import time
 import warnings
 from collections import defaultdict
@@ -27,7 +29,7 @@ import torch.distributed as dist
 
 from grace_ds.engine import checkpoint as ckpt
 from grace_ds.engine.config import TrainConfig, replace
-from grace_ds.engine.data import build_loaders, ensure_synthetic_data, infinite_batches
+from grace_ds.engine.data import build_loaders, ensure_synthetic_data, infinite_batches, to_device
 from grace_ds.engine.export import export_final
 from grace_ds.engine.logging import MetricsLogger, Throughput
 from grace_ds.engine.student import build_student, default_ds_configs, ds_config, torch_dtype
@@ -107,7 +109,7 @@ def train_loop(cfg, engine, wrapper, teacher, objective, train_loader, val_loade
     """Per micro-batch: teacher forward -> student forward + GRACE loss -> backward -> (boundary) step;
     per optimizer step: controller update on the rank-averaged GDKD, log, eval, checkpoint."""
     t, history, speed = cfg.train, [], Throughput()
-    batches = infinite_batches(train_loader, speed)
+    batches = infinite_batches(train_loader, speed, engine.device)
     for step in range(start_step, total_steps):
         wrapper.step = step
         cycle = defaultdict(float)
@@ -180,6 +182,7 @@ def evaluate(engine, wrapper, teacher, val_loader, max_batches: int = 0) -> dict
     for i, batch in enumerate(val_loader):
         if max_batches and i >= max_batches:
             break
+        batch = to_device(batch, engine.device)
         loss, metrics = engine(batch, teacher(batch) if teacher is not None else None)
         for k in ("ce", "gdkd", "rcka"):
             sums[k] += metrics[k]
@@ -214,6 +217,10 @@ def init_distributed() -> None:
     """Join the launcher's process group, or create a 1-rank one for a bare process. Always goes
     through deepspeed.init_distributed: it adopts an existing torch group (tests, the study helper),
     and zero.Init reads the world size from DeepSpeed's comm layer, not from torch's."""
+    # One JIT cache per Python environment: two venvs sharing ~/.cache/torch_extensions rebuild
+    # deepspeed_shm_comm over each other (different include paths), minutes per start each time.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
+        Path.home() / ".cache" / "torch_extensions" / f"grace_ds-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]}"))
     import deepspeed
 
     if dist.is_initialized():
