@@ -33,6 +33,8 @@ def setup_text(p: StudyPreset, seeds: int, seconds: float) -> str:
         f"omega = {p.omega:g}; naive KD = token KL at T = 1, weight 1.",
         f"- Seeds: {seeds} per student row (the seed sets the student's init, data order and QAT run); the teacher "
         "is trained once.",
+        f"- Evaluation: {'all' if p.eval_samples is None else f'the first {p.eval_samples}'} samples of each held-out "
+        f"split, greedy decoding ({p.max_new_tokens} new tokens), quantised students scored with their integer weights.",
         f"- Wall time of this invocation: {seconds / 60:.1f} min (cached runs are not re-timed).",
     ])
 
@@ -70,7 +72,7 @@ def auto_commentary(summary: dict, checks: list[Check], p: StudyPreset) -> str:
         lines.append(f"Teacher {t.mean:.1f} vs bf16 student {s.mean:.1f} on val ({gap:+.1f} points).")
         if gap <= max(2.0, s.std):
             lines.append("The benchmark does not separate teacher and student at this budget, so distillation has "
-                         "little to transfer: the ordering checks below cannot be meaningful. Raise the teacher's "
+                         "little to transfer: the ordering checks above cannot be meaningful. Raise the teacher's "
                          "steps/size or the task difficulty.")
         if t.mean > 97.0 and s.mean > 97.0:
             lines.append("Both saturate the val split; the hard split is the informative one.")
