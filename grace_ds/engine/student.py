@@ -110,6 +110,10 @@ def build_student(cfg: TrainConfig, *, objective, vocab_size: int | None, total_
         for m in adapter.vision_modules(model):
             m.requires_grad_(False)
     qat = prepare_qat(model, cfg.quant.quant_config()) if cfg.quant.enabled else {}
+    if qat and cfg.model.student_init:
+        n = restore_trained_scales(model, cfg.model.student_init, cfg.quant.bits)
+        if torch.distributed.get_rank() == 0:
+            print(f"[grace_ds] {n}/{len(qat)} LSQ scales restored from {cfg.model.student_init}", flush=True)
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     wrapper = StudentWithLoss(model, adapter, objective, vocab_size)
@@ -123,3 +127,34 @@ def build_student(cfg: TrainConfig, *, objective, vocab_size: int | None, total_
                               min_lr_ratio=o.min_lr_ratio)
     engine, *_ = deepspeed.initialize(model=wrapper, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     return engine, wrapper, sorted(qat)
+
+
+def restore_trained_scales(model, init_dir, bits: int) -> int:
+    """Continue QAT from a previous run's final/: its trained LSQ scales (int_weights.safetensors)
+    replace the grid-search init, layer by layer where bits and group count match. Collective under
+    ZeRO-3 (each log-scale is gathered, written on rank 0 and re-partitioned)."""
+    from pathlib import Path
+
+    import deepspeed
+    from safetensors import safe_open
+
+    from grace_ds.quant import qat_modules
+
+    path = Path(init_dir) / "int_weights.safetensors"
+    if not path.is_file():
+        return 0
+    restored = 0
+    with safe_open(str(path), "pt") as f:
+        if f.metadata().get("bits") != str(bits):
+            return 0
+        keys = set(f.keys())
+        for name, m in qat_modules(model).items():
+            if f"{name}.scales" not in keys:
+                continue
+            scales = f.get_tensor(f"{name}.scales").float()
+            with deepspeed.zero.GatheredParameters([m.log_scale], modifier_rank=0):
+                if scales.numel() == m.log_scale.numel():
+                    with torch.no_grad():
+                        m.log_scale.copy_(scales.log().reshape(m.log_scale.shape).to(m.log_scale.dtype))
+                    restored += 1
+    return restored
