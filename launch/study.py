@@ -37,6 +37,8 @@ def parse_args(argv=None):
                     help="start no new run after this many seconds (exit code 3: run again to continue)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a preset field, e.g. --set teacher_steps=600 (see grace_ds/study/presets.py)")
+    ap.add_argument("--prune", action="store_true",
+                    help="delete step checkpoints and the exports of scored rows (keeps teacher + bf16 finals)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
     preset = apply_sets(get_preset(args.preset), args.set)
     out = Path(args.out or REPO / "runs" / f"study-{args.preset}")
     study = Study(preset, out, seeds=args.seeds, subprocess_runs=args.subprocess, progress=not args.no_progress,
-                  time_budget_s=args.time_budget)
+                  time_budget_s=args.time_budget, prune=args.prune)
     result = study.run()
     summary = summarise(result["scores"])
     checks = check_claims(summary)

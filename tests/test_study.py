@@ -130,7 +130,7 @@ def test_cpu_smoke_study_produces_every_row_and_resumes(tmp_path):
     out = tmp_path / "study"
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, str(REPO / "launch" / "study.py"), "--preset", "cpu-smoke", "--out", str(out),
-           "--no-progress"]
+           "--no-progress", "--prune"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     doc = json.loads((out / "study.json").read_text())
@@ -147,6 +147,11 @@ def test_cpu_smoke_study_produces_every_row_and_resumes(tmp_path):
     assert rtn["model"]["format"] == "fake-quant" and rtn["model"]["bits"] == 4
     grace8 = json.loads((out / "runs" / "grace_w8_s0" / "eval.json").read_text())
     assert grace8["model"]["bits"] == 8 and grace8["model"]["weights"] == "int_weights codes*scales"
+
+    # --prune kept only what later runs need
+    assert (out / "runs" / "teacher" / "train" / "final" / "config.json").exists()
+    assert (out / "runs" / "student_bf16_s0" / "train" / "final" / "config.json").exists()
+    assert not (out / "runs" / "grace_w4_s0" / "train").exists() and not (out / "runs" / "rtn_w4_s0" / "final").exists()
 
     r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     assert r2.returncode == 0, r2.stderr[-3000:]

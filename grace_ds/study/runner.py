@@ -66,13 +66,17 @@ def student_runs(preset: StudyPreset) -> list[RunSpec]:
 class Study:
     def __init__(self, preset: StudyPreset, out_dir: str | os.PathLike, *, seeds: int | None = None,
                  subprocess_runs: bool = False, progress: bool = True, log=print,
-                 time_budget_s: float | None = None):
+                 time_budget_s: float | None = None, prune: bool = False):
         self.p = preset
         self.out = Path(out_dir).resolve()
         self.seeds = list(range(seeds if seeds is not None else preset.seeds))
         if not self.seeds:
             raise ValueError("--seeds must be >= 1")
         self.subprocess_runs = subprocess_runs
+        # Delete what later runs do not need once a run is scored (step checkpoints; the final export
+        # of every row but the teacher and the bf16 students), so the study directory stays small
+        # enough to carry between device sessions.
+        self.prune = prune
         # Stop before starting a run once this many seconds have passed (the GPU machine allows
         # 10 minutes per command): the next invocation continues from the cache.
         self.time_budget_s = time_budget_s
@@ -215,6 +219,18 @@ class Study:
         self.log(f"[study] trained {name} in {time.time() - t0:.0f}s -> {final}")
         return final
 
+    def prune_run(self, name: str, keep_final: bool) -> None:
+        run = self.runs / name
+        for child in list(run.iterdir()):
+            if child.name in ("eval.json", "config.json"):
+                continue
+            if keep_final and child.name == "train":
+                for sub in list(child.iterdir()):
+                    if sub.name != "final" and sub.is_dir():
+                        shutil.rmtree(sub, ignore_errors=True)
+                continue
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+
     def evaluate(self, name: str, ckpt: Path) -> dict:
         path = self.runs / name / "eval.json"
         if path.exists():
@@ -265,6 +281,8 @@ class Study:
                                         lr=p.baseline_lr, bits=None, teacher=None, grace=None,
                                         freeze_vision=False, init=None)
                 ckpt = bf16_final = self.train(name, raw)
+            elif cached:      # scored already: its checkpoint is not needed again (and may be pruned)
+                ckpt = None
             elif spec.kind == "rtn":
                 ckpt = self.runs / name / "final"
                 if not (ckpt / "config.json").exists():
@@ -277,6 +295,8 @@ class Study:
                                         grace=spec.grace, freeze_vision=True, init=bf16_final)
                 ckpt = self.train(name, raw)
             doc = self.evaluate(name, ckpt)
+            if self.prune:
+                self.prune_run(name, keep_final=key in ("teacher", "student_bf16"))
             for split in SPLITS:
                 r = doc["results"][split]
                 vals = {"acc": r["overall_gen"], "mc_gen": r["multiple_choice"].get("mc_gen"),

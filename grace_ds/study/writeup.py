@@ -49,7 +49,7 @@ HOW_TO_RUN = """## How to run it
   reached, finished runs are cached under `--out`, a run cut mid-training resumes from its last checkpoint):
 
       pip install --no-deps .whl/*.whl; export TORCH_CUDA_ARCH_LIST=9.0
-      python launch/study.py --preset gpu --out runs/study-gpu --time-budget 480 --no-progress
+      python launch/study.py --preset gpu --out runs/study-gpu --time-budget 480 --prune --no-progress
 
   It writes `runs/study-gpu/study.{json,md}` and, when complete, this file.
 - Any checkpoint on any shard set: `python -m grace_ds.eval --checkpoint DIR --shards DIR [DIR ...] --out r.json`.
