@@ -163,10 +163,11 @@ def test_error_scales_shape_and_x_k():
 
 # ---------------------------------------------------------------- compile check (nvcc, no torch)
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-def test_kernel_compiles_for_sm90a(tmp_path):
-    """The kernel TU (no torch headers) must compile for Hopper; ptxas -O0 keeps it well under 60 s."""
+@pytest.mark.parametrize("tu", ["w4a16_bf16.cu", "w4a16_sk_bf16.cu"])
+def test_kernel_compiles_for_sm90a(tmp_path, tu):
+    """The kernel TUs (no torch headers) must compile for Hopper; ptxas -O0 keeps each well under 60 s."""
     cmd = ["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-std=c++17", "-O1", "-Xptxas", "-O0",
-           "-c", str(CSRC / "w4a16_bf16.cu"), "-o", str(tmp_path / "k.o")]
+           "-c", str(CSRC / tu), "-o", str(tmp_path / "k.o")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
 
@@ -202,17 +203,20 @@ def test_gpu_op_matches_reference(ext, N, K, dtype):
 
 
 @gpu
-@pytest.mark.parametrize("M", [1, 3, 16, 33, 64, 100])
+@pytest.mark.parametrize("M", [1, 3, 16, 33, 64, 100, 128])
 def test_gpu_every_config_poisoned(ext, M):
     N, K = 11008, 4096
     codes, scales = rand_weight(N, K, "cuda")
     for dtype in (torch.bfloat16, torch.float16):
         p = pack_weights(codes, scales, dtype=dtype)
         for cfg in range(ext.num_configs):
-            x = torch.randn(M, K, device="cuda", dtype=dtype)
-            out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
-            ext.tc_gemm_out(x, p["qweight"], p["scales"], cfg, out)
-            assert rel_err(out, ref64(x, codes, scales.to(dtype))) <= 1e-2, (cfg, M, dtype)
+            # sk configs (split-K across CTAs): automatic split count, then forced 1 (direct store)
+            # and 3 (uneven ranges, fp32 atomics + finalize)
+            for splits in ((0, 1, 3) if cfg >= ext.first_sk else (0,)):
+                x = torch.randn(M, K, device="cuda", dtype=dtype)
+                out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+                ext.tc_gemm_out(x, p["qweight"], p["scales"], cfg, out, splits)
+                assert rel_err(out, ref64(x, codes, scales.to(dtype))) <= 1e-2, (cfg, splits, M, dtype)
 
 
 @gpu

@@ -9,7 +9,7 @@ from .pack import pack_weights
 def main():
     ext = load_extension()
     torch.manual_seed(0)
-    for (N, K) in [(48, 256), (16, 384)]:
+    for (N, K) in [(48, 256), (16, 384), (32, 1152)]:
         codes = torch.randint(-8, 8, (N, K), dtype=torch.int8)
         scales = torch.rand(N, K // 128) * 0.01 + 0.005
         for dt in (torch.bfloat16, torch.float16):
@@ -18,6 +18,8 @@ def main():
                 x = torch.randn(M, K, dtype=dt, device="cuda")
                 for c in range(ext.num_configs):
                     ext.tc_gemm(x, p["qweight"], p["scales"], c)
+                    if c >= ext.first_sk:  # forced split-K (atomics + workspace + finalize)
+                        ext.tc_gemm(x, p["qweight"], p["scales"], c, 3)
                 torch.ops.grace.w4a16_gemm(x, p["qweight"], p["scales"], 128)
             ext.dequant(p["qweight"], p["scales"])
     torch.cuda.synchronize()

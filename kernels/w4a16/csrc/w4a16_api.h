@@ -31,6 +31,61 @@ namespace grace_w4a16 {
 
 constexpr int kNumConfigs = 19;
 
+// Split-K configs with the activations staged in shared memory (w4a16_sk.cuh): ids continue after
+// the register-only ones. (MT token tiles of 8, TN n16 tiles per warp, WN warps per CTA (all share
+// the staged x), KC k64 blocks per x stage, NS x stages in shared memory, P k64 blocks of weights
+// in flight per warp, MB minimum CTAs per SM for the register allocator).
+#define GRACE_W4A16_SK_CONFIGS(X) \
+  X(19, 1, 1, 8, 8, 2, 8, 1)      \
+  X(20, 1, 2, 4, 8, 2, 4, 1)      \
+  X(21, 1, 2, 8, 8, 2, 4, 1)      \
+  X(22, 2, 2, 4, 8, 2, 4, 1)      \
+  X(23, 2, 2, 8, 4, 3, 4, 1)      \
+  X(24, 4, 2, 4, 4, 2, 4, 1)      \
+  X(25, 4, 2, 8, 4, 3, 4, 1)      \
+  X(26, 8, 2, 4, 2, 3, 4, 1)      \
+  X(27, 8, 2, 8, 2, 3, 4, 1)      \
+  X(28, 8, 2, 4, 4, 2, 2, 1)      \
+  X(29, 8, 1, 8, 4, 2, 8, 1)      \
+  X(30, 2, 4, 4, 4, 2, 2, 1)      \
+  X(31, 16, 1, 8, 2, 3, 4, 1)     \
+  X(32, 1, 1, 4, 16, 2, 8, 1)     \
+  X(33, 1, 2, 4, 8, 2, 8, 1)      \
+  X(34, 8, 2, 4, 2, 3, 4, 3)      \
+  X(35, 8, 2, 8, 2, 3, 2, 1)      \
+  X(36, 2, 2, 4, 8, 3, 4, 4)      \
+  X(37, 8, 2, 4, 2, 2, 4, 1)      \
+  X(38, 8, 2, 8, 4, 2, 2, 1)      \
+  X(39, 4, 2, 8, 2, 3, 2, 2)      \
+  X(40, 4, 2, 8, 4, 2, 4, 2)
+
+constexpr int kFirstSk = 19;
+constexpr int kNumSkConfigs = 22;
+constexpr int kNumAllConfigs = kFirstSk + kNumSkConfigs;
+
+struct SkConfig {
+  int mt, tn, wn, kc, ns, p, mb;
+};
+bool sk_config(int cfg, SkConfig* out);
+
+// Splits S (CTAs along K) an sk config uses for (M, N, K) when none is forced: the count whose
+// CTAs fill whole waves of resident CTAs best (w4a16_sk_launch.cuh), each split >= one x stage. Returns 0 for a non-sk id.
+int sk_auto_splits(int cfg, int M, int N, int K, int dtype);
+// k64 blocks per split for a requested split count (>= 1); the launch uses ceil(KB / this) CTAs.
+inline int sk_kb_per_split(int K, int splits) {
+  const int KB = K / 64;
+  if (splits < 1) splits = 1;
+  if (splits > KB) splits = KB;
+  return (KB + splits - 1) / splits;
+}
+// out (M,N) = x @ W^T with an sk config and `splits` CTAs along K (effective count
+// ceil(KB / sk_kb_per_split)). splits > 1 needs ws: float, ((M+1)/2)*N*2 elements; it is zeroed
+// here (cudaMemsetAsync), atomically accumulated, then cast into out by a second kernel.
+cudaError_t sk_launch_bf16(int cfg, const void* x, const void* qw, const void* sc, void* out, float* ws, int M,
+                           int N, int K, int splits, cudaStream_t stream);
+cudaError_t sk_launch_fp16(int cfg, const void* x, const void* qw, const void* sc, void* out, float* ws, int M,
+                           int N, int K, int splits, cudaStream_t stream);
+
 struct TcConfig {
   int mt, tn, wn, wk, xr, p;
 };

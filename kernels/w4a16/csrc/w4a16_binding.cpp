@@ -41,15 +41,40 @@ at::Tensor contiguous_aligned(const at::Tensor& x) {
   return x.contiguous().clone();
 }
 
-void run_tc(int cfg, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, at::Tensor& out) {
+// splits: sk configs only; 0 = the config's automatic choice (sk_auto_splits).
+void run_tc(int cfg, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, at::Tensor& out,
+            int64_t splits = 0) {
   const int M = (int)x.size(0), N = (int)out.size(1), K = (int)x.size(1);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  cudaError_t e = x.scalar_type() == at::kBFloat16
-                      ? grace_w4a16::tc_launch_bf16(cfg, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
-                                                    out.data_ptr(), M, N, K, stream)
-                      : grace_w4a16::tc_launch_fp16(cfg, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
-                                                    out.data_ptr(), M, N, K, stream);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  cudaError_t e;
+  if (cfg >= grace_w4a16::kFirstSk) {
+    int s = splits > 0 ? (int)splits : grace_w4a16::sk_auto_splits(cfg, M, N, K, bf16 ? 0 : 1);
+    const int kbps = grace_w4a16::sk_kb_per_split(K, s);
+    const int S = (K / 64 + kbps - 1) / kbps;
+    at::Tensor ws;
+    float* wsp = nullptr;
+    if (S > 1) {  // fp32 token-pair workspace, zeroed by the launcher (memset inside the stream)
+      ws = at::empty({(int64_t)((M + 1) / 2) * N * 2}, x.options().dtype(at::kFloat));
+      wsp = ws.data_ptr<float>();
+    }
+    e = bf16 ? grace_w4a16::sk_launch_bf16(cfg, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), out.data_ptr(),
+                                           wsp, M, N, K, s, stream)
+             : grace_w4a16::sk_launch_fp16(cfg, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), out.data_ptr(),
+                                           wsp, M, N, K, s, stream);
+  } else {
+    e = bf16 ? grace_w4a16::tc_launch_bf16(cfg, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), out.data_ptr(),
+                                           M, N, K, stream)
+             : grace_w4a16::tc_launch_fp16(cfg, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), out.data_ptr(),
+                                           M, N, K, stream);
+  }
   TORCH_CHECK(e == cudaSuccess, "w4a16_gemm: kernel launch failed (config ", cfg, "): ", cudaGetErrorString(e));
+}
+
+bool valid_config(int64_t cfg) {
+  TcConfig c;
+  grace_w4a16::SkConfig k;
+  return grace_w4a16::tc_config((int)cfg, &c) || grace_w4a16::sk_config((int)cfg, &k);
 }
 
 // Dequantise packed rows [n0, n0+nrows) (n0, nrows multiples of 16) into w (nrows, K), row-major.
@@ -96,10 +121,16 @@ void dequant_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
 // Chunked dequant measured slower than one full dequant on H100 (NOTES.md): 0 = one chunk.
 constexpr int64_t kChunkBytes = 0;
 
-// Heuristic config choice, from the sweeps of `python -m kernels.w4a16.bench --configs` on H100
-// and H200 (kernels/NOTES.md; config ids in w4a16_api.h). Returns -1 when dequantise + cuBLAS is
-// the faster path (M > 128: the mma.sync kernel is bound by activation traffic there).
-int choose_config(int64_t M, int64_t N, int64_t K) {
+// Heuristic config choice, from the sweeps of `python -m kernels.w4a16.bench --configs` and
+// `python -m kernels.w4a16.sweep_sk` on H100 and H200 (kernels/NOTES.md; config ids in
+// w4a16_api.h). Returns -1 when dequantise + cuBLAS is the faster path.
+struct Choice {
+  int cfg;     // config id; -1 = dequantise + cuBLAS
+  int splits;  // sk configs: CTAs along K (0 = the config's automatic choice)
+};
+
+// The register-only kernel's table (v3), kept as the fallback and for comparison.
+int choose_config_v3(int64_t M, int64_t N, int64_t K) {
   const bool wide = N >= 8192;      // enough n16 tiles to give each warp 2 of them
   const bool deep = K >= 16384;     // long K: more warps along K per CTA
   if (M <= 8) return deep ? (wide ? 6 : 1) : (N >= 11008 ? 2 : 0);
@@ -107,6 +138,20 @@ int choose_config(int64_t M, int64_t N, int64_t K) {
   if (M <= 128) return (wide && deep) ? 17 : 13;
   return -1;
 }
+
+// v4 (two H100 sweeps of sweep_sk, NOTES.md "v4"): the register-only kernel stays ahead at
+// M <= 8 and, for the smaller weights, at M <= 16; the split-K shared-memory-x kernel wins at
+// 9..16 tokens on the largest weights (config 30), 17..32 (config 39) and 33..128 (config 38),
+// always with its automatic (wave-quantised) split count.
+Choice choose(int64_t M, int64_t N, int64_t K) {
+  if (M <= 8) return {choose_config_v3(M, N, K), 0};
+  if (M <= 16) return N * K >= 100000000LL ? Choice{30, 0} : Choice{choose_config_v3(M, N, K), 0};
+  if (M <= 32) return {39, 0};
+  if (M <= 128) return {38, 0};
+  return {-1, 0};
+}
+
+int choose_config(int64_t M, int64_t N, int64_t K) { return choose(M, N, K).cfg; }
 
 at::Tensor w4a16_gemm_cuda(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
                            int64_t group_size) {
@@ -116,9 +161,9 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x_in, const at::Tensor& qweight, co
   at::Tensor out = at::empty({M, N}, x_in.options());
   if (M == 0) return out;
   at::Tensor x = contiguous_aligned(x_in);
-  int cfg = choose_config(M, N, x.size(1));
-  if (cfg >= 0) {
-    run_tc(cfg, x, qweight, scales, out);
+  const Choice ch = choose(M, N, x.size(1));
+  if (ch.cfg >= 0) {
+    run_tc(ch.cfg, x, qweight, scales, out, ch.splits);
   } else {
     dequant_gemm(x, qweight, scales, out, kChunkBytes);
   }
@@ -126,25 +171,26 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x_in, const at::Tensor& qweight, co
 }
 
 // ---- pybind helpers (benchmark / tests) ----
-at::Tensor tc_gemm(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales, int64_t cfg) {
+at::Tensor tc_gemm(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales, int64_t cfg,
+                   int64_t splits) {
   check_inputs(x_in, qweight, scales, 128);
-  TcConfig c;
-  TORCH_CHECK(grace_w4a16::tc_config((int)cfg, &c), "w4a16: unknown config ", cfg);
+  TORCH_CHECK(valid_config(cfg), "w4a16: unknown config ", cfg);
   const c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor x = contiguous_aligned(x_in);
   at::Tensor out = at::empty({x.size(0), qweight.size(0) * 16}, x.options());
-  if (x.size(0) > 0) run_tc((int)cfg, x, qweight, scales, out);
+  if (x.size(0) > 0) run_tc((int)cfg, x, qweight, scales, out, splits);
   return out;
 }
 
 at::Tensor tc_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t cfg,
-                       at::Tensor out) {
+                       at::Tensor out, int64_t splits) {
   check_inputs(x, qweight, scales, 128);
+  TORCH_CHECK(valid_config(cfg), "w4a16: unknown config ", cfg);
   TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && out.size(0) == x.size(0) &&
                   out.size(1) == qweight.size(0) * 16 && out.scalar_type() == x.scalar_type(),
               "w4a16: bad out");
   const c10::cuda::CUDAGuard guard(x.device());
-  run_tc((int)cfg, x, qweight, scales, out);
+  run_tc((int)cfg, x, qweight, scales, out, splits);
   return out;
 }
 
@@ -156,10 +202,28 @@ at::Tensor deq_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   return out;
 }
 
+// (MT, TN, WN, WK, XR, P) for register-only configs; (MT, TN, WN, 1, 0, P) for sk configs (their
+// stage depth KC: sk_info).
 std::vector<int64_t> config_info(int64_t cfg) {
   TcConfig c;
+  grace_w4a16::SkConfig k;
+  if (grace_w4a16::sk_config((int)cfg, &k)) return {k.mt, k.tn, k.wn, 1, 0, k.p};
   TORCH_CHECK(grace_w4a16::tc_config((int)cfg, &c), "w4a16: unknown config ", cfg);
   return {c.mt, c.tn, c.wn, c.wk, c.xr, c.p};
+}
+
+// (MT, TN, WN, KC, NS, P, MB) of an sk config.
+std::vector<int64_t> sk_info(int64_t cfg) {
+  grace_w4a16::SkConfig k;
+  TORCH_CHECK(grace_w4a16::sk_config((int)cfg, &k), "w4a16: not an sk config ", cfg);
+  return {k.mt, k.tn, k.wn, k.kc, k.ns, k.p, k.mb};
+}
+
+// Effective number of CTAs along K that run_tc uses for (cfg, M, N, K, requested splits; 0 = auto).
+int64_t sk_splits(int64_t cfg, int64_t M, int64_t N, int64_t K, int64_t splits, int64_t fp16) {
+  int s = splits > 0 ? (int)splits : grace_w4a16::sk_auto_splits((int)cfg, (int)M, (int)N, (int)K, (int)fp16);
+  const int kbps = grace_w4a16::sk_kb_per_split((int)K, s);
+  return (K / 64 + kbps - 1) / kbps;
 }
 
 }  // namespace
@@ -167,13 +231,21 @@ std::vector<int64_t> config_info(int64_t cfg) {
 TORCH_LIBRARY_IMPL(grace, CUDA, m) { m.impl("w4a16_gemm", &w4a16_gemm_cuda); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("tc_gemm", &tc_gemm, "tensor-core W4A16 GEMM with an explicit config id");
-  m.def("tc_gemm_out", &tc_gemm_out, "same, into a preallocated output");
+  m.def("tc_gemm", &tc_gemm, "tensor-core W4A16 GEMM with an explicit config id (splits: sk configs, 0 = auto)",
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("cfg"), py::arg("splits") = 0);
+  m.def("tc_gemm_out", &tc_gemm_out, "same, into a preallocated output", py::arg("x"), py::arg("qweight"),
+        py::arg("scales"), py::arg("cfg"), py::arg("out"), py::arg("splits") = 0);
+  m.def("sk_info", &sk_info, "(MT, TN, WN, KC, NS, P, MB) of a split-K shared-memory-x config");
+  m.def("sk_splits", &sk_splits, "effective CTAs along K of an sk config (cfg, M, N, K, splits, fp16)");
+  m.attr("first_sk") = grace_w4a16::kFirstSk;
   m.def("dequant", &dequant, "packed int4 -> (N,K) weight in the scales dtype");
   m.def("deq_gemm", &deq_gemm, "dequantise (in chunks of chunk_bytes, <=0: all) + cuBLAS");
   m.def("set_persistent", [](int64_t on) { grace_w4a16::set_persistent((int)on); },
         "1: tensor-core kernel launched as one wave of grid-stride CTAs; 0 (default): one CTA per tile group");
   m.def("config_info", &config_info, "(MT, TN, WN, WK, XR, P) of a config id");
   m.def("choose_config", &choose_config, "config id the op uses for (M,N,K); -1 = dequant + cuBLAS");
-  m.attr("num_configs") = grace_w4a16::kNumConfigs;
+  m.def("choose_splits", [](int64_t M, int64_t N, int64_t K) { return (int64_t)choose(M, N, K).splits; },
+        "requested splits of the op's choice (0 = automatic; see sk_splits for the effective count)");
+  m.def("choose_config_v3", &choose_config_v3, "the register-only kernel's config table (before sk)");
+  m.attr("num_configs") = grace_w4a16::kNumAllConfigs;
 }
