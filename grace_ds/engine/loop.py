@@ -176,21 +176,26 @@ def step_stats(engine, step: int) -> dict:
 
 @torch.no_grad()
 def evaluate(engine, wrapper, teacher, val_loader, max_batches: int = 0) -> dict:
-    """Mean loss terms on the validation shards (same objective, no update, no controller step)."""
+    """Loss terms on the validation shards (same objective, no update, no controller step),
+    weighted by supervised tokens over all batches and ranks: the eval loader pads its last batches
+    with label-masked duplicates, and a batch with no supervised token must not pull the mean to 0."""
     engine.eval()
-    sums, n = defaultdict(float), 0
+    sums = dict.fromkeys(("ce", "gdkd", "rcka", "loss", "tokens"), 0.0)  # same keys on every rank
     for i, batch in enumerate(val_loader):
         if max_batches and i >= max_batches:
             break
         batch = to_device(batch, engine.device)
+        # every rank runs every forward (ZeRO-3 gathers are collectives); empty batches weigh 0
+        n_tok = int((batch["labels"][:, 1:] != -100).sum())  # next-token shift, as in the loss
         loss, metrics = engine(batch, teacher(batch) if teacher is not None else None)
         for k in ("ce", "gdkd", "rcka"):
-            sums[k] += metrics[k]
-        sums["loss"] += loss.item()
-        n += 1
+            sums[k] += metrics[k] * n_tok
+        sums["loss"] += loss.item() * n_tok
+        sums["tokens"] += n_tok
     engine.train()
-    avg = mean_over_ranks({k: v / max(n, 1) for k, v in sums.items()})
-    return {f"eval_{k}": v for k, v in avg.items()}
+    total = mean_over_ranks(sums)
+    tokens = max(total.pop("tokens"), 1e-12)
+    return {f"eval_{k}": v / tokens for k, v in total.items()}
 
 
 def save(cfg: TrainConfig, engine, objective, train_loader, step: int) -> None:
