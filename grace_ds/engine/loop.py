@@ -10,14 +10,10 @@ created). `teacher_train.max_steps > 0` first trains the teacher with CE only (a
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import math
 import os
 import random
 import socket
-import sys
-import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -34,6 +30,7 @@ from grace_ds.engine.export import export_final
 from grace_ds.engine.logging import MetricsLogger, Throughput
 from grace_ds.engine.student import build_student, default_ds_configs, ds_config, torch_dtype
 from grace_ds.engine.teacher import ZeroInferenceTeacher
+from grace_ds.torch_extensions import use_per_env_extensions_dir
 
 
 @dataclass
@@ -222,10 +219,7 @@ def init_distributed() -> None:
     """Join the launcher's process group, or create a 1-rank one for a bare process. Always goes
     through deepspeed.init_distributed: it adopts an existing torch group (tests, the study helper),
     and zero.Init reads the world size from DeepSpeed's comm layer, not from torch's."""
-    # One JIT cache per Python environment: two venvs sharing ~/.cache/torch_extensions rebuild
-    # deepspeed_shm_comm over each other (different include paths), minutes per start each time.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
-        Path.home() / ".cache" / "torch_extensions" / f"grace_ds-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]}"))
+    use_per_env_extensions_dir()  # before deepspeed JIT-builds shm_comm
     import deepspeed
 
     if dist.is_initialized():
@@ -256,7 +250,7 @@ def check_models(cfg: TrainConfig, cache) -> tuple[object, int | None]:
     teacher cannot be distilled into the student (the error names both values)."""
     from transformers import AutoConfig
 
-    from grace_ds.models import check_compatible, load_processor, resolve_model_path
+    from grace_ds.models import check_compatible, load_processor
 
     student_ref = cfg.model.student_init or cfg.model.student
     s_path = _resolve_on_rank0_first(student_ref, cache)
