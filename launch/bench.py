@@ -254,7 +254,7 @@ def _fmt(v, spec):
 
 
 def render(results: list[dict], args, command: str) -> str:
-    lines = [f"## End-to-end generation: bf16 vs INT4 (W4A16)",
+    lines = ["## End-to-end generation: bf16 vs INT4 (W4A16)",
              "",
              f"- card: {_card(args.device)}; torch {torch.__version__}; date {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
              f"- command: `{command}`",

@@ -96,8 +96,6 @@ def _check_answer(meta):
         colour = re.search(r"the (.+) object", q).group(1)
         hits = [o for o in objs if o.colour == colour]
         return len(hits) == 1 and hits[0].shape == ans
-    ref_re = r"the ((?:[a-z]+ )?[a-z]+ ?[a-z]*)"
-
     def resolve(ref):
         words = ref.split()
         shape = words[-1]

@@ -159,7 +159,7 @@ def write_shards(
     count = 0
 
     def close_current() -> None:
-        nonlocal tar, tmp_path
+        nonlocal tar
         if tar is None:
             return
         tar.close()

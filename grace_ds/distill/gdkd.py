@@ -15,7 +15,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 # Probabilities are clamped here before every log (grace-method.md, "Numerics"). The clamp is part

@@ -133,8 +133,6 @@ def restore_trained_scales(model, init_dir, bits: int) -> int:
     """Continue QAT from a previous run's final/: its trained LSQ scales (int_weights.safetensors)
     replace the grid-search init, layer by layer where bits and group count match. Collective under
     ZeRO-3 (each log-scale is gathered, written on rank 0 and re-partitioned)."""
-    from pathlib import Path
-
     import deepspeed
     from safetensors import safe_open
 
