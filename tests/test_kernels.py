@@ -163,7 +163,7 @@ def test_error_scales_shape_and_x_k():
 
 # ---------------------------------------------------------------- compile check (nvcc, no torch)
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-@pytest.mark.parametrize("tu", ["w4a16_bf16.cu", "w4a16_sk_bf16.cu"])
+@pytest.mark.parametrize("tu", ["w4a16_bf16.cu", "w4a16_sk_bf16.cu", "w4a16_wgmma_bf16.cu"])
 def test_kernel_compiles_for_sm90a(tmp_path, tu):
     """The kernel TUs (no torch headers) must compile for Hopper; ptxas -O0 keeps each well under 60 s."""
     cmd = ["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-std=c++17", "-O1", "-Xptxas", "-O0",

@@ -86,6 +86,34 @@ cudaError_t sk_launch_bf16(int cfg, const void* x, const void* qw, const void* s
 cudaError_t sk_launch_fp16(int cfg, const void* x, const void* qw, const void* sc, void* out, float* ws, int M,
                            int N, int K, int splits, cudaStream_t stream);
 
+// Hopper wgmma configs (w4a16_wgmma.cuh; UNVERIFIED on a GPU, not used by the default dispatch:
+// the op uses them only with GRACE_W4A16_WGMMA=1 or set_wgmma_dispatch(1), for M >= 64).
+// Own id space 0..kNumWgConfigs-1 (pybind: wgmma_gemm / wgmma_info). Columns: (id, X tokens per
+// CTA = wgmma N, WGS warpgroups per CTA (64 rows of W each), NS shared x stages, P k64 blocks of
+// weights in flight per warp, MB min CTAs per SM for the register allocator).
+#define GRACE_W4A16_WG_CONFIGS(X) \
+  X(0, 64, 2, 6, 4, 1)            \
+  X(1, 64, 1, 6, 8, 2)            \
+  X(2, 128, 2, 5, 4, 1)           \
+  X(3, 128, 1, 5, 4, 2)           \
+  X(4, 256, 2, 4, 2, 1)           \
+  X(5, 256, 1, 3, 2, 2)
+
+constexpr int kNumWgConfigs = 6;
+
+struct WgConfig {
+  int x, wgs, ns, p, mb;
+};
+bool wg_config(int cfg, WgConfig* out);
+// Automatic split count along K (same wave rule as the sk configs); 0 for an unknown id.
+int wg_auto_splits(int cfg, int M, int N, int K, int dtype);
+// out (M,N) = x @ W^T with a wg config. Needs N % 64 == 0, K % 128 == 0 and an sm_90 device
+// (the binding checks). splits > 1 needs ws as for sk_launch_*.
+cudaError_t wg_launch_bf16(int cfg, const void* x, const void* qw, const void* sc, void* out, float* ws, int M,
+                           int N, int K, int splits, cudaStream_t stream);
+cudaError_t wg_launch_fp16(int cfg, const void* x, const void* qw, const void* sc, void* out, float* ws, int M,
+                           int N, int K, int splits, cudaStream_t stream);
+
 struct TcConfig {
   int mt, tn, wn, wk, xr, p;
 };

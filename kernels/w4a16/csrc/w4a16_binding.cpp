@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "w4a16_api.h"
 
@@ -39,6 +40,51 @@ at::Tensor contiguous_aligned(const at::Tensor& x) {
   // The kernel reads activations with 16-byte loads: rows must be contiguous and 16-byte aligned.
   if (x.is_contiguous() && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0) return x;
   return x.contiguous().clone();
+}
+
+// ---- Hopper wgmma kernel (w4a16_wgmma.cuh): UNVERIFIED on a GPU; explicit entry points only, plus an
+// opt-in dispatch for M >= 64 (GRACE_W4A16_WGMMA=1 or set_wgmma_dispatch(1)); off by default.
+bool device_is_sm90(const at::Tensor& t) {
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device());
+  return major == 9;
+}
+
+int& wgmma_dispatch_flag() {
+  static int flag = [] {
+    const char* e = std::getenv("GRACE_W4A16_WGMMA");
+    return (e != nullptr && e[0] == '1') ? 1 : 0;
+  }();
+  return flag;
+}
+
+// Which wg config the opt-in dispatch uses (a guess until measured: kernels/NOTES.md v5).
+int choose_wgmma(int64_t M) { return M <= 96 ? 0 : (M <= 192 ? 2 : 4); }
+
+// splits: 0 = the config's automatic choice.
+void run_wg(int cfg, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, at::Tensor& out,
+            int64_t splits) {
+  const int M = (int)x.size(0), N = (int)out.size(1), K = (int)x.size(1);
+  TORCH_CHECK(N % 64 == 0, "w4a16 wgmma: N=", N, " is not a multiple of 64 (use the default op)");
+  TORCH_CHECK(device_is_sm90(x), "w4a16 wgmma: needs an sm_90 (Hopper) GPU");
+  grace_w4a16::WgConfig wc;
+  TORCH_CHECK(grace_w4a16::wg_config(cfg, &wc), "w4a16 wgmma: unknown config ", cfg);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const int s = splits > 0 ? (int)splits : grace_w4a16::wg_auto_splits(cfg, M, N, K, bf16 ? 0 : 1);
+  const int kbps = grace_w4a16::sk_kb_per_split(K, s);
+  const int S = (K / 64 + kbps - 1) / kbps;
+  at::Tensor ws;
+  float* wsp = nullptr;
+  if (S > 1) {  // fp32 token-pair workspace, zeroed by the launcher
+    ws = at::empty({(int64_t)((M + 1) / 2) * N * 2}, x.options().dtype(at::kFloat));
+    wsp = ws.data_ptr<float>();
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t e = bf16 ? grace_w4a16::wg_launch_bf16(cfg, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+                                                     out.data_ptr(), wsp, M, N, K, s, stream)
+                       : grace_w4a16::wg_launch_fp16(cfg, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+                                                     out.data_ptr(), wsp, M, N, K, s, stream);
+  TORCH_CHECK(e == cudaSuccess, "w4a16 wgmma: kernel launch failed (config ", cfg, "): ", cudaGetErrorString(e));
 }
 
 // splits: sk configs only; 0 = the config's automatic choice (sk_auto_splits).
@@ -161,6 +207,10 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x_in, const at::Tensor& qweight, co
   at::Tensor out = at::empty({M, N}, x_in.options());
   if (M == 0) return out;
   at::Tensor x = contiguous_aligned(x_in);
+  if (wgmma_dispatch_flag() != 0 && M >= 64 && N % 64 == 0 && device_is_sm90(x)) {  // opt-in, unverified
+    run_wg(choose_wgmma(M), x, qweight, scales, out, 0);
+    return out;
+  }
   const Choice ch = choose(M, N, x.size(1));
   if (ch.cfg >= 0) {
     run_tc(ch.cfg, x, qweight, scales, out, ch.splits);
@@ -226,6 +276,42 @@ int64_t sk_splits(int64_t cfg, int64_t M, int64_t N, int64_t K, int64_t splits, 
   return (K / 64 + kbps - 1) / kbps;
 }
 
+at::Tensor wgmma_gemm(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales, int64_t cfg,
+                      int64_t splits) {
+  check_inputs(x_in, qweight, scales, 128);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor x = contiguous_aligned(x_in);
+  at::Tensor out = at::empty({x.size(0), qweight.size(0) * 16}, x.options());
+  if (x.size(0) > 0) run_wg((int)cfg, x, qweight, scales, out, splits);
+  return out;
+}
+
+at::Tensor wgmma_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t cfg,
+                          at::Tensor out, int64_t splits) {
+  check_inputs(x, qweight, scales, 128);
+  TORCH_CHECK(x.is_contiguous() && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && out.is_contiguous() &&
+                  out.size(0) == x.size(0) && out.size(1) == qweight.size(0) * 16 &&
+                  out.scalar_type() == x.scalar_type(),
+              "w4a16 wgmma: bad x/out");
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (x.size(0) > 0) run_wg((int)cfg, x, qweight, scales, out, splits);
+  return out;
+}
+
+// (X, WGS, NS, P, MB) of a wg config.
+std::vector<int64_t> wgmma_info(int64_t cfg) {
+  grace_w4a16::WgConfig w;
+  TORCH_CHECK(grace_w4a16::wg_config((int)cfg, &w), "w4a16 wgmma: unknown config ", cfg);
+  return {w.x, w.wgs, w.ns, w.p, w.mb};
+}
+
+// Effective CTAs along K of a wg config for (M, N, K, requested splits; 0 = auto).
+int64_t wgmma_splits(int64_t cfg, int64_t M, int64_t N, int64_t K, int64_t splits, int64_t fp16) {
+  int s = splits > 0 ? (int)splits : grace_w4a16::wg_auto_splits((int)cfg, (int)M, (int)N, (int)K, (int)fp16);
+  const int kbps = grace_w4a16::sk_kb_per_split((int)K, s);
+  return (K / 64 + kbps - 1) / kbps;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(grace, CUDA, m) { m.impl("w4a16_gemm", &w4a16_gemm_cuda); }
@@ -248,4 +334,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "requested splits of the op's choice (0 = automatic; see sk_splits for the effective count)");
   m.def("choose_config_v3", &choose_config_v3, "the register-only kernel's config table (before sk)");
   m.attr("num_configs") = grace_w4a16::kNumAllConfigs;
+  // Hopper wgmma kernel (unverified; own config ids 0..num_wgmma_configs-1)
+  m.def("wgmma_gemm", &wgmma_gemm, "Hopper wgmma W4A16 GEMM with an explicit wg config id (splits: 0 = auto)",
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("cfg"), py::arg("splits") = 0);
+  m.def("wgmma_gemm_out", &wgmma_gemm_out, "same, into a preallocated output", py::arg("x"), py::arg("qweight"),
+        py::arg("scales"), py::arg("cfg"), py::arg("out"), py::arg("splits") = 0);
+  m.def("wgmma_info", &wgmma_info, "(X, WGS, NS, P, MB) of a wg config");
+  m.def("wgmma_splits", &wgmma_splits, "effective CTAs along K of a wg config (cfg, M, N, K, splits, fp16)");
+  m.def("choose_wgmma", &choose_wgmma, "wg config the opt-in dispatch uses for M");
+  m.def("set_wgmma_dispatch", [](int64_t on) { wgmma_dispatch_flag() = (int)on; },
+        "1: the op sends M >= 64 (N % 64 == 0, sm_90) to the wgmma kernel; 0: default dispatch");
+  m.def("wgmma_dispatch", []() { return (int64_t)wgmma_dispatch_flag(); }, "current opt-in dispatch flag");
+  m.attr("num_wgmma_configs") = grace_w4a16::kNumWgConfigs;
 }
