@@ -1,6 +1,6 @@
 """Reproduce the paper's comparison on the synthetic VQA benchmark, with one command.
 
-    python launch/study.py [--preset gpu|cpu|cpu-smoke] [--out DIR] [--seeds N] [--doc docs/study.md]
+    python launch/study.py [--preset gpu|cpu|cpu-smoke] [--out DIR] [--seeds N] [--jobs N] [--doc docs/study.md]
 
 Steps: synthetic train / val / hard-val shards -> teacher (larger tiny VLM, CE only) -> per seed:
 the student in 16 bits with CE only (baseline) -> W4 students from it: RTN, QAT (CE), QAT + naive KD
@@ -35,6 +35,12 @@ def parse_args(argv=None):
     ap.add_argument("--subprocess", action="store_true", help="run each training in a fresh process")
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="start no new run after this many seconds (exit code 3: run again to continue)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at a time, each in its own process, spread over the visible GPUs (several per GPU "
+                         "is fine: the study's models are small); default 1 = in this process, in plan order")
+    ap.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                    help="with --jobs > 1: stop the runs still going at this time (they resume from their last "
+                         "checkpoint when the command is run again; exit code 3)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a preset field, e.g. --set teacher_steps=600 (see grace_ds/study/presets.py)")
     ap.add_argument("--prune", action="store_true",
@@ -69,8 +75,10 @@ def main(argv=None) -> int:
     preset = apply_sets(get_preset(args.preset), args.set)
     out = Path(args.out or REPO / "runs" / f"study-{args.preset}")
     study = Study(preset, out, seeds=args.seeds, subprocess_runs=args.subprocess, progress=not args.no_progress,
-                  time_budget_s=args.time_budget, prune=args.prune)
-    result = study.run()
+                  time_budget_s=args.time_budget, deadline_s=args.deadline, prune=args.prune)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs}: expected >= 1")
+    result = study.run(jobs=args.jobs)
     summary = summarise(result["scores"])
     checks = check_claims(summary)
     missing = missing_rows(summary)

@@ -126,13 +126,22 @@ def test_student_runs_set_the_documented_knobs(tmp_path):
 
 
 def test_cpu_smoke_study_produces_every_row_and_resumes(tmp_path):
-    """The whole study on the cpu-smoke preset; a second invocation reuses every cached run."""
+    """The whole study on the cpu-smoke preset, 2 runs at a time in job processes (the parallel
+    scheduler); a second, serial invocation reuses every cached run."""
     out = tmp_path / "study"
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, str(REPO / "launch" / "study.py"), "--preset", "cpu-smoke", "--out", str(out),
            "--no-progress", "--prune"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    r = subprocess.run(cmd + ["--jobs", "2"], capture_output=True, text=True, env=env, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # dependencies respected: no W4 run started before its bf16 student finished, no KD run before the teacher
+    log = r.stdout.splitlines()
+    at = {ln.split()[2]: i for i, ln in enumerate(log) if ln.startswith("[study] finished ")}
+    st = {ln.split()[2]: i for i, ln in enumerate(log) if ln.startswith("[study] started ")}
+    assert set(st) == set(at) and len(st) == 10
+    assert all(st[n] > at["student_bf16_s0"] for n in st if n not in ("teacher", "student_bf16_s0"))
+    assert all(st[n] > at["teacher"] for n in ("qat_kd_w4_s0", "grace_w4_s0", "grace_w8_s0", "rcka_w4_s0"))
+    assert (out / "runs" / "grace_w4_s0" / "log.txt").exists()       # each job's log survives --prune
     doc = json.loads((out / "study.json").read_text())
     assert doc["missing_rows"] == []
     for row in ROWS:
@@ -171,3 +180,20 @@ def test_time_budget_stops_before_any_run_and_presets_cannot_mix(tmp_path):
         Study(smoke.with_overrides(qat_steps=99), tmp_path, progress=False, time_budget_s=0).run()
     # only the seed count may change between invocations
     assert Study(smoke, tmp_path, seeds=3, progress=False, log=lambda *_: None, time_budget_s=0).run()["complete"] is False
+
+
+def test_parallel_failure_names_the_run_and_its_log(tmp_path, monkeypatch):
+    """A job that fails is reported with its log; runs that need it are not started."""
+    from grace_ds.study.presets import get_preset
+    from grace_ds.study.runner import Study
+
+    study = Study(get_preset("cpu-smoke"), tmp_path, progress=False, log=lambda *_: None)
+    study.prepare()
+    # break the teacher's init so its job fails fast
+    (tmp_path / "models" / "teacher_init" / "config.json").write_text("{not json")
+    with pytest.raises(RuntimeError, match=r"teacher \(exit code"):
+        study.run(jobs=2)
+    log = (tmp_path / "runs" / "teacher" / "log.txt").read_text()
+    assert "Traceback" in log
+    assert not (tmp_path / "runs" / "grace_w4_s0").exists()        # needs the teacher: never started
+    assert (tmp_path / "runs" / "qat_w4_s0" / "eval.json").exists()  # independent of it: finished

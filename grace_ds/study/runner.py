@@ -66,7 +66,7 @@ def student_runs(preset: StudyPreset) -> list[RunSpec]:
 class Study:
     def __init__(self, preset: StudyPreset, out_dir: str | os.PathLike, *, seeds: int | None = None,
                  subprocess_runs: bool = False, progress: bool = True, log=print,
-                 time_budget_s: float | None = None, prune: bool = False):
+                 time_budget_s: float | None = None, deadline_s: float | None = None, prune: bool = False):
         self.p = preset
         self.out = Path(out_dir).resolve()
         self.seeds = list(range(seeds if seeds is not None else preset.seeds))
@@ -80,6 +80,9 @@ class Study:
         # Stop before starting a run once this many seconds have passed (the GPU machine allows
         # 10 minutes per command): the next invocation continues from the cache.
         self.time_budget_s = time_budget_s
+        # Parallel runs only: stop the runs still going at this many seconds (they resume from their
+        # last checkpoint in the next invocation), so one call ends before the machine's limit.
+        self.deadline_s = deadline_s
         self.progress = progress
         self.log = log
         self.data = self.out / "data"
@@ -125,8 +128,10 @@ class Study:
         self.log(f"[study] generating synthetic data into {self.data}")
         synthetic(["--out", str(self.data), "--train", str(self.p.train_samples), "--val", str(self.p.val_samples),
                    "--hard-val", str(self.p.hard_val_samples), "--seed", str(self.p.data_seed),
-                   "--difficulty", self.p.difficulty, "--image-size", str(self.p.image_size),
-                   "--samples-per-shard", str(max(64, self.p.train_samples // 16)), "--overwrite"]
+                   "--difficulty", self.p.difficulty, "--hard-difficulty", self.p.hard_difficulty, "--image-size", str(self.p.image_size),
+                   "--samples-per-shard", str(max(64, self.p.train_samples // 16)), "--overwrite",
+                   "--workers", str(min(8, os.cpu_count() or 1))]
+                  + (["--qtypes", ",".join(self.p.qtypes)] if self.p.qtypes else [])
                   + ([] if self.progress else ["--quiet"]))
 
     def _base_model(self, role: str) -> Path:
@@ -217,12 +222,26 @@ class Study:
         if not (final / "config.json").exists():
             raise RuntimeError(f"run {name}: training finished but {final} has no config.json")
         self.log(f"[study] trained {name} in {time.time() - t0:.0f}s -> {final}")
+        self._log_training_summary(name, Path(raw["train"]["output_dir"]) / "metrics.jsonl")
         return final
+
+    def _log_training_summary(self, name: str, path: Path) -> None:
+        """First and last logged step of a training (loss, beta, rates): the record kept in the run's
+        log after --prune deletes metrics.jsonl."""
+        if not path.exists():
+            return
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not rows:
+            return
+        keep = ("step", "loss", "ce", "gdkd", "rcka", "beta", "lr", "samples_per_s", "tokens_per_s",
+                "data_wait_frac", "peak_mem_gb")
+        for tag, row in (("first", rows[0]), ("last", rows[-1])):
+            self.log(f"[study] {name} {tag} logged step: " + json.dumps({k: row[k] for k in keep if k in row}))
 
     def prune_run(self, name: str, keep_final: bool) -> None:
         run = self.runs / name
         for child in list(run.iterdir()):
-            if child.name in ("eval.json", "config.json"):
+            if child.name in ("eval.json", "config.json", "log.txt"):
                 continue
             if keep_final and child.name == "train":
                 for sub in list(child.iterdir()):
@@ -244,11 +263,49 @@ class Study:
         _free_memory()
         return doc
 
-    # ------------------------------------------------------------------ whole study
-    def run(self) -> dict:
-        from tqdm.auto import tqdm
+    # ------------------------------------------------------------------ one run
+    def deps(self, key: str, seed: int | None, spec: RunSpec | None) -> list[str]:
+        """Names of the runs whose exports this run starts from."""
+        if key in ("teacher", "student_bf16"):
+            return []
+        return [f"student_bf16_s{seed}"] + (["teacher"] if spec is not None and spec.teacher else [])
 
-        t0 = time.time()
+    def run_one(self, name: str, key: str, seed: int | None, spec: RunSpec | None) -> dict:
+        """Train (or round) and score one run; its dependencies' exports must exist."""
+        p = self.p
+        teacher_final = self.runs / "teacher" / "train" / "final"
+        bf16_final = self.runs / f"student_bf16_s{seed}" / "train" / "final"
+        cached = (self.runs / name / "eval.json").exists()
+        if key == "teacher":
+            raw = self.train_config(name, student=self._base_model("teacher"), seed=0, steps=p.teacher_steps,
+                                    lr=p.teacher_lr, bits=None, teacher=None, grace=None,
+                                    freeze_vision=False, init=None)
+            ckpt = self.train(name, raw)
+        elif key == "student_bf16":
+            raw = self.train_config(name, student=self.student_init(seed), seed=seed, steps=p.baseline_steps,
+                                    lr=p.baseline_lr, bits=None, teacher=None, grace=None,
+                                    freeze_vision=False, init=None)
+            ckpt = self.train(name, raw)
+        elif cached:      # scored already: its checkpoint is not needed again (and may be pruned)
+            ckpt = None
+        elif spec.kind == "rtn":
+            ckpt = self.runs / name / "final"
+            if not (ckpt / "config.json").exists():
+                from grace_ds.study.rtn import make_rtn_checkpoint
+
+                make_rtn_checkpoint(bf16_final, ckpt, bits=spec.bits, group_size=p.group_size)
+        else:
+            raw = self.train_config(name, student=bf16_final, seed=seed, steps=p.qat_steps, lr=p.qat_lr,
+                                    bits=spec.bits, teacher=teacher_final if spec.teacher else None,
+                                    grace=spec.grace, freeze_vision=True, init=bf16_final)
+            ckpt = self.train(name, raw)
+        doc = self.evaluate(name, ckpt)
+        if self.prune:
+            self.prune_run(name, keep_final=key in ("teacher", "student_bf16"))
+        return doc
+
+    def prepare(self) -> None:
+        """Everything the runs share, made once before any of them starts."""
         self.out.mkdir(parents=True, exist_ok=True)
         self.check_preset()
         self.make_data()
@@ -257,46 +314,125 @@ class Study:
         self._base_model("teacher")
         for s in self.seeds:
             self.student_init(s)
+
+    # ------------------------------------------------------------------ whole study
+    def run(self, jobs: int = 1) -> dict:
+        """Every run of the plan (serially, or `jobs` at a time in subprocesses spread over the
+        visible GPUs), then the scores of every scored run in plan order."""
+        t0 = time.time()
+        self.prepare()
+        if jobs > 1:
+            complete = self._run_parallel(jobs, t0)
+        else:
+            complete = self._run_serial(t0)
+        return {"scores": self.collect(), "seconds": round(time.time() - t0, 1), "complete": complete}
+
+    def _over_budget(self, t0: float) -> bool:
+        return self.time_budget_s is not None and time.time() - t0 > self.time_budget_s
+
+    def _run_serial(self, t0: float) -> bool:
+        from tqdm.auto import tqdm
+
         plan = self.plan()
-        scores: dict = {}
         bar = tqdm(total=len(plan), desc="study runs", unit="run", disable=not self.progress, dynamic_ncols=True)
-        teacher_final = bf16_final = None
-        complete = True
         for name, key, seed, spec in plan:
             bar.set_postfix_str(name)
-            p = self.p
-            cached = (self.runs / name / "eval.json").exists()
-            if not cached and self.time_budget_s is not None and time.time() - t0 > self.time_budget_s:
+            if not (self.runs / name / "eval.json").exists() and self._over_budget(t0):
                 self.log(f"[study] time budget of {self.time_budget_s:.0f}s used: stopping before {name}; "
                          "run the same command again to continue")
-                complete = False
-                break
-            if key == "teacher":
-                raw = self.train_config(name, student=self._base_model("teacher"), seed=0, steps=p.teacher_steps,
-                                        lr=p.teacher_lr, bits=None, teacher=None, grace=None,
-                                        freeze_vision=False, init=None)
-                ckpt = teacher_final = self.train(name, raw)
-            elif key == "student_bf16":
-                raw = self.train_config(name, student=self.student_init(seed), seed=seed, steps=p.baseline_steps,
-                                        lr=p.baseline_lr, bits=None, teacher=None, grace=None,
-                                        freeze_vision=False, init=None)
-                ckpt = bf16_final = self.train(name, raw)
-            elif cached:      # scored already: its checkpoint is not needed again (and may be pruned)
-                ckpt = None
-            elif spec.kind == "rtn":
-                ckpt = self.runs / name / "final"
-                if not (ckpt / "config.json").exists():
-                    from grace_ds.study.rtn import make_rtn_checkpoint
+                bar.close()
+                return False
+            self.run_one(name, key, seed, spec)
+            bar.update(1)
+        bar.close()
+        return True
 
-                    make_rtn_checkpoint(bf16_final, ckpt, bits=spec.bits, group_size=p.group_size)
-            else:
-                raw = self.train_config(name, student=bf16_final, seed=seed, steps=p.qat_steps, lr=p.qat_lr,
-                                        bits=spec.bits, teacher=teacher_final if spec.teacher else None,
-                                        grace=spec.grace, freeze_vision=True, init=bf16_final)
-                ckpt = self.train(name, raw)
-            doc = self.evaluate(name, ckpt)
-            if self.prune:
-                self.prune_run(name, keep_final=key in ("teacher", "student_bf16"))
+    def _run_parallel(self, jobs: int, t0: float) -> bool:
+        """A small scheduler: each run is `python -m grace_ds.study.job OUT NAME` in its own process
+        (own CUDA context and process group), started once its dependencies are scored, on the
+        least-loaded GPU. A failed run is reported with the tail of its log; runs that do not
+        depend on it go on. With a time budget no run starts after it, and at `deadline_s` the
+        running ones are stopped (they resume from their last checkpoint next time)."""
+        from tqdm.auto import tqdm
+
+        self.save_job_spec()
+        plan = self.plan()
+        done = {name for name, *_ in plan if (self.runs / name / "eval.json").exists()}
+        pending = [r for r in plan if r[0] not in done]
+        ngpu = _gpu_count()
+        load = [0] * max(ngpu, 1)
+        threads = max(1, (os.cpu_count() or 2) // jobs)
+        running: dict[str, tuple[subprocess.Popen, int, float]] = {}
+        failed: dict[str, str] = {}
+        bar = tqdm(total=len(plan), initial=len(done), desc="study runs", unit="run", disable=not self.progress,
+                   dynamic_ncols=True)
+        stopped = False
+        while pending or running:
+            # start what is ready
+            while len(running) < jobs and not stopped:
+                if self._over_budget(t0):
+                    self.log(f"[study] time budget of {self.time_budget_s:.0f}s used: starting no new run")
+                    stopped = True
+                    break
+                ready = next((r for r in pending if all(d in done for d in self.deps(r[1], r[2], r[3]))), None)
+                if ready is None:
+                    break
+                pending.remove(ready)
+                name = ready[0]
+                gpu = min(range(len(load)), key=load.__getitem__)
+                env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                       "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+                if ngpu:
+                    env["CUDA_VISIBLE_DEVICES"] = _visible_gpu(gpu)
+                (self.runs / name).mkdir(parents=True, exist_ok=True)
+                log = open(self.runs / name / "log.txt", "ab")
+                proc = subprocess.Popen([sys.executable, "-m", "grace_ds.study.job", str(self.out), name],
+                                        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                log.close()
+                running[name] = (proc, gpu, time.time())
+                load[gpu] += 1
+                self.log(f"[study] started {name} on gpu {gpu if ngpu else '-'} ({len(running)} running)")
+            if not running:
+                break
+            if self.deadline_s is not None and time.time() - t0 > self.deadline_s:
+                for name, (proc, gpu, _) in running.items():
+                    self.log(f"[study] deadline of {self.deadline_s:.0f}s: stopping {name} (it resumes next time)")
+                    _terminate(proc)
+                running.clear()
+                stopped = True
+                break
+            time.sleep(0.5)
+            for name, (proc, gpu, started) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                del running[name]
+                load[gpu] -= 1
+                if rc == 0 and (self.runs / name / "eval.json").exists():
+                    done.add(name)
+                    bar.update(1)
+                    self.log(f"[study] finished {name} in {time.time() - started:.0f}s")
+                else:
+                    tail = _tail(self.runs / name / "log.txt")
+                    failed[name] = f"exit code {rc}"
+                    self.log(f"[study] run {name} FAILED (exit code {rc}); last lines of "
+                             f"{self.runs / name / 'log.txt'}:\n{tail}")
+                    # whatever needed it cannot run in this invocation
+                    pending = [r for r in pending if name not in self.deps(r[1], r[2], r[3])]
+        bar.close()
+        if failed:
+            raise RuntimeError(f"study runs failed: {', '.join(f'{k} ({v})' for k, v in failed.items())}; "
+                               "their logs are runs/<name>/log.txt under the study directory")
+        return not stopped and not pending
+
+    def collect(self) -> dict:
+        """Scores of every scored run, in plan order: {row: {split: {metric: [value per seed]}}}."""
+        scores: dict = {}
+        for name, key, seed, spec in self.plan():
+            path = self.runs / name / "eval.json"
+            if not path.exists():
+                continue
+            doc = json.loads(path.read_text())
             for split in SPLITS:
                 r = doc["results"][split]
                 vals = {"acc": r["overall_gen"], "mc_gen": r["multiple_choice"].get("mc_gen"),
@@ -306,9 +442,73 @@ class Study:
                 for m, v in vals.items():
                     scores.setdefault(key, {}).setdefault(split, {}).setdefault(m, []).append(
                         float("nan") if v is None else float(v))
-            bar.update(1)
-        bar.close()
-        return {"scores": scores, "seconds": round(time.time() - t0, 1), "complete": complete}
+        return scores
+
+    # ------------------------------------------------------------------ job processes
+    def save_job_spec(self) -> None:
+        """What a job process needs to rebuild this Study (the preset after --set, seeds, pruning)."""
+        spec = {"preset": asdict(self.p), "seeds": len(self.seeds), "prune": self.prune}
+        tmp = self.out / "job_spec.json.tmp"
+        tmp.write_text(json.dumps(spec, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, self.out / "job_spec.json")
+
+    @classmethod
+    def from_job_spec(cls, out_dir: str | os.PathLike) -> "Study":
+        spec = json.loads((Path(out_dir) / "job_spec.json").read_text())
+        d = dict(spec["preset"])
+        if d.get("qtypes") is not None:
+            d["qtypes"] = tuple(d["qtypes"])
+        for role in ("teacher", "student"):
+            if isinstance(d[role], dict):
+                d[role] = ModelSpec(**d[role])
+        return cls(StudyPreset(**d), out_dir, seeds=spec["seeds"], progress=False, prune=spec["prune"])
+
+    def run_named(self, name: str) -> dict:
+        for n, key, seed, spec in self.plan():
+            if n == name:
+                missing = [d for d in self.deps(key, seed, spec) if not (self.runs / d / "eval.json").exists()]
+                if missing:
+                    raise RuntimeError(f"run {name} needs {', '.join(missing)} first")
+                return self.run_one(n, key, seed, spec)
+        raise ValueError(f"no run named {name!r} in this study (runs: {', '.join(n for n, *_ in self.plan())})")
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def _visible_gpu(i: int) -> str:
+    """The i-th GPU of the parent's CUDA_VISIBLE_DEVICES (or plain index i)."""
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if vis:
+        return vis.split(",")[i].strip()
+    return str(i)
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + ln for ln in lines[-n:])
 
 
 def _free_memory() -> None:
