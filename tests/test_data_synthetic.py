@@ -216,3 +216,28 @@ def test_mc_options_do_not_give_the_answer_away():
             assert opts == list(range(opts[0], opts[0] + len(opts)))       # consecutive window
             ranks.append(opts.index(int(m["answer_text"])))
     assert len(ranks) > 30 and max(ranks.count(r) for r in set(ranks)) / len(ranks) < 0.4 and len(set(ranks)) == 5
+
+
+def test_qtypes_mc_fraction_and_hard_difficulty_apply_to_every_split(tmp_path):
+    """--qtypes / --mc-fraction restrict every split; val_hard takes --hard-difficulty."""
+    _gen(tmp_path, "--difficulty", "basic", "--hard-val", "15", "--hard-difficulty", "easy",
+         "--qtypes", "colour,count", "--mc-fraction", "0")
+    for split, difficulty in (("train", "basic"), ("val", "basic"), ("val_hard", "easy")):
+        samples = _samples(tmp_path / split)
+        assert samples
+        for _, members in samples:
+            meta = json.loads(members["json"])["meta"]
+            assert meta["qtype"] in ("colour", "count") and meta["format"] == "open", (split, meta)
+            assert meta["difficulty"] == difficulty
+    with pytest.raises(SystemExit):
+        _gen(tmp_path / "bad", "--qtypes", "colour,nope")
+    with pytest.raises(SystemExit):
+        _gen(tmp_path / "bad2", "--mc-fraction", "1.5")
+
+
+def test_basic_scenes_are_few_large_objects():
+    cfg = GeneratorConfig(seed=5, difficulty="basic", image_size=112)
+    for i in range(60):
+        objs = make_sample(cfg, "train", i).record["meta"]["objects"]
+        # radius 0.18-0.26 of the side; a "size" question shrinks one object by the 1.6 margin
+        assert 1 <= len(objs) <= 3 and all(o["r"] >= 0.18 / 1.6 - 1e-3 for o in objs)

@@ -1,7 +1,8 @@
 """Synthetic VQA benchmark: procedurally rendered shape scenes with MMBench-style questions.
 
     python -m grace_ds.data.synthetic --out DIR --train N --val M --seed S \
-        [--difficulty easy|medium|hard] [--image-size PX] [--hard-val M2] [--samples-per-shard K]
+        [--difficulty basic|easy|medium|hard] [--image-size PX] [--hard-val M2] [--hard-difficulty D]
+        [--qtypes colour,shape,...] [--samples-per-shard K]
 
 Writes ``DIR/train``, ``DIR/val`` (and ``DIR/val_hard``) in the shard format of docs/data.md.
 Each sample: one rendered PNG + one question, either multiple choice
@@ -103,6 +104,10 @@ class Difficulty:
 
 _BASIC = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "gray", "black", "cyan", "magenta")
 DIFFICULTIES: dict[str, Difficulty] = {
+    # 1-2 large objects (40-60 px at 112 px), 6 colours, 3 shapes: what a VLM trained from scratch for a
+    # few thousand steps can read (the study's GPU preset; "easy" already needs shape recognition at
+    # one 14-px patch per object, which tiny from-scratch models did not learn in ~1000 steps).
+    "basic": Difficulty(1, 2, 3, _BASIC[:6], SHAPES[:3], (0.18, 0.26), 1.6, 1.0, 0, 0, 0.0, 3),
     "easy": Difficulty(1, 3, 3, _BASIC[:8], SHAPES[:4], (0.10, 0.16), 1.6, 1.0, 0, 0, 0.0, 3),
     "medium": Difficulty(3, 6, 6, _BASIC, SHAPES[:6], (0.07, 0.13), 1.3, 1.0, 6, 8, 0.4, 4),
     "hard": Difficulty(6, 12, 9, tuple(COLOURS), SHAPES, (0.045, 0.10), 1.15, 0.6, 14, 14, 0.7, 5),
@@ -131,6 +136,7 @@ class GeneratorConfig:
     image_size: int = 224          # pixels (square); processors resize
     mc_fraction: float = 0.6       # multiple-choice share, the rest is open short answer
     max_attempts: int = 50         # scene re-draws before giving up on an unambiguous question
+    qtypes: tuple[str, ...] = QTYPES   # question types drawn (uniformly)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,7 +426,7 @@ def make_sample(cfg: GeneratorConfig, split: str, index: int, attempt: int = 0) 
     d = DIFFICULTIES[cfg.difficulty]
     for sub in range(cfg.max_attempts):
         rng = _rng(cfg.seed, split, index, attempt * 1000 + sub)
-        qtype = rng.choice(QTYPES)
+        qtype = rng.choice(cfg.qtypes)
         mc = rng.random() < cfg.mc_fraction
         q = _question(rng, d, qtype, cfg)
         if q is not None:
@@ -540,7 +546,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--difficulty", choices=tuple(DIFFICULTIES), default="medium")
     ap.add_argument("--image-size", type=int, default=224, help="image side in pixels")
-    ap.add_argument("--hard-val", type=int, default=0, help="extra validation split at difficulty hard (val_hard/)")
+    ap.add_argument("--hard-val", type=int, default=0, help="extra validation split at --hard-difficulty (val_hard/)")
+    ap.add_argument("--hard-difficulty", choices=tuple(DIFFICULTIES), default="hard",
+                    help="difficulty of val_hard (default hard)")
+    ap.add_argument("--mc-fraction", type=float, default=GeneratorConfig.mc_fraction,
+                    help="share of multiple-choice questions (the rest are open short answers); every split")
+    ap.add_argument("--qtypes", default=",".join(QTYPES),
+                    help=f"comma-separated question types for every split (default all: {','.join(QTYPES)})")
     ap.add_argument("--samples-per-shard", type=int, default=500)
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -549,11 +561,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     t0 = time.time()
-    cfg = GeneratorConfig(seed=args.seed, difficulty=args.difficulty, image_size=args.image_size)
+    qtypes = tuple(q.strip() for q in args.qtypes.split(",") if q.strip())
+    bad = [q for q in qtypes if q not in QTYPES]
+    if bad or not qtypes:
+        ap.error(f"--qtypes {args.qtypes!r}: expected a comma-separated subset of {','.join(QTYPES)}")
+    if not 0.0 <= args.mc_fraction <= 1.0:
+        ap.error(f"--mc-fraction {args.mc_fraction}: expected a value in [0, 1]")
+    cfg = GeneratorConfig(seed=args.seed, difficulty=args.difficulty, image_size=args.image_size, qtypes=qtypes,
+                          mc_fraction=args.mc_fraction)
     train_hashes: set[str] = set()
     plan = [("train", args.train, cfg), ("val", args.val, cfg)]
     if args.hard_val:
-        plan.append(("val_hard", args.hard_val, GeneratorConfig(seed=args.seed, difficulty="hard", image_size=args.image_size)))
+        plan.append(("val_hard", args.hard_val, GeneratorConfig(seed=args.seed, difficulty=args.hard_difficulty,
+                                                                 image_size=args.image_size, qtypes=qtypes,
+                                                                 mc_fraction=args.mc_fraction)))
     for split, n, c in plan:
         stats: dict = {}
         seen: set[str] = set()
