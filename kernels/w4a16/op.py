@@ -80,8 +80,8 @@ def load_extension(verbose: bool = False):
 def w4a16_gemm(x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int = GROUP_SIZE) -> torch.Tensor:
     """out (..., N) = x (..., K) @ W.T for a weight packed by ``pack_weights``.
 
-    CUDA: ``torch.ops.grace.w4a16_gemm`` (tensor-core kernel for small M, dequantise + cuBLAS for
-    large M). Elsewhere: the pure-PyTorch reference. x: bf16 or fp16 on CUDA; the packed scales are
+    CUDA: ``torch.ops.grace.w4a16_gemm`` (mma.sync kernels up to M = 128, the Hopper wgmma kernel
+    for 129..384, dequantise + cuBLAS above). Elsewhere: the pure-PyTorch reference. x: bf16 or fp16 on CUDA; the packed scales are
     converted to x's dtype if they differ (pack for the serving dtype to avoid that).
     """
     if group_size != GROUP_SIZE:

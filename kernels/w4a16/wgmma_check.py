@@ -7,7 +7,8 @@ One device call (H100/H200, < 3 min including the ~60-100 s build):
 2. correctness, in a worker subprocess: every wg config (ids 0..num_wgmma_configs-1, table in
    csrc/w4a16_api.h) x shapes (N, K) x M in {64, 100, 128, 256, 1024, 2048}, bf16 (+ fp16 on two
    shapes x M in {64, 100, 256}), automatic split count; plus forced splits=3 (the atomic path) and
-   the op with the opt-in dispatch (set_wgmma_dispatch(1)). Fresh random x per check, NaN-poisoned
+   the op with every M >= 64 sent to the wgmma kernel (set_wgmma_dispatch(1)); "op" timings use
+   set_wgmma_dispatch(-1) (the dispatch before the wgmma kernel). Fresh random x per check, NaN-poisoned
    outputs, relative Frobenius error vs a float64 reference (reference.py semantics) <= 1e-2.
    Every case is appended (flushed) to DIR/wg_check.jsonl before and after it runs. A crash (e.g.
    an illegal address kills the CUDA context) kills only the worker: the parent marks the config
@@ -109,7 +110,7 @@ def worker_check(out, skip_cfgs, quick):
                         try:
                             o = torch.ops.grace.w4a16_gemm(x, p["qweight"], p["scales"], 128)
                         finally:
-                            ext.set_wgmma_dispatch(0)
+                            ext.set_wgmma_dispatch(-1)
                     torch.cuda.synchronize()
                     e = rel_err(o, ref)
                     rec["rel_err"] = e
@@ -151,6 +152,7 @@ def worker_time(out, cfgs, quick, skip_cfgs=frozenset()):
         W = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n_bf)]
         Q = [pack_weights(*rand_weight(N, K, "cuda"), dtype=torch.bfloat16) for _ in range(n_q)]
         for M in ms:
+            ext.set_wgmma_dispatch(-1)    # "op" = the op without the wgmma kernel (the pre-v5 dispatch)
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             methods = [("cublas", lambda: [lambda w=w: torch.matmul(x, w.t()) for w in W]),
                        ("op", lambda: [lambda q=q: torch.ops.grace.w4a16_gemm(x, q["qweight"], q["scales"], 128) for q in Q])]
@@ -171,7 +173,7 @@ def worker_time(out, cfgs, quick, skip_cfgs=frozenset()):
                         try:
                             rec["us"] = graph_time([lambda q=q: torch.ops.grace.w4a16_gemm(x, q["qweight"], q["scales"], 128) for q in Q])
                         finally:
-                            ext.set_wgmma_dispatch(0)
+                            ext.set_wgmma_dispatch(-1)
                         rec["wg_cfg"] = int(ext.choose_wgmma(M))
                     else:
                         rec["us"] = graph_time(fns())
