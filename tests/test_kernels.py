@@ -2,6 +2,7 @@
 (skipped without a GPU; run them on the device machine with `pytest -m gpu tests/test_kernels.py`)."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -168,6 +169,36 @@ def test_kernel_compiles_for_sm90a(tmp_path, tu):
     """The kernel TUs (no torch headers) must compile for Hopper; ptxas -O0 keeps each well under 60 s."""
     cmd = ["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-std=c++17", "-O1", "-Xptxas", "-O0",
            "-c", str(CSRC / tu), "-o", str(tmp_path / "k.o")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+def _cuda_include() -> Path | None:
+    for d in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if d and (Path(d) / "include" / "cuda_runtime_api.h").exists():
+            return Path(d) / "include"
+    nvcc = shutil.which("nvcc")
+    if nvcc and (Path(nvcc).resolve().parents[1] / "include" / "cuda_runtime_api.h").exists():
+        return Path(nvcc).resolve().parents[1] / "include"
+    return None
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or _cuda_include() is None, reason="needs g++ and the CUDA headers")
+def test_binding_parses_against_torch_headers(tmp_path):
+    """The torch binding (dispatch, pybind entries) is only built on a GPU machine: parse it here with
+    g++ against this torch's headers. A CPU torch lacks c10/cuda/impl/cuda_cmake_macros.h (generated
+    at build time); a one-line stand-in is enough for -fsyntax-only."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    inc = ["-I", str(tmp_path)] + [a for p in include_paths() for a in ("-I", p)]
+    inc += ["-I", str(_cuda_include()), "-I", sysconfig.get_paths()["include"]]
+    cmd = ["g++", "-std=c++17", "-fsyntax-only", "-w", "-DTORCH_EXTENSION_NAME=w4a16_check", *inc,
+           str(CSRC / "w4a16_binding.cpp")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
 
