@@ -197,3 +197,6 @@ def test_parallel_failure_names_the_run_and_its_log(tmp_path, monkeypatch):
     assert "Traceback" in log
     assert not (tmp_path / "runs" / "grace_w4_s0").exists()        # needs the teacher: never started
     assert (tmp_path / "runs" / "qat_w4_s0" / "eval.json").exists()  # independent of it: finished
+    from grace_ds.study.runner import _port_clash
+
+    assert _port_clash("torch.distributed.DistNetworkError: ... EADDRINUSE") and not _port_clash(log)

@@ -162,7 +162,7 @@ def checks_table(checks: list[Check]) -> str:
 
 
 def render_markdown(summary: dict, checks: list[Check], *, preset: str, seeds: int, notes: str = "",
-                    setup: str = "") -> str:
+                    setup: str = "", hard_difficulty: str = "hard") -> str:
     n_pass = sum(c.verdict == "PASS" for c in checks)
     parts = [
         "# Study: GRACE vs. its baselines on the synthetic VQA benchmark",
@@ -179,7 +179,7 @@ def render_markdown(summary: dict, checks: list[Check], *, preset: str, seeds: i
         "\"acc\" = every held-out question answered by greedy generation (multiple choice: the parsed "
         "answer letter; open questions: exact match). MC (loglik) picks the option letter with the highest "
         "log-likelihood. `val` = held-out split at the training difficulty, `hard` = held-out split at "
-        "difficulty hard.",
+        f"difficulty {hard_difficulty}.",
         "",
         main_table(summary),
         "",

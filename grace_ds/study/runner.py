@@ -132,6 +132,7 @@ class Study:
                    "--samples-per-shard", str(max(64, self.p.train_samples // 16)), "--overwrite",
                    "--workers", str(min(8, os.cpu_count() or 1))]
                   + (["--qtypes", ",".join(self.p.qtypes)] if self.p.qtypes else [])
+                  + (["--mc-fraction", str(self.p.mc_fraction)] if self.p.mc_fraction is not None else [])
                   + ([] if self.progress else ["--quiet"]))
 
     def _base_model(self, role: str) -> Path:
@@ -184,17 +185,19 @@ class Study:
         return target
 
     def train_config(self, name: str, *, student: Path, seed: int, steps: int, lr: float, bits: int | None,
-                     teacher: Path | None, grace: dict | None, freeze_vision: bool, init: Path | None) -> dict:
+                     teacher: Path | None, grace: dict | None, freeze_vision: bool, init: Path | None,
+                     micro_batch: int | None = None) -> dict:
         p = self.p
+        mb = micro_batch or p.micro_batch
         return {
             "model": {"student": str(student), "teacher": str(teacher) if teacher else None,
                       "student_init": str(init) if init else None, "presets_dir": str(self.presets_dir)},
             "quant": {"enabled": bits is not None, "bits": bits or 4, "group_size": p.group_size},
             "grace": dict(grace or {"use_kd": False, "use_rcka": False, "controller": False}),
             "data": {"train_dirs": [str(self.data / "train")], "val_dirs": [], "num_workers": p.num_workers,
-                     "micro_batch_size": p.micro_batch, "seed": seed, "max_length": p.max_length},
+                     "micro_batch_size": mb, "seed": seed, "max_length": p.max_length},
             "optim": {"lr": lr, "warmup_steps": min(p.warmup_steps, max(steps // 10, 0))},
-            "train": {"max_steps": steps, "micro_batch_size": p.micro_batch, "grad_accum": p.grad_accum,
+            "train": {"max_steps": steps, "micro_batch_size": mb, "grad_accum": p.grad_accum,
                       "seed": seed, "output_dir": str(self.runs / name / "train"), "freeze_vision": freeze_vision,
                       "resume": "auto", "save_every": p.save_every, "eval_every": 0},
             "log": {"tensorboard": False, "progress": self.progress},
@@ -279,7 +282,7 @@ class Study:
         if key == "teacher":
             raw = self.train_config(name, student=self._base_model("teacher"), seed=0, steps=p.teacher_steps,
                                     lr=p.teacher_lr, bits=None, teacher=None, grace=None,
-                                    freeze_vision=False, init=None)
+                                    freeze_vision=False, init=None, micro_batch=p.teacher_micro_batch)
             ckpt = self.train(name, raw)
         elif key == "student_bf16":
             raw = self.train_config(name, student=self.student_init(seed), seed=seed, steps=p.baseline_steps,
@@ -361,11 +364,31 @@ class Study:
         pending = [r for r in plan if r[0] not in done]
         ngpu = _gpu_count()
         load = [0] * max(ngpu, 1)
+        # The teacher is the critical path (every distillation run waits for it): it counts as a full
+        # GPU's share of jobs, so the others fill the remaining GPUs first.
+        teacher_weight = max(1, -(-jobs // max(ngpu, 1))) if ngpu > 1 else 1
         threads = max(1, (os.cpu_count() or 2) // jobs)
-        running: dict[str, tuple[subprocess.Popen, int, float]] = {}
+        running: dict[str, tuple[subprocess.Popen, int, float, int]] = {}
         failed: dict[str, str] = {}
         bar = tqdm(total=len(plan), initial=len(done), desc="study runs", unit="run", disable=not self.progress,
                    dynamic_ncols=True)
+        stopped = False
+        retried: set[str] = set()
+        try:
+            stopped, pending = self._schedule(jobs, t0, pending, done, running, failed, retried, load, ngpu,
+                                              threads, teacher_weight, bar)
+        finally:
+            # an exception or Ctrl-C here must not leave job processes (own sessions) running
+            for proc, *_rest in running.values():
+                _terminate(proc)
+        bar.close()
+        if failed:
+            raise RuntimeError(f"study runs failed: {', '.join(f'{k} ({v})' for k, v in failed.items())}; "
+                               "their logs are runs/<name>/log.txt under the study directory")
+        return not stopped and not pending
+
+    def _schedule(self, jobs, t0, pending, done, running, failed, retried, load, ngpu, threads, teacher_weight,
+                  bar):
         stopped = False
         while pending or running:
             # start what is ready
@@ -389,41 +412,44 @@ class Study:
                 proc = subprocess.Popen([sys.executable, "-m", "grace_ds.study.job", str(self.out), name],
                                         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
                 log.close()
-                running[name] = (proc, gpu, time.time())
-                load[gpu] += 1
+                weight = teacher_weight if name == "teacher" else 1
+                running[name] = (proc, gpu, time.time(), weight)
+                load[gpu] += weight
                 self.log(f"[study] started {name} on gpu {gpu if ngpu else '-'} ({len(running)} running)")
             if not running:
                 break
             if self.deadline_s is not None and time.time() - t0 > self.deadline_s:
-                for name, (proc, gpu, _) in running.items():
+                for name, (proc, *_rest) in running.items():
                     self.log(f"[study] deadline of {self.deadline_s:.0f}s: stopping {name} (it resumes next time)")
                     _terminate(proc)
                 running.clear()
                 stopped = True
                 break
             time.sleep(0.5)
-            for name, (proc, gpu, started) in list(running.items()):
+            for name, (proc, gpu, started, weight) in list(running.items()):
                 rc = proc.poll()
                 if rc is None:
                     continue
                 del running[name]
-                load[gpu] -= 1
+                load[gpu] -= weight
                 if rc == 0 and (self.runs / name / "eval.json").exists():
                     done.add(name)
                     bar.update(1)
                     self.log(f"[study] finished {name} in {time.time() - started:.0f}s")
                 else:
                     tail = _tail(self.runs / name / "log.txt")
+                    if name not in retried and _port_clash(tail):
+                        # two jobs picked the same free rendezvous port at once: start it again
+                        retried.add(name)
+                        pending.insert(0, next(r for r in self.plan() if r[0] == name))
+                        self.log(f"[study] {name}: rendezvous port already in use; starting it again")
+                        continue
                     failed[name] = f"exit code {rc}"
                     self.log(f"[study] run {name} FAILED (exit code {rc}); last lines of "
                              f"{self.runs / name / 'log.txt'}:\n{tail}")
                     # whatever needed it cannot run in this invocation
                     pending = [r for r in pending if name not in self.deps(r[1], r[2], r[3])]
-        bar.close()
-        if failed:
-            raise RuntimeError(f"study runs failed: {', '.join(f'{k} ({v})' for k, v in failed.items())}; "
-                               "their logs are runs/<name>/log.txt under the study directory")
-        return not stopped and not pending
+        return stopped, pending
 
     def collect(self) -> dict:
         """Scores of every scored run, in plan order: {row: {split: {metric: [value per seed]}}}."""
@@ -501,6 +527,11 @@ def _terminate(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _port_clash(log_tail: str) -> bool:
+    t = log_tail.lower()
+    return "address already in use" in t or "eaddrinuse" in t
 
 
 def _tail(path: Path, n: int = 25) -> str:

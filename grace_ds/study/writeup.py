@@ -24,10 +24,14 @@ def setup_text(p: StudyPreset, seeds: int, seconds: float) -> str:
     return "\n".join([
         "## Setup",
         "",
-        f"- Data: synthetic VQA (`grace_ds.data.synthetic`), difficulty `{p.difficulty}`, {p.train_samples} train / "
-        f"{p.val_samples} val / {p.hard_val_samples} hard-val samples, {p.image_size}px images, data seed {p.data_seed}.",
+        f"- Data: synthetic VQA (`grace_ds.data.synthetic`), difficulty `{p.difficulty}` (hard-val: "
+        f"`{p.hard_difficulty}`), {p.train_samples} train / {p.val_samples} val / {p.hard_val_samples} hard-val samples, "
+        f"{p.image_size}px images, data seed {p.data_seed}; question types "
+        f"{', '.join(p.qtypes) if p.qtypes else 'all six'}; multiple-choice share "
+        f"{'0.6 (default)' if p.mc_fraction is None else f'{p.mc_fraction:g}'}.",
         f"- Teacher: {_model(p.teacher)}; student: {_model(p.student)} (Qwen2-VL family, shared tokenizer).",
-        f"- Steps (micro batch {p.micro_batch} x accum {p.grad_accum}): teacher {p.teacher_steps} (lr {p.teacher_lr:g}), "
+        f"- Steps (micro batch {p.micro_batch} x accum {p.grad_accum}): teacher {p.teacher_steps} at micro batch "
+        f"{p.teacher_micro_batch or p.micro_batch} (lr {p.teacher_lr:g}), "
         f"bf16 student {p.baseline_steps} (lr {p.baseline_lr:g}), every W4/W8 student {p.qat_steps} more from the bf16 "
         f"student (lr {p.qat_lr:g}, vision frozen). Group size {p.group_size}; GDKD T = {p.kd_temperature:g}, "
         f"omega = {p.omega:g}; naive KD = token KL at T = 1, weight 1.",
@@ -43,15 +47,17 @@ HOW_TO_RUN = """## How to run it
 
 - CPU smoke (CI, checks that every row is produced): `python launch/study.py --preset cpu-smoke --out /tmp/s`
   (`tests/test_study.py` runs it).
-- One H100/H200, the real comparison (`--preset gpu`, 3 seeds): the device machine has no
+- The real comparison (`--preset gpu`, 3 seeds) in one device call on 4 H100s: the device machine has no
   deepspeed/webdataset, so build the wheels here first (`bash ../shared/tools/device-wheels.sh` -> `.whl/`),
-  then on the device, in commands of at most 10 minutes, repeat until the exit code is 0 (3 = time budget
-  reached, finished runs are cached under `--out`, a run cut mid-training resumes from its last checkpoint):
+  then run, carrying `.whl`, on `nvidia-h100-x4`. On one GPU (`--jobs 8`) it takes about 25 minutes: repeat
+  the command on a machine that stays warm until the exit code is 0 (3 = time budget or deadline reached;
+  finished runs are cached under `--out`, a run cut mid-training resumes from its last checkpoint):
 
-      pip install --no-deps .whl/*.whl; export TORCH_CUDA_ARCH_LIST=9.0
-      python launch/study.py --preset gpu --out runs/study-gpu --time-budget 480 --prune --no-progress
+      bash scripts/study_device.sh --preset gpu --out /tmp/study --jobs 20 --time-budget 330 \\
+          --deadline 540 --prune --no-progress
 
-  It writes `runs/study-gpu/study.{json,md}` and, when complete, this file.
+  It installs the wheels, runs `launch/study.py`, and leaves `study.{md,json}`, the per-run logs and
+  scores (`runs.tgz`) and GPU/CPU load samples under `$OUT`.
 - Any checkpoint on any shard set: `python -m grace_ds.eval --checkpoint DIR --shards DIR [DIR ...] --out r.json`.
 """
 
@@ -86,8 +92,8 @@ def auto_commentary(summary: dict, checks: list[Check], p: StudyPreset) -> str:
                      "not evidence of reading the image" + (f" (always the most frequent letter: {const.mean:.1f}%)"
                                                               if const is not None and const.n else "") + ".")
     if p.name == "gpu":
-        lines.append("Step counts of the gpu preset were sized from CPU step times, not measured on a GPU "
-                     "(no device time was used while writing it); check the wall time in the setup above.")
+        lines.append("The gpu preset's sizes come from the measured device runs listed in docs/study.md "
+                     "(\"GPU runs so far\"); check the wall time in the setup above against them.")
     one_seed = [r for r, per in summary.items() if r != "teacher" and 0 < per.get("val", {}).get("acc", Stat(0, 0, 0)).n < 2]
     if one_seed:
         lines.append("One seed per row: the spread is unknown (taken as 0), so a PASS here only means the means are "
