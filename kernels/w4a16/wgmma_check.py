@@ -1,4 +1,5 @@
-"""First device test of the Hopper wgmma W4A16 kernel (csrc/w4a16_wgmma.cuh, UNVERIFIED until this runs).
+"""Device check + sweep of the Hopper wgmma W4A16 kernel (csrc/w4a16_wgmma.cuh; first run on an H100
+2026-11-28: 271/271 correct, results in kernels/BENCHMARKS.md).
 
     python -m kernels.w4a16.wgmma_check --out DIR [--quick]
 

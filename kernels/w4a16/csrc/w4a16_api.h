@@ -86,8 +86,8 @@ cudaError_t sk_launch_bf16(int cfg, const void* x, const void* qw, const void* s
 cudaError_t sk_launch_fp16(int cfg, const void* x, const void* qw, const void* sc, void* out, float* ws, int M,
                            int N, int K, int splits, cudaStream_t stream);
 
-// Hopper wgmma configs (w4a16_wgmma.cuh; UNVERIFIED on a GPU, not used by the default dispatch:
-// the op uses them only with GRACE_W4A16_WGMMA=1 or set_wgmma_dispatch(1), for M >= 64).
+// Hopper wgmma configs (w4a16_wgmma.cuh; checked on an H100, kernels/NOTES.md v5). The op uses them
+// for 129 <= M <= 384 on sm_90 (GRACE_W4A16_WGMMA=1: every M >= 64; =0: never).
 // Own id space 0..kNumWgConfigs-1 (pybind: wgmma_gemm / wgmma_info). Columns: (id, X tokens per
 // CTA = wgmma N, WGS warpgroups per CTA (64 rows of W each), NS shared x stages, P k64 blocks of
 // weights in flight per warp, MB min CTAs per SM for the register allocator).
