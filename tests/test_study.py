@@ -200,3 +200,22 @@ def test_parallel_failure_names_the_run_and_its_log(tmp_path, monkeypatch):
     from grace_ds.study.runner import _port_clash
 
     assert _port_clash("torch.distributed.DistNetworkError: ... EADDRINUSE") and not _port_clash(log)
+
+
+def test_probe_learnability_trains_and_scores(tmp_path, capsys):
+    """benchmarks/probe_learnability.py (the plain-PyTorch loop used to size the gpu preset) runs on a
+    study's model and data and prints loss + exact match."""
+    import importlib.util
+
+    from grace_ds.study.presets import get_preset
+    from grace_ds.study.runner import Study
+
+    Study(get_preset("cpu-smoke"), tmp_path, progress=False, log=lambda *_: None).prepare()
+    spec = importlib.util.spec_from_file_location("probe", REPO / "benchmarks" / "probe_learnability.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert probe.main(["--model", str(tmp_path / "models" / "student_init"), "--data", str(tmp_path / "data"),
+                       "--steps", "2", "--bs", "2", "--workers", "0", "--eval-every", "1", "--tag", "t"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("t step")]
+    assert [ln.split()[2] for ln in lines] == ["1", "2"]
+    assert all(0.0 <= float(ln.split()[6]) <= 1.0 for ln in lines)
