@@ -1,5 +1,6 @@
-"""Small run for compute-sanitizer: every tensor-core config, the dequant path and the op on tiny
-odd shapes.  compute-sanitizer --tool memcheck python -m kernels.w4a16.memcheck"""
+"""Small run for compute-sanitizer: every tensor-core config, the dequant path, the op, and (on
+Hopper) every wgmma config with automatic and forced split-K, on tiny odd shapes.
+compute-sanitizer --tool memcheck python -m kernels.w4a16.memcheck"""
 import torch
 
 from .op import load_extension
@@ -22,6 +23,18 @@ def main():
                         ext.tc_gemm(x, p["qweight"], p["scales"], c, 3)
                 torch.ops.grace.w4a16_gemm(x, p["qweight"], p["scales"], 128)
             ext.dequant(p["qweight"], p["scales"])
+    if torch.cuda.get_device_capability()[0] == 9:      # wgmma kernel: N % 64 == 0, partial token tiles
+        for (N, K) in [(64, 256), (192, 1152)]:
+            codes = torch.randint(-8, 8, (N, K), dtype=torch.int8)
+            scales = torch.rand(N, K // 128) * 0.01 + 0.005
+            for dt in (torch.bfloat16, torch.float16):
+                p = {k: v.cuda() for k, v in pack_weights(codes, scales, dtype=dt).items()}
+                for M in (1, 65, 130, 257):
+                    x = torch.randn(M, K, dtype=dt, device="cuda")
+                    for c in range(ext.num_wgmma_configs):
+                        ext.wgmma_gemm(x, p["qweight"], p["scales"], c)
+                        ext.wgmma_gemm(x, p["qweight"], p["scales"], c, 3)
+                    torch.ops.grace.w4a16_gemm(x, p["qweight"], p["scales"], 128)
     torch.cuda.synchronize()
     print("memcheck run done")
 
