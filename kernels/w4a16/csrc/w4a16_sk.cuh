@@ -204,4 +204,46 @@ __global__ void sk_finalize_kernel(const float2* __restrict__ ws, T* __restrict_
   if (t + 1 < M) out[(size_t)(t + 1) * N + n] = from_float<T>(v.y);
 }
 
+// ---- host helpers shared by the split-K launchers (SkLaunch here, WgLaunch in w4a16_wgmma.cuh) ----
+
+// Resident CTAs per SM x SMs for kernel k, after raising its dynamic shared-memory limit above 48 KB.
+template <typename Kern>
+inline cudaError_t resident_slots(Kern k, int threads, int smem, int* slots) {
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+  }
+  int dev = 0, sms = 0, per_sm = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, threads, smem);
+  *slots = sms * (per_sm > 0 ? per_sm : 1);
+  return e;
+}
+
+// Split count by wave quantisation (fits the first H100 sweep, NOTES.md v4): time ~ waves(S) / S,
+// waves(S) = ceil(base*S / slots) for `base` CTAs per split; ties and near-ties go to fewer splits
+// (each split adds atomics, a zeroed workspace and a finalize pass). At most min(max_s, 32) splits.
+inline int wave_splits(long long base, int slots, int max_s) {
+  if (max_s > 32) max_s = 32;
+  int best = 1;
+  double best_t = 1e30;
+  for (int s = 1; s <= max_s; ++s) {
+    const long long waves = (base * s + slots - 1) / slots;
+    const double t = (double)waves / s * (1.0 + 0.02 * (s - 1));
+    if (t < best_t) { best_t = t; best = s; }
+  }
+  return best;
+}
+
+// The cast pass after a split-K kernel: ws (zeroed before it, float2 per token pair) -> out.
+template <typename T>
+inline cudaError_t launch_sk_finalize(const float* ws, void* out, int M, int N, cudaStream_t stream) {
+  const long long pairs = (long long)((M + 1) / 2) * N;
+  const int thr = 256;
+  sk_finalize_kernel<T><<<(unsigned)((pairs + thr - 1) / thr), thr, 0, stream>>>(
+      reinterpret_cast<const float2*>(ws), static_cast<T*>(out), M, N);
+  return cudaGetLastError();
+}
+
 }  // namespace grace_w4a16

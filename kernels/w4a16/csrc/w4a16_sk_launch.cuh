@@ -17,17 +17,7 @@ struct SkLaunch {
   static cudaError_t prepare(int* slots_out) {
     static int slots = 0;
     static cudaError_t err = cudaSuccess;
-    if (slots == 0 && err == cudaSuccess) {
-      auto k = kern();
-      if (kSmem > 48 * 1024) err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-      if (err == cudaSuccess) {
-        int dev = 0, sms = 0, per_sm = 0;
-        cudaGetDevice(&dev);
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kThreads, kSmem);
-        slots = sms * (per_sm > 0 ? per_sm : 1);
-      }
-    }
+    if (slots == 0 && err == cudaSuccess) err = resident_slots(kern(), kThreads, kSmem, &slots);
     *slots_out = slots;
     return err;
   }
@@ -38,19 +28,7 @@ struct SkLaunch {
     const int m_chunks = (M + MT * 8 - 1) / (MT * 8);
     const int groups = (N / kNTile + WN * TN - 1) / (WN * TN);
     const long long base = (long long)m_chunks * groups;
-    // Wave quantisation (fits the first H100 sweep, NOTES.md v4): time ~ waves(S) / S, where
-    // waves(S) = ceil(base*S / slots); ties and near-ties go to fewer splits (each split adds
-    // atomics, a zeroed workspace and a finalize pass).
-    int max_s = (K / kKBlock) / KC;  // each split >= one x stage
-    if (max_s > 32) max_s = 32;
-    int best = 1;
-    double best_t = 1e30;
-    for (int s = 1; s <= max_s; ++s) {
-      const long long waves = (base * s + slots - 1) / slots;
-      const double t = (double)waves / s * (1.0 + 0.02 * (s - 1));
-      if (t < best_t) { best_t = t; best = s; }
-    }
-    return best;
+    return wave_splits(base, slots, (K / kKBlock) / KC);  // each split >= one x stage
   }
 
   static cudaError_t launch(const void* x, const void* qw, const void* sc, void* out, float* ws, int M, int N,
@@ -75,10 +53,7 @@ struct SkLaunch {
                                               reinterpret_cast<float2*>(ws), M, N, K, kbps);
     e = cudaGetLastError();
     if (e != cudaSuccess || S == 1) return e;
-    const int thr = 256;
-    sk_finalize_kernel<T><<<(unsigned)((pairs + thr - 1) / thr), thr, 0, stream>>>(
-        reinterpret_cast<const float2*>(ws), static_cast<T*>(out), M, N);
-    return cudaGetLastError();
+    return launch_sk_finalize<T>(ws, out, M, N, stream);
   }
 };
 

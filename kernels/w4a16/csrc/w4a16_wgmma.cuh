@@ -330,17 +330,7 @@ struct WgLaunch {
   static cudaError_t prepare(int* slots_out) {
     static int slots = 0;
     static cudaError_t err = cudaSuccess;
-    if (slots == 0 && err == cudaSuccess) {
-      auto k = kern();
-      err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-      if (err == cudaSuccess) {
-        int dev = 0, sms = 0, per_sm = 0;
-        cudaGetDevice(&dev);
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kThreads, kSmem);
-        slots = sms * (per_sm > 0 ? per_sm : 1);
-      }
-    }
+    if (slots == 0 && err == cudaSuccess) err = resident_slots(kern(), kThreads, kSmem, &slots);
     *slots_out = slots;
     return err;
   }
@@ -350,17 +340,7 @@ struct WgLaunch {
     int slots = 0;
     if (prepare(&slots) != cudaSuccess) return 1;
     const long long base = (long long)((M + X - 1) / X) * ((N / 64 + WGS - 1) / WGS);
-    int max_s = (K / kKBlock) / 4;
-    if (max_s > 32) max_s = 32;
-    if (max_s < 1) max_s = 1;
-    int best = 1;
-    double best_t = 1e30;
-    for (int s = 1; s <= max_s; ++s) {
-      const long long waves = (base * s + slots - 1) / slots;
-      const double t = (double)waves / s * (1.0 + 0.02 * (s - 1));
-      if (t < best_t) { best_t = t; best = s; }
-    }
-    return best;
+    return wave_splits(base, slots, (K / kKBlock) / 4);
   }
 
   static cudaError_t launch(const void* x, const void* qw, const void* sc, void* out, float* ws, int M, int N, int K,
@@ -384,10 +364,7 @@ struct WgLaunch {
                                               reinterpret_cast<float2*>(ws), M, N, K, kbps);
     e = cudaGetLastError();
     if (e != cudaSuccess || S == 1) return e;
-    const int thr = 256;
-    sk_finalize_kernel<T><<<(unsigned)((pairs + thr - 1) / thr), thr, 0, stream>>>(
-        reinterpret_cast<const float2*>(ws), static_cast<T*>(out), M, N);
-    return cudaGetLastError();
+    return launch_sk_finalize<T>(ws, out, M, N, stream);
   }
 };
 
