@@ -53,16 +53,7 @@ def _append(path, rec):
 
 
 def _done_keys(path, kind):
-    keys = set()
-    if os.path.exists(path):
-        for line in open(path):
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if r.get("kind") == kind:
-                keys.add(r["key"])
-    return keys
+    return {r["key"] for r in _load(path, kind)}
 
 
 def worker_check(out, skip_cfgs, quick):
