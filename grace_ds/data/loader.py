@@ -332,6 +332,8 @@ class _SlotDataset(IterableDataset):
             keys.append(raw.key)
             if len(examples) == cfg.micro_batch_size:
                 batch = collate(examples, L.pad_token_id)
+                if L.batch_fn is not None:
+                    batch = L.batch_fn(batch)
                 batch["_meta"] = {"worker": w, "pos": pos + 1, "bad": bad, "keys": keys,
                                   "skipped": dict(reasons), "repeated": repeated}
                 reasons, repeated = Counter(), 0
@@ -353,7 +355,7 @@ class ShardLoader:
     """
 
     def __init__(self, cfg: DataConfig, processor, family: str, rank: int, world_size: int,
-                 dirs: list[str], eval_mode: bool = False):
+                 dirs: list[str], eval_mode: bool = False, batch_fn=None):
         if cfg.remainder not in REMAINDER_POLICIES:
             raise ValueError(f"data.remainder={cfg.remainder!r}: use one of {REMAINDER_POLICIES}")
         if not 0 <= rank < world_size:
@@ -363,6 +365,9 @@ class ShardLoader:
         if not dirs:
             raise ValueError("no shard directories given (data.train_dirs / data.val_dirs)")
         self.cfg, self.processor, self.family = cfg, processor, family
+        # Applied to each collated batch in the worker (picklable), e.g. fast_paths.RopeIndex: work
+        # that would otherwise run on the training process's critical path.
+        self.batch_fn = batch_fn
         self.rank, self.world_size = rank, world_size
         self.dirs = [str(d) for d in dirs]
         self.paths: list[Path] = []
@@ -491,14 +496,16 @@ def _family_check(family: str) -> None:
         raise ValueError(f"family {family!r} not supported; expected one of {known}")
 
 
-def build_train_loader(cfg: DataConfig, processor, family: str, rank: int = 0, world_size: int = 1) -> ShardLoader:
+def build_train_loader(cfg: DataConfig, processor, family: str, rank: int = 0, world_size: int = 1,
+                       batch_fn=None) -> ShardLoader:
     """The training loader for one rank (see the module docstring for the guarantees)."""
     _family_check(family)
     dirs = [cfg.train_dirs] if isinstance(cfg.train_dirs, str) else list(cfg.train_dirs)
-    return ShardLoader(cfg, processor, family, rank, world_size, dirs)
+    return ShardLoader(cfg, processor, family, rank, world_size, dirs, batch_fn=batch_fn)
 
 
-def build_eval_loader(cfg: DataConfig, processor, family: str, rank: int = 0, world_size: int = 1) -> ShardLoader:
+def build_eval_loader(cfg: DataConfig, processor, family: str, rank: int = 0, world_size: int = 1,
+                      batch_fn=None) -> ShardLoader:
     """Validation loader: no shuffling, remainder="wrap" so every rank runs the same number of
     forwards (ZeRO-3 gathers are collectives); the wrapped duplicates are counted in stats["repeated"]."""
     _family_check(family)
@@ -506,4 +513,4 @@ def build_eval_loader(cfg: DataConfig, processor, family: str, rank: int = 0, wo
 
     dirs = [cfg.val_dirs] if isinstance(cfg.val_dirs, str) else list(cfg.val_dirs)
     ecfg = replace(cfg, shuffle=False, remainder="wrap")
-    return ShardLoader(ecfg, processor, family, rank, world_size, dirs, eval_mode=True)
+    return ShardLoader(ecfg, processor, family, rank, world_size, dirs, eval_mode=True, batch_fn=batch_fn)

@@ -40,11 +40,14 @@ def build_loaders(cfg, processor, rank: int, world: int):
     """-> (train loader, val loader or None). train.micro_batch_size is the one batch knob."""
     from grace_ds.data import build_eval_loader, build_train_loader
     from grace_ds.models import get_adapter
+    from grace_ds.models.fast_paths import RopeIndex
 
-    family = get_adapter(processor_config(cfg)).family
+    config = processor_config(cfg)
+    family = get_adapter(config).family
     data_cfg = dataclasses.replace(cfg.data, micro_batch_size=cfg.train.micro_batch_size)
-    train = build_train_loader(data_cfg, processor, family, rank, world)
-    val = build_eval_loader(data_cfg, processor, family, rank, world) if _as_list(cfg.data.val_dirs) else None
+    rope = RopeIndex.for_config(config)   # multimodal position ids made in the workers, on the CPU
+    train = build_train_loader(data_cfg, processor, family, rank, world, batch_fn=rope)
+    val = build_eval_loader(data_cfg, processor, family, rank, world, batch_fn=rope) if _as_list(cfg.data.val_dirs) else None
     return train, val
 
 

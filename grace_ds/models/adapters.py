@@ -94,8 +94,11 @@ class VLMAdapter:
 
     # -- forward ------------------------------------------------------------------------------
     def model_inputs(self, model: nn.Module, batch: dict) -> dict:
-        base = unwrap(model).model
-        params = inspect.signature(base.forward).parameters
+        from grace_ds.models.fast_paths import inputs_for
+
+        hf = unwrap(model)
+        params = inspect.signature(hf.model.forward).parameters
+        batch = inputs_for(hf.config, batch)   # position ids precomputed for another RoPE are dropped
         return {k: batch[k] for k in _MODEL_INPUT_KEYS if k in batch and batch[k] is not None and k in params}
 
     def forward_hidden(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

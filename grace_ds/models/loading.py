@@ -114,6 +114,9 @@ def load_model(path_or_preset: str | os.PathLike, dtype: torch.dtype | str = tor
     # Resolving the class here also imports it: transformers' lazy module import inside
     # zero.Init fails with "Signature mismatch ... new_tensor" (docs/environment.md).
     cls = model_class_for(config)
+    from grace_ds.models.fast_paths import enabled, install_batched_vision_attention
+    if enabled():
+        install_batched_vision_attention()
     if zero3_config is None:
         model = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     else:
