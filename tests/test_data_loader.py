@@ -287,3 +287,50 @@ def test_batches_feed_the_familys_model(data48, tmp_path, preset, family):
     assert (batch["attention_mask"].sum(1) < batch["input_ids"].shape[1]).any()     # really padded
     out = model(**batch)
     assert torch.isfinite(out.loss)
+
+
+# -- example cache ------------------------------------------------------------------------------
+
+def _batches(loader):
+    return [{k: v.clone() for k, v in b.items() if isinstance(v, torch.Tensor)} for b in loader]
+
+
+def test_example_cache_gives_identical_batches_and_is_used(data48, proc, tmp_path):
+    """Cold (writes), warm (reads) and uncached loaders give bit-identical batches; a warm pass
+    never calls the processor; a cache made for another max_length is not reused."""
+    import grace_ds.data.loader as loader_mod
+
+    cache = tmp_path / "cache"
+    base = _batches(build_train_loader(_cfg(data48), proc, FAMILY))                       # 2 worker processes
+    cold = _batches(build_train_loader(_cfg(data48, example_cache=str(cache)), proc, FAMILY))
+    assert len(list(cache.rglob("*.safetensors"))) == 48 and not list(cache.rglob("*.tmp"))
+    warm = _batches(build_train_loader(_cfg(data48, example_cache=str(cache)), proc, FAMILY))
+    base0 = _batches(build_train_loader(_cfg(data48, num_workers=0), proc, FAMILY))       # in-process
+    calls = []
+    real = loader_mod.build_example
+    loader_mod.build_example = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        warm0 = _batches(build_train_loader(_cfg(data48, num_workers=0, example_cache=str(cache)), proc, FAMILY))
+        assert calls == []
+        other = build_train_loader(_cfg(data48, num_workers=0, max_length=255, example_cache=str(cache)), proc, FAMILY)
+        next(iter(other))
+        assert calls, "a cache made with another max_length was reused"
+    finally:
+        loader_mod.build_example = real
+    for b0, b1, b2 in [*zip(base, cold, warm, strict=True), *zip(base0, warm0, warm0, strict=True)]:
+        assert b0.keys() == b1.keys() == b2.keys()
+        for k in b0:
+            assert torch.equal(b0[k], b1[k]) and torch.equal(b0[k], b2[k]), k
+
+
+def test_example_cache_keeps_bad_samples_counted_and_survives_a_torn_file(dirty, proc, tmp_path):
+    cfg = _cfg(dirty, num_workers=0, micro_batch_size=4, max_bad_fraction=0.5, shuffle=False,
+               example_cache=str(tmp_path / "c"))
+    first = build_train_loader(cfg, proc, FAMILY)
+    keys = _run(first)
+    torn = sorted((tmp_path / "c").rglob("*.safetensors"))[0]
+    torn.write_bytes(torn.read_bytes()[:40])           # a write cut short by a crash
+    again = build_train_loader(cfg, proc, FAMILY)
+    assert _run(again) == keys
+    assert dict(again.stats) == dict(first.stats) and again.stats["bad_image"] == 1
+    assert len(list((tmp_path / "c").rglob("*.safetensors"))) == 16   # good samples only; the torn one rewritten

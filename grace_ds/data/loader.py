@@ -67,6 +67,7 @@ class DataConfig:
     remainder: str = "wrap"            # "wrap" | "drop": how per-worker shares are made equal (module doc)
     pin_memory: bool = True            # only takes effect when CUDA is available
     prefetch_factor: int = 2           # batches prefetched per worker
+    example_cache: str | None = None   # dir: keep processed examples on disk, shared by runs (example_cache.py)
 
 
 class DataError(RuntimeError):
@@ -299,6 +300,11 @@ class _SlotDataset(IterableDataset):
         examples, keys = [], []
         good_in_pass = 0
         stream = slot_stream(L.paths, job.plan[w], cfg.seed, job.epoch, slot, cfg.shuffle_buffer if cfg.shuffle else 0)
+        cache = None
+        if L.cache_fingerprint is not None:
+            from grace_ds.data.example_cache import ExampleCache
+
+            cache = ExampleCache(cfg.example_cache, L.cache_fingerprint)
         for pos, raw in stream:
             if pos < job.start_pos[w]:
                 continue                  # resume: already consumed before the checkpoint
@@ -310,8 +316,12 @@ class _SlotDataset(IterableDataset):
             if share and pos >= share:
                 repeated += 1
             try:
-                record, images = decode_sample(raw)
-                ex = build_example(L.processor, record["conversations"], images, cfg.max_length)
+                ex = cache.get(raw.shard, raw.index) if cache is not None and raw.reason is None else None
+                if ex is None:
+                    record, images = decode_sample(raw)
+                    ex = build_example(L.processor, record["conversations"], images, cfg.max_length)
+                    if cache is not None:
+                        cache.put(raw.shard, raw.index, ex)
             except SkipSample as e:
                 bad += 1
                 reasons[e.reason] += 1
@@ -368,6 +378,11 @@ class ShardLoader:
         # Applied to each collated batch in the worker (picklable), e.g. fast_paths.RopeIndex: work
         # that would otherwise run on the training process's critical path.
         self.batch_fn = batch_fn
+        self.cache_fingerprint = None
+        if cfg.example_cache:
+            from grace_ds.data.example_cache import processor_fingerprint
+
+            self.cache_fingerprint = processor_fingerprint(processor, family, cfg.max_length)
         self.rank, self.world_size = rank, world_size
         self.dirs = [str(d) for d in dirs]
         self.paths: list[Path] = []

@@ -195,7 +195,9 @@ class Study:
             "quant": {"enabled": bits is not None, "bits": bits or 4, "group_size": p.group_size},
             "grace": dict(grace or {"use_kd": False, "use_rcka": False, "controller": False}),
             "data": {"train_dirs": [str(self.data / "train")], "val_dirs": [], "num_workers": p.num_workers,
-                     "micro_batch_size": mb, "seed": seed, "max_length": p.max_length},
+                     "micro_batch_size": mb, "seed": seed, "max_length": p.max_length,
+                     # every run reads the same split: each sample is processed once for the study
+                     "example_cache": str(self.out / "example_cache")},
             "optim": {"lr": lr, "warmup_steps": min(p.warmup_steps, max(steps // 10, 0))},
             "train": {"max_steps": steps, "micro_batch_size": mb, "grad_accum": p.grad_accum,
                       "seed": seed, "output_dir": str(self.runs / name / "train"), "freeze_vision": freeze_vision,
