@@ -2,8 +2,8 @@
 
 - `cpu-smoke`: tiny everything; checks that every row of the table is produced (CI, ~2 minutes on
   the 2-core machine). Its numbers mean nothing.
-- `gpu`: one 10-minute device call on 4 H100s (`--jobs 20`); sized from two measured device runs
-  (docs/study.md), not yet run in its current form.
+- `gpu`: one 10-minute device call on a 2-GPU machine (`--jobs 18`); sized from the measured device
+  runs (docs/study.md), not yet run in its current form.
 """
 
 from __future__ import annotations
@@ -85,17 +85,16 @@ PRESETS: dict[str, StudyPreset] = {
         teacher_lr=2e-3, baseline_lr=2e-3, qat_lr=3e-4, warmup_steps=10, seeds=1, eval_samples=100,
         eval_batch=25, max_new_tokens=6,
     ),
-    # One device call (<= 10 minutes) on a 4-GPU H100 machine with --jobs 20: 1 teacher + 3 x (bf16
-    # student + 7 W4/W8 runs + RTN) + 28 evaluations. Chosen from the two measured device runs
-    # (docs/study.md, "GPU runs so far"):
+    # One device call (<= 10 minutes) on a 2-GPU machine with --jobs 18: 1 teacher + 3 x (bf16 student
+    # + 7 W4/W8 runs + RTN) + 28 evaluations. Chosen from the measured device runs (docs/study.md):
     # - "medium"/"easy" scenes: no model left the answer prior in ~1200 steps (also in plain PyTorch);
     #   "basic" scenes (1-2 large objects) with four question types: open answers learnt in 400 steps.
     # - multiple choice stayed at chance (the option -> letter mapping is a second skill), so every
     #   question is open (mc_fraction 0) and "acc" is exact match;
-    # - the teacher at 700 steps x 64 finished below the student: it now sees 2x the batch (128),
-    #   3.5x the student's samples, and gets a GPU to itself while it trains;
-    # - the distillation runs reached step 185/200 by the 480 s deadline with 16 of 18 running: 150
-    #   steps, and --jobs 20 so all 18 start together.
+    # - the teacher at 700 steps x 64 finished below the student (run 2): it now sees 1200 x 128,
+    #   4x the bf16 student's samples, on a GPU of its own while it trains;
+    # - runs were host-bound (3 steps/s, GPU 8% busy); the Qwen fast paths (6x fewer ops per step,
+    #   4 syncs instead of 260) and the shared example cache pay for the longer schedules.
     # Not yet run in this form.
     "gpu": StudyPreset(
         name="gpu", train_samples=24000, val_samples=300, hard_val_samples=300, difficulty="basic",
@@ -104,9 +103,9 @@ PRESETS: dict[str, StudyPreset] = {
                           vision_width=128, vision_depth=4, vision_heads=4),
         student=ModelSpec(hidden_size=256, num_layers=2, intermediate_size=768, num_heads=4, num_kv_heads=2,
                           vision_width=64, vision_depth=2, vision_heads=2),
-        teacher_steps=700, baseline_steps=400, qat_steps=150, micro_batch=64, teacher_micro_batch=128,
+        teacher_steps=1200, baseline_steps=600, qat_steps=250, micro_batch=64, teacher_micro_batch=128,
         grad_accum=1, teacher_lr=1e-3, baseline_lr=1e-3, qat_lr=2e-4, warmup_steps=50, num_workers=2,
-        save_every=50, seeds=3, eval_samples=300, eval_batch=100, max_new_tokens=8,
+        save_every=100, seeds=3, eval_samples=300, eval_batch=100, max_new_tokens=8,
     ),
 }
 
