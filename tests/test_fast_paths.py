@@ -114,3 +114,15 @@ def test_fast_paths_can_be_turned_off(monkeypatch, dirs):
 
     monkeypatch.setenv("GRACE_DS_FAST_PATHS", "0")
     assert RopeIndex.for_config(AutoConfig.from_pretrained(str(dirs["qwen2_vl"]))) is None
+
+
+def test_gather_whole_layers_marks_each_repeated_block(dirs):
+    from deepspeed.utils import z3_leaf_module
+
+    from grace_ds.models.loading import gather_whole_layers
+
+    model = load_model(dirs["qwen2_vl"], dtype=torch.float32)
+    assert gather_whole_layers(model) == ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"]
+    leaves = [n for n, m in model.named_modules() if z3_leaf_module(m)]
+    n_layers = model.config.text_config.num_hidden_layers + model.config.vision_config.depth
+    assert len(leaves) == n_layers and all(".layers." in n or ".blocks." in n for n in leaves)

@@ -105,6 +105,10 @@ class DeepSpeedSection:
     student_config: str = "auto"       # auto = ds_configs/zero3_student.json on GPU, zero3_student_cpu.json on CPU
     teacher_config: str = "auto"       # auto = ds_configs/zero_inference_teacher_gpu.json (cpu variant on CPU)
     nvme_path: Optional[str] = None    # fills offload_param.nvme_path of the NVMe teacher config
+    # Both engines: gather each decoder layer / vision block whole, with one ZeRO-3 hook pair instead
+    # of one per sub-module (models.loading.gather_whole_layers). For small models, whose step time
+    # is the hooks' Python; off by default.
+    gather_whole_layers: bool = False
 
 
 @dataclass

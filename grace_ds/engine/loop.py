@@ -65,7 +65,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         t_ds = ds_config(default_ds_configs(cfg)[1], micro_batch=cfg.train.micro_batch_size, grad_accum=1,
                          world_size=world, dtype=torch_dtype(cfg.model.teacher_dtype), nvme_path=cfg.deepspeed.nvme_path)
         teacher = ZeroInferenceTeacher(cfg.model.teacher, ds_config=t_ds, dtype=torch_dtype(cfg.model.teacher_dtype),
-                                       cache_dir=cache)
+                                       cache_dir=cache, gather_whole_layers=cfg.deepspeed.gather_whole_layers)
     train_loader, val_loader = build_loaders(cfg, processor, rank, world)
     total_steps = cfg.train.max_steps or cfg.train.epochs * len(train_loader) // cfg.train.grad_accum
     engine, wrapper, qat_layers = build_student(cfg, objective=objective, vocab_size=vocab_size,

@@ -114,6 +114,9 @@ def build_student(cfg: TrainConfig, *, objective, vocab_size: int | None, total_
         n = restore_trained_scales(model, cfg.model.student_init, cfg.quant.bits)
         if torch.distributed.get_rank() == 0:
             print(f"[grace_ds] {n}/{len(qat)} LSQ scales restored from {cfg.model.student_init}", flush=True)
+    if cfg.deepspeed.gather_whole_layers:
+        from grace_ds.models.loading import gather_whole_layers
+        gather_whole_layers(model)
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     wrapper = StudentWithLoss(model, adapter, objective, vocab_size)

@@ -50,7 +50,8 @@ def visual_features(adapter, input_ids: torch.Tensor, penultimate: torch.Tensor)
 
 
 class ZeroInferenceTeacher:
-    def __init__(self, path: str, *, ds_config: dict, dtype: torch.dtype, cache_dir=None):
+    def __init__(self, path: str, *, ds_config: dict, dtype: torch.dtype, cache_dir=None,
+                 gather_whole_layers: bool = False):
         import deepspeed
 
         from grace_ds.models import get_adapter, load_model
@@ -58,6 +59,9 @@ class ZeroInferenceTeacher:
         model = load_model(path, dtype=dtype, zero3_config=ds_config, cache_dir=cache_dir)
         model.requires_grad_(False)
         model.eval()
+        if gather_whole_layers:
+            from grace_ds.models.loading import gather_whole_layers as mark
+            mark(model)
         self.config = model.config
         self.adapter = get_adapter(model)
         self.engine, *_ = deepspeed.initialize(model=_HiddenForward(model, self.adapter), config=ds_config)

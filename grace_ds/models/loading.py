@@ -129,3 +129,21 @@ def load_model(path_or_preset: str | os.PathLike, dtype: torch.dtype | str = tor
             model = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     model.config.use_cache = False   # training/distillation never decodes; avoids KV-cache allocation
     return model
+
+
+def gather_whole_layers(model: torch.nn.Module) -> list[str]:
+    """Mark every repeated block (the elements of each nn.ModuleList: decoder layers, vision blocks)
+    as a ZeRO-3 leaf module: its parameters are gathered in one go by one hook pair, instead of one
+    pair per sub-module (q/k/v/o, MLP, norms...). Call before deepspeed.initialize.
+
+    What it is for: small models, where ZeRO-3's per-module hooks, not the GPU, set the step time
+    (the study's 20M-parameter teacher ran 4 steps/s with its GPU 8% busy). The memory cost is one
+    whole layer live at a time, which ZeRO-3's prefetch mostly holds anyway. -> the class names marked.
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = sorted({type(child).__name__ for m in model.modules() if isinstance(m, torch.nn.ModuleList)
+                      for child in m if any(True for _ in child.parameters())})
+    if classes:
+        set_z3_leaf_modules(model, classes)
+    return classes
