@@ -9,6 +9,7 @@ The launches are real subprocesses (~30 s each on 2 cores); the error paths fork
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import deepspeed  # noqa: F401  (imported once in the parent: forked ranks reuse it)
 import pytest
+
 import torch  # noqa: F401
 import transformers  # noqa: F401
 
@@ -211,3 +213,44 @@ def test_gather_whole_layers_gives_the_same_training(workdir, tmp_path):
         runs[flag] = [v for r in rows if "loss" in r for v in (r["loss"], r["gdkd"], r["rcka"], r["grad_norm"])]
     assert len(runs["false"]) == 12 and runs["false"][1] > 0 and runs["false"][2] > 0
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-5)
+
+
+def _run_with_nan_grads(rank, world, overrides, bad_steps):
+    """The loss value stays finite, its gradient is NaN (0 * d sqrt(x)/dx at x = 0) on `bad_steps`."""
+    import json
+    from pathlib import Path as P
+
+    from grace_ds.engine import load_config, run_training, student
+
+    orig = student.StudentWithLoss.forward
+
+    def poisoned(self, batch, teacher_out):
+        loss, metrics = orig(self, batch, teacher_out)
+        if self.step in bad_steps:
+            loss = loss + 0.0 * torch.sqrt(loss - loss)
+        return loss, metrics
+
+    student.StudentWithLoss.forward = poisoned
+    cfg = load_config(None, overrides)
+    run_training(cfg)
+    return [json.loads(x) for x in (P(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def test_nonfinite_gradient_step_is_skipped_and_counted(workdir, tmp_path):
+    """One NaN gradient: DeepSpeed drops that update, the run goes on with finite weights and counts it."""
+    args = _overrides(workdir, tmp_path / "out", **{"train.max_steps": 4, "train.save_every": 0, "train.grad_accum": 1,
+                                                    "train.export": "false", "data.val_dirs": "[]"})
+    rows = run_distributed(_run_with_nan_grads, world_size=2, args=(args, {1}), timeout=240)[0]
+    rows = [r for r in rows if "loss" in r]
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1]
+    assert not math.isfinite(rows[1]["grad_norm"]) and all(math.isfinite(r["grad_norm"]) for r in rows[2:])
+    assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_nonfinite_gradient_streak_stops_the_run(workdir, tmp_path):
+    args = _overrides(workdir, tmp_path / "out", **{"train.max_steps": 6, "train.save_every": 0, "train.grad_accum": 1,
+                                                    "train.export": "false", "data.val_dirs": "[]",
+                                                    "train.max_skipped_steps": 2})
+    with pytest.raises(DistributedError, match=r"non-finite gradient norm (nan|inf) at step 3, 3 steps in a row "
+                                               r"\(train.max_skipped_steps=2\)"):
+        run_distributed(_run_with_nan_grads, world_size=2, args=(args, {1, 2, 3, 4, 5}), timeout=240)

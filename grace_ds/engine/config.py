@@ -74,6 +74,8 @@ class TrainSection:
     eval_batches: int = 0              # validation micro-batches per pass; 0 = the whole val set
     save_every: int = 0                # optimizer steps between checkpoints; 0 = none (final export only)
     keep_checkpoints: int = 2          # newest N step checkpoints kept
+    max_skipped_steps: int = 10        # non-finite gradient norms in a row before the run stops (each one:
+                                       # DeepSpeed drops that update; counted as metric "skipped_steps")
     output_dir: str = "runs/demo"
     resume: str = "auto"               # auto (latest good checkpoint if any) | none | a checkpoint dir
     export: bool = True                # write <output_dir>/final (HF 16-bit + int weights + processor + recipe)

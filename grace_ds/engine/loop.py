@@ -106,6 +106,7 @@ def train_loop(cfg, engine, wrapper, teacher, objective, train_loader, val_loade
     """Per micro-batch: teacher forward -> student forward + GRACE loss -> backward -> (boundary) step;
     per optimizer step: controller update on the rank-averaged GDKD, log, eval, checkpoint."""
     t, history, speed = cfg.train, [], Throughput()
+    skipped, in_a_row = 0, 0
     batches = infinite_batches(train_loader, speed, engine.device)
     for step in range(start_step, total_steps):
         wrapper.step = step
@@ -123,6 +124,20 @@ def train_loop(cfg, engine, wrapper, teacher, objective, train_loader, val_loade
         if teacher is not None and cfg.grace.use_kd:
             objective.controller_step(avg["gdkd"])   # identical on every rank: the value is all-reduced
         avg.update(step_stats(engine, step), **speed.read(dist.get_world_size()))
+        if math.isfinite(avg["grad_norm"]):
+            in_a_row = 0
+        else:
+            # DeepSpeed found an inf/NaN gradient and dropped this update (ZeRO-3 step(): the
+            # weights are untouched). One bf16 overflow should not end a run; a streak is divergence.
+            skipped, in_a_row = skipped + 1, in_a_row + 1
+            if in_a_row > t.max_skipped_steps:
+                raise FloatingPointError(
+                    f"non-finite gradient norm {avg['grad_norm']} at step {step}, {in_a_row} steps in a row "
+                    f"(train.max_skipped_steps={t.max_skipped_steps}): the run diverged. Lower optim.lr or check "
+                    f"the data, then resume from the last checkpoint (train.resume=auto)")
+            log.write(f"[grace_ds] step {step + 1}: non-finite gradient norm {avg['grad_norm']}; DeepSpeed "
+                      f"skipped this update ({in_a_row} in a row, {skipped} in this run)")
+        avg["skipped_steps"] = skipped
         if (step + 1) % cfg.log.log_every == 0 or step + 1 == total_steps:
             log.log(step + 1, avg)
             history.append({"step": step + 1, **avg})
@@ -166,8 +181,6 @@ def step_stats(engine, step: int) -> dict:
     out = {"lr": groups.get("weights", next(iter(groups.values()))), "grad_norm": norm}
     if "scales" in groups:
         out["lr_scales"] = groups["scales"]
-    if not math.isfinite(norm) and engine.gradient_clipping() > 0:
-        raise FloatingPointError(f"non-finite gradient norm {norm} at step {step}: lower optim.lr or check the data")
     return out
 
 
