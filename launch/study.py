@@ -45,6 +45,9 @@ def parse_args(argv=None):
                     help="override a preset field, e.g. --set teacher_steps=600 (see grace_ds/study/presets.py)")
     ap.add_argument("--prune", action="store_true",
                     help="delete step checkpoints and the exports of scored rows (keeps teacher + bf16 finals)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: rebuild study.{md,json} (and --doc) from the scored runs under --out, "
+                         "e.g. the runs.tgz that scripts/study_device.sh brings back")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -78,7 +81,14 @@ def main(argv=None) -> int:
                   time_budget_s=args.time_budget, deadline_s=args.deadline, prune=args.prune)
     if args.jobs < 1:
         raise SystemExit(f"--jobs {args.jobs}: expected >= 1")
-    result = study.run(jobs=args.jobs)
+    if args.report_only:
+        study.check_preset()              # the scores must come from this preset
+        prior = out / "study.json"
+        seconds = json.loads(prior.read_text()).get("seconds", 0.0) if prior.exists() else 0.0
+        scores = study.collect()
+        result = {"scores": scores, "seconds": seconds, "complete": not missing_rows(summarise(scores))}
+    else:
+        result = study.run(jobs=args.jobs)
     summary = summarise(result["scores"])
     checks = check_claims(summary)
     missing = missing_rows(summary)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +167,19 @@ def test_cpu_smoke_study_produces_every_row_and_resumes(tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "[study] trained" not in r2.stdout            # nothing retrained
     assert json.loads((out / "study.json").read_text())["scores"] == doc["scores"]
+
+    # --report-only from what scripts/study_device.sh brings back (preset, scores, logs; no models, no data)
+    back = tmp_path / "back"
+    for f in [out / "preset.json", out / "study.json", *out.glob("runs/*/eval.json"), *out.glob("runs/*/log.txt")]:
+        (back / f.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, back / f.relative_to(out))
+    r3 = subprocess.run([sys.executable, str(REPO / "launch" / "study.py"), "--preset", "cpu-smoke", "--out", str(back),
+                         "--report-only", "--no-progress", "--doc", str(tmp_path / "doc.md")],
+                        capture_output=True, text=True, env=env, cwd=REPO)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert not (back / "data").exists() and not (back / "models").exists()   # nothing built or trained
+    assert json.loads((back / "study.json").read_text())["scores"] == doc["scores"]
+    assert (tmp_path / "doc.md").read_text() == (out / "study.md").read_text()   # wall time read from study.json
 
 
 def test_time_budget_stops_before_any_run_and_presets_cannot_mix(tmp_path):

@@ -47,18 +47,20 @@ HOW_TO_RUN = """## How to run it
 
 - CPU smoke (CI, checks that every row is produced): `python launch/study.py --preset cpu-smoke --out /tmp/s`
   (`tests/test_study.py` runs it).
-- The real comparison (`--preset gpu`, 3 seeds) in one device call on 4 H100s: the device machine has no
-  deepspeed/webdataset, so build the wheels here first (`bash ../shared/tools/device-wheels.sh` -> `.whl/`),
-  then run, carrying `.whl`, on `nvidia-h100-x4`. On one GPU (`--jobs 8`) it takes about 25 minutes: repeat
-  the command on a machine that stays warm until the exit code is 0 (3 = time budget or deadline reached;
-  finished runs are cached under `--out`, a run cut mid-training resumes from its last checkpoint):
+- The real comparison (`--preset gpu`, 3 seeds) in one device call on a 2-GPU H100/H200 machine (7.5 minutes
+  on 2 H200s, 2026-11-28). The device machine has no deepspeed/webdataset: build the wheels here first
+  (`bash ../shared/tools/device-wheels.sh` -> `.whl/`), then run, carrying `.whl`, on `nvidia-h100-x2`:
 
-      bash scripts/study_device.sh --preset gpu --out /tmp/study --jobs 20 --time-budget 330 \\
-          --deadline 540 --prune --no-progress
+      bash scripts/study_device.sh --preset gpu --out /tmp/study --jobs 18 --time-budget 470 \\
+          --deadline 565 --prune --no-progress          # device call: timeout_s 595, carry [".whl"]
 
-  It installs the wheels, runs `launch/study.py`, and leaves `study.{md,json}`, the per-run logs and
-  scores (`runs.tgz`) and GPU/CPU load samples under `$OUT`.
+  Exit code 3 means the budget or deadline stopped it: run the same command again on the warm machine
+  (finished runs are cached under `--out`; a run cut mid-training resumes from its last checkpoint).
+  `$OUT` gets `study.{md,json}`, `runs.tgz` (per-run logs, scores, first/last training metrics) and GPU/CPU
+  load samples. Unpack `runs.tgz` with `study.json` into a directory and rebuild this page from it with
+  `python launch/study.py --preset gpu --out DIR --report-only --doc docs/study.md`.
 - Any checkpoint on any shard set: `python -m grace_ds.eval --checkpoint DIR --shards DIR [DIR ...] --out r.json`.
+- How the preset was sized, and every device run so far: docs/study_runs.md.
 """
 
 
@@ -72,16 +74,18 @@ def auto_commentary(summary: dict, checks: list[Check], p: StudyPreset) -> str:
     if p.name == "cpu-smoke":
         lines.append("This is the CPU smoke preset: a handful of steps on tiny models. It checks that every row "
                      "is produced; its numbers are noise and support no claim.")
-    t, s = _mean(summary, "teacher"), _mean(summary, "student_bf16")
-    if t and s:
+    for split in ("val", "val_hard"):
+        t, s = _mean(summary, "teacher", split), _mean(summary, "student_bf16", split)
+        if not (t and s):
+            continue
         gap = t.mean - s.mean
-        lines.append(f"Teacher {t.mean:.1f} vs bf16 student {s.mean:.1f} on val ({gap:+.1f} points).")
+        lines.append(f"Teacher {t.mean:.1f} vs bf16 student {s.mean:.1f} on {split} ({gap:+.1f} points).")
         if gap <= max(2.0, s.std):
-            lines.append("The benchmark does not separate teacher and student at this budget, so distillation has "
-                         "little to transfer: the ordering checks above cannot be meaningful. Raise the teacher's "
-                         "steps/size or the task difficulty.")
+            lines.append(f"On {split} the benchmark does not separate teacher and student, so distillation has "
+                         f"little to transfer there: the {split} checks cannot be meaningful. Raise the teacher's "
+                         "steps/size or change the split's difficulty.")
         if t.mean > 97.0 and s.mean > 97.0:
-            lines.append("Both saturate the val split; the hard split is the informative one.")
+            lines.append(f"Both saturate {split}.")
     collapsed = [r for r, per in summary.items()
                  if per.get("val", {}).get("top_letter_share", Stat(0, 0, 0)).n
                  and per["val"]["top_letter_share"].mean >= 90.0]
@@ -92,8 +96,8 @@ def auto_commentary(summary: dict, checks: list[Check], p: StudyPreset) -> str:
                      "not evidence of reading the image" + (f" (always the most frequent letter: {const.mean:.1f}%)"
                                                               if const is not None and const.n else "") + ".")
     if p.name == "gpu":
-        lines.append("The gpu preset's sizes come from the measured device runs listed in docs/study.md "
-                     "(\"GPU runs so far\"); check the wall time in the setup above against them.")
+        lines.append("The gpu preset's sizes come from the measured device runs in docs/study_runs.md, which "
+                     "also discusses these results.")
     one_seed = [r for r, per in summary.items() if r != "teacher" and 0 < per.get("val", {}).get("acc", Stat(0, 0, 0)).n < 2]
     if one_seed:
         lines.append("One seed per row: the spread is unknown (taken as 0), so a PASS here only means the means are "
