@@ -78,7 +78,7 @@ PRESETS: dict[str, StudyPreset] = {
         seeds=1, eval_batch=6, max_new_tokens=3,
     ),
     # What the shared 2-core CPU machine could afford in ~30 minutes (one seed): enough to see whether the
-    # pipeline learns at all; too small to test the paper's ordering (docs/study.md says so).
+    # pipeline learns at all; too small to test the paper's ordering (docs/study_runs.md says so).
     "cpu": StudyPreset(
         name="cpu", train_samples=1500, val_samples=150, hard_val_samples=150, difficulty="easy",
         image_size=112, teacher_steps=150, baseline_steps=80, qat_steps=30, micro_batch=8,
@@ -86,7 +86,7 @@ PRESETS: dict[str, StudyPreset] = {
         eval_batch=25, max_new_tokens=6,
     ),
     # One device call (<= 10 minutes) on a 2-GPU machine with --jobs 18: 1 teacher + 3 x (bf16 student
-    # + 7 W4/W8 runs + RTN) + 28 evaluations. Chosen from the measured device runs (docs/study.md):
+    # + 7 W4/W8 runs + RTN) + 28 evaluations. Chosen from the measured device runs (docs/study_runs.md):
     # - "medium"/"easy" scenes: no model left the answer prior in ~1200 steps (also in plain PyTorch);
     #   "basic" scenes (1-2 large objects) with four question types: open answers learnt in 400 steps.
     # - multiple choice stayed at chance (the option -> letter mapping is a second skill), so every
