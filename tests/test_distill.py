@@ -6,6 +6,7 @@ the target entry instead of masking its logit, centring with an explicit H matri
 The fused loss has its own file (test_distill_fused.py) and reuses these references.
 """
 
+import importlib
 import math
 
 import pytest
@@ -253,6 +254,42 @@ def test_rcka_loss_mean_skips_and_grads():
     # The offline-cache form (teacher Grams) gives the same value.
     loss_g, used_g, _ = rcka_loss([cosine_gram(x) for x in t], s, teacher_grams=True)
     assert used_g == 2 and abs(loss_g.item() - loss.item()) < 1e-6
+
+
+@pytest.mark.parametrize("teacher_grams", [False, True])
+def test_rcka_batched_path_equals_the_per_image_loop(monkeypatch, teacher_grams):
+    """Equal-size images take one batched float64 pass: loss, counts and every gradient equal the
+    per-image loop, with degenerate images (teacher or student side) skipped by both."""
+    cka_mod = importlib.import_module("grace_ds.distill.cka")   # the package re-exports a function named cka
+
+    gen = torch.Generator().manual_seed(11)
+    t = [torch.randn(16, 12, generator=gen) for _ in range(6)]
+    t[2] = torch.ones(16, 12)                                   # degenerate teacher Gram
+    base = [torch.randn(16, 7, generator=gen) for _ in range(6)]
+    base[4] = torch.ones(16, 7) * 3.0                           # degenerate student Gram
+    tin = [cosine_gram(x) for x in t] if teacher_grams else t
+
+    def run(batched: bool):
+        monkeypatch.setattr(cka_mod, "_stackable", lambda *a: batched and cka_mod_stackable(*a))
+        s = [x.clone().requires_grad_(True) for x in base]
+        loss, used, skipped = rcka_loss(tin, s, teacher_grams=teacher_grams)
+        loss.backward()
+        return loss, used, skipped, [x.grad if x.grad is not None else torch.zeros_like(x) for x in s]
+
+    cka_mod_stackable = cka_mod._stackable
+    assert cka_mod_stackable(tin, base, teacher_grams)
+    lb, ub, sb, gb = run(True)
+    ll, ul, sl, gl = run(False)
+    assert (ub, sb) == (ul, sl) == (4, 2)
+    torch.testing.assert_close(lb, ll, rtol=1e-12, atol=1e-12)
+    for a, b in zip(gb, gl):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        assert torch.isfinite(a).all()
+    assert gb[0].abs().max() > 0 and gb[2].abs().max() == 0 and gb[4].abs().max() == 0
+    # a nan feature is not skipped: the loss shows it on both paths
+    bad = [x.clone() for x in base]
+    bad[1][0, 0] = float("nan")
+    assert torch.isnan(rcka_loss(tin, bad, teacher_grams=teacher_grams)[0])
 
 
 def test_rcka_none_usable_is_differentiable_zero_and_mismatch_errors():

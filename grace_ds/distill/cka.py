@@ -81,6 +81,8 @@ def rcka_loss(
             f"{len(teacher_feats)} teacher images but {len(student_feats)} student images: both models must "
             f"see the same images (check the visual-position extraction of each family adapter)"
         )
+    if _stackable(teacher_feats, student_feats, teacher_grams):
+        return _rcka_batched(teacher_feats, student_feats, teacher_grams)
     terms: list[Tensor] = []
     skipped = 0
     for i, (t, s) in enumerate(zip(teacher_feats, student_feats)):
@@ -109,3 +111,40 @@ def rcka_loss(
         # An exact 0 tied to the student's graph (empty-slice sum, nan-safe).
         return student_feats[0].reshape(-1)[:0].sum().float(), 0, skipped
     return torch.zeros((), requires_grad=True), 0, skipped
+
+
+def _stackable(teacher_feats: list[Tensor], student_feats: list[Tensor], teacher_grams: bool) -> bool:
+    """Every image with the same token count (>= MIN_TOKENS) and feature widths: one batched pass."""
+    if len(student_feats) < 2:
+        return False
+    n, ds = student_feats[0].shape
+    tshape = (n, n) if teacher_grams else (n, teacher_feats[0].shape[-1])
+    return n >= MIN_TOKENS and all(s.shape == (n, ds) for s in student_feats) and \
+        all(t.shape == tshape for t in teacher_feats)
+
+
+def _rcka_batched(teacher_feats: list[Tensor], student_feats: list[Tensor], teacher_grams: bool):
+    """rcka_loss for B images of n tokens each, as (B, n, n) tensors: the same float64 arithmetic as
+    the per-image loop (tests compare them), with one device->host sync instead of one per image."""
+    t = torch.stack([x.detach() for x in teacher_feats]).to(torch.float64)
+    if teacher_grams:
+        kt = t
+    else:
+        vt = F.normalize(t, dim=2)
+        kt = vt @ vt.transpose(1, 2)
+    vs = F.normalize(torch.stack(student_feats).to(torch.float64), dim=2)
+    ks = vs @ vs.transpose(1, 2)
+    kt = kt - kt.mean(1, keepdim=True) - kt.mean(2, keepdim=True) + kt.mean((1, 2), keepdim=True)
+    ks = ks - ks.mean(1, keepdim=True) - ks.mean(2, keepdim=True) + ks.mean((1, 2), keepdim=True)
+    norms = torch.stack([kt.flatten(1).norm(dim=1), ks.detach().flatten(1).norm(dim=1)])
+    usable = ~(norms < DEGENERATE_NORM).any(0)          # nan/inf stays "usable": the loss shows it
+    used = int(usable.sum())
+    if used == 0:
+        return student_feats[0].reshape(-1)[:0].sum().float(), 0, len(student_feats)
+    hts = (kt * ks).sum((1, 2))
+    prod = (kt * kt).sum((1, 2)) * (ks * ks).sum((1, 2))
+    # skipped (degenerate) images have prod ~0: sqrt's gradient there is inf, and their zero weight
+    # in the mean would become 0 * inf = nan in the backward pass. Give them a safe value first.
+    cka_b = hts / torch.sqrt(torch.where(usable, prod, torch.ones_like(prod)))
+    terms = (1.0 - cka_b)[usable]
+    return terms.mean().float(), used, len(student_feats) - used

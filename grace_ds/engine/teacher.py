@@ -45,8 +45,13 @@ class _HiddenForward(nn.Module):
 
 
 def visual_features(adapter, input_ids: torch.Tensor, penultimate: torch.Tensor) -> list[torch.Tensor]:
-    """Per image, in order: penultimate hidden states at its visual-token positions (RCKA input)."""
-    return [penultimate[row, pos.to(penultimate.device)] for row, pos in adapter.visual_positions(input_ids)]
+    """Per image, in order: penultimate hidden states at its visual-token positions (RCKA input).
+    One gather for the whole batch, then split into per-image views."""
+    rows, cols, counts = adapter.visual_index(input_ids)
+    if not counts:
+        return []
+    dev = penultimate.device
+    return list(penultimate[rows.to(dev), cols.to(dev)].split(counts))
 
 
 class ZeroInferenceTeacher:

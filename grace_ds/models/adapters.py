@@ -65,32 +65,43 @@ class VLMAdapter:
         """Fixed visual tokens per image, or None when it depends on the image size (Qwen)."""
         return None
 
-    def visual_positions(self, input_ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        """Per image, in order (row-major): (batch row, LongTensor of its visual-token positions)."""
+    def visual_index(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Every visual token of the batch, image after image in row-major order: (rows (N,),
+        positions (N,), tokens per image). Vectorised over the batch: two device->host syncs in all.
+        """
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
-        mask = input_ids == self.image_token_id()
+        rc = torch.nonzero(input_ids == self.image_token_id(), as_tuple=False)   # (N, 2), row-major
+        rows, cols = rc[:, 0], rc[:, 1]
+        if rows.numel() == 0:
+            return rows, cols, []
+        # Maximal runs of consecutive image tokens in one row. Qwen images are always separated by
+        # <|vision_end|><|vision_start|>, so a run is one image; LLaVA images may abut, so runs
+        # are cut into tokens_per_image pieces.
+        new_run = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1] + 1)
+        cuts = (torch.nonzero(new_run, as_tuple=False).flatten() + 1).tolist()
+        bounds = [0, *cuts, rows.numel()]
+        runs = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
         per_image = self.tokens_per_image()
-        out: list[tuple[int, torch.Tensor]] = []
-        for row in range(mask.shape[0]):
-            pos = torch.nonzero(mask[row], as_tuple=False).flatten()
-            if pos.numel() == 0:
-                continue
-            # Maximal runs of consecutive image tokens. Qwen images are always separated by
-            # <|vision_end|><|vision_start|>, so a run is one image; LLaVA images may abut, so runs
-            # are cut into tokens_per_image pieces.
-            breaks = torch.nonzero(pos[1:] != pos[:-1] + 1, as_tuple=False).flatten() + 1
-            for run in torch.tensor_split(pos, breaks.tolist()):
-                if per_image is None:
-                    out.append((row, run))
-                    continue
-                if run.numel() % per_image:
-                    raise ValueError(
-                        f"row {row}: a run of {run.numel()} {self.family} image tokens at position "
-                        f"{int(run[0])} is not a multiple of the {per_image} tokens per image: the text "
-                        "was truncated through an image or not expanded by the processor")
-                out.extend((row, chunk) for chunk in run.split(per_image))
-        return out
+        if per_image is None:
+            return rows, cols, runs
+        counts: list[int] = []
+        for a, n in zip(bounds[:-1], runs):
+            if n % per_image:
+                raise ValueError(
+                    f"row {int(rows[a])}: a run of {n} {self.family} image tokens at position "
+                    f"{int(cols[a])} is not a multiple of the {per_image} tokens per image: the text "
+                    "was truncated through an image or not expanded by the processor")
+            counts.extend([per_image] * (n // per_image))
+        return rows, cols, counts
+
+    def visual_positions(self, input_ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """Per image, in order (row-major): (batch row, LongTensor of its visual-token positions)."""
+        rows, cols, counts = self.visual_index(input_ids)
+        if not counts:
+            return []
+        firsts = rows[torch.tensor([0, *counts[:-1]], device=rows.device).cumsum(0)].tolist()
+        return list(zip(firsts, cols.split(counts)))
 
     # -- forward ------------------------------------------------------------------------------
     def model_inputs(self, model: nn.Module, batch: dict) -> dict:
