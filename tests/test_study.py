@@ -109,6 +109,10 @@ def test_student_runs_set_the_documented_knobs(tmp_path):
     assert g["kd_mode"] == "gdkd" and g["gate"] and g["use_rcka"] and g["controller"]
     assert runs["grace_noib_w4"].grace["controller"] is False and runs["grace_noib_w4"].grace["use_rcka"]
     assert not runs["gdkd_w4"].grace["use_rcka"] and not runs["rcka_w4"].grace["use_kd"]
+    # grace_overrides reach every distillation row and no other
+    over = {r.key: r for r in student_runs(get_preset("gpu").with_overrides(grace_overrides={"tau": 3.0, "beta_max": 1.0}))}
+    assert all((r.grace.get("tau") == 3.0 and r.grace.get("beta_max") == 1.0) == r.teacher for r in over.values() if r.grace)
+    assert over["grace_w4"].grace["kd_mode"] == "gdkd" and "tau" not in runs["grace_w4"].grace
     # every config builds against the engine's typed config (a typo'd knob fails here, not on the GPU)
     from grace_ds.engine.config import config_from_dict
     from grace_ds.study.runner import Study

@@ -60,6 +60,9 @@ class StudyPreset:
     # objective knobs shared by the distillation rows
     kd_temperature: float = 2.0     # GDKD temperature (paper 2.0); naive KD uses T = 1 (issue 6)
     omega: float = 1.0
+    # GraceConfig fields set on every distillation row (teacher-using rows), e.g. the authors' script
+    # controller defaults: --set 'grace_overrides={tau: 3.0, beta_init: 0.5, beta_max: 1.0}'
+    grace_overrides: dict = field(default_factory=dict)
     # evaluation
     seeds: int = 3
     eval_samples: int | None = None   # per split; None = all

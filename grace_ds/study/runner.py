@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from grace_ds.study.presets import ModelSpec, StudyPreset
@@ -46,7 +46,7 @@ def student_runs(preset: StudyPreset) -> list[RunSpec]:
     off = dict(use_kd=False, use_rcka=False, controller=False)
     gdkd = dict(use_kd=True, kd_mode="gdkd", gate=True, temperature=T)
     full = dict(**gdkd, use_rcka=True, omega=preset.omega, controller=True)
-    return [
+    runs = [
         RunSpec("rtn_w4", "rtn", bits=4),
         RunSpec("qat_w4", "train", bits=4, grace=off),
         # naive KD: token KL(p_T || p_S) at T = 1, fixed weight 1, no gate, no RCKA (issue 6)
@@ -61,6 +61,9 @@ def student_runs(preset: StudyPreset) -> list[RunSpec]:
                 grace=dict(**gdkd, use_rcka=True, omega=preset.omega, controller=False)),
         RunSpec("grace_w8", "train", bits=8, teacher=True, grace=full),
     ]
+    if preset.grace_overrides:
+        runs = [replace(r, grace={**r.grace, **preset.grace_overrides}) if r.teacher else r for r in runs]
+    return runs
 
 
 class Study:
