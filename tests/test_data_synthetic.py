@@ -11,7 +11,7 @@ from PIL import Image
 from grace_ds.data import read_manifest
 from grace_ds.data.format import iter_tar_samples
 from grace_ds.data.synthetic import (
-    COLOURS, DIFFICULTIES, LETTERS, MC_INSTRUCTION, OPEN_INSTRUCTION, GeneratorConfig, Obj, _relation,
+    COLOURS, DIFFICULTIES, LETTERS, MC_INSTRUCTION, OPEN_INSTRUCTION, QTYPES, GeneratorConfig, Obj, _relation,
     main, make_sample, tokenizer_corpus,
 )
 
@@ -241,3 +241,24 @@ def test_basic_scenes_are_few_large_objects():
         objs = make_sample(cfg, "train", i).record["meta"]["objects"]
         # radius 0.18-0.26 of the side; a "size" question shrinks one object by the 1.6 margin
         assert 1 <= len(objs) <= 3 and all(o["r"] >= 0.18 / 1.6 - 1e-3 for o in objs)
+
+
+def test_seen_and_unseen_pairs_split_basic():
+    """basic-seen never draws a held-out (shape, colour) pair and basic-unseen only those; every
+    colour and shape is still seen in training, so only the pairing is new."""
+    from grace_ds.data.synthetic import UNSEEN_PAIRS
+
+    basic, seen, unseen = (DIFFICULTIES[k] for k in ("basic", "basic-seen", "basic-unseen"))
+    everything = {(s, c) for s in basic.shapes for c in basic.colours}
+    assert set(seen.pairs) | set(unseen.pairs) == everything and not set(seen.pairs) & set(unseen.pairs)
+    assert {c for _, c in seen.pairs} == set(basic.colours) and {s for s, _ in seen.pairs} == set(basic.shapes)
+    assert set(unseen.pairs) == set(UNSEEN_PAIRS)
+    for name, allowed in (("basic-seen", set(seen.pairs)), ("basic-unseen", set(unseen.pairs))):
+        # count questions too: their similar-colour distractors are drawn outside the pair sampler
+        for qtypes in (QTYPES, ("count",)):
+            cfg = GeneratorConfig(seed=5, difficulty=name, image_size=64, qtypes=qtypes)
+            found = set()
+            for i in range(300):
+                objs = make_sample(cfg, "val", i).record["meta"]["objects"]
+                found |= {(o["shape"], o["colour"]) for o in objs}
+            assert found <= allowed and len(found) >= len(allowed) - 1, (name, qtypes, found)

@@ -30,7 +30,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -100,6 +100,9 @@ class Difficulty:
     colour_jitter: int             # +- per channel, so colours are not a pixel lookup
     similar_distractors: float     # probability a distractor shares the target's colour family/shape
     n_options: int
+    # (shape, colour) pairs objects may take; None = any shape with any colour. The "-seen"/"-unseen"
+    # variants split the pairs: train on the seen ones, test on pairs never seen together.
+    pairs: tuple[tuple[str, str], ...] | None = None
 
 
 _BASIC = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "gray", "black", "cyan", "magenta")
@@ -112,6 +115,17 @@ DIFFICULTIES: dict[str, Difficulty] = {
     "medium": Difficulty(3, 6, 6, _BASIC, SHAPES[:6], (0.07, 0.13), 1.3, 1.0, 6, 8, 0.4, 4),
     "hard": Difficulty(6, 12, 9, tuple(COLOURS), SHAPES, (0.045, 0.10), 1.15, 0.6, 14, 14, 0.7, 5),
 }
+# Compositional hold-out for `basic`: each of the 6 colours is unseen with exactly one of the 3 shapes
+# (each shape keeps 4 seen colours). Train/val on "basic-seen", score the harder split on
+# "basic-unseen": the colours and shapes are all familiar, only their pairing is new.
+UNSEEN_PAIRS = (("circle", "red"), ("circle", "blue"), ("square", "orange"), ("square", "purple"),
+                ("triangle", "yellow"), ("triangle", "green"))
+DIFFICULTIES["basic-seen"] = replace(DIFFICULTIES["basic"], pairs=tuple(
+    (sh, c) for sh in DIFFICULTIES["basic"].shapes for c in DIFFICULTIES["basic"].colours if (sh, c) not in UNSEEN_PAIRS))
+DIFFICULTIES["basic-unseen"] = replace(DIFFICULTIES["basic"], pairs=UNSEEN_PAIRS)
+# The tokenizer corpus samples these (the variants emit no new words): fixed, so adding a
+# difficulty never changes the tokenizer.
+CORPUS_DIFFICULTIES = ("basic", "easy", "medium", "hard")
 
 
 @dataclass
@@ -180,10 +194,19 @@ def _similar_colour(rng, colour, d) -> str:
     return rng.choice(fam) if fam else rng.choice([c for c in d.colours if c != colour])
 
 
+def _pair(rng, d: Difficulty, not_shape: str | None = None) -> tuple[str, str]:
+    """A random (shape, colour) for a new object; without `d.pairs` the same draws as always
+    (shape, then colour), so the unrestricted difficulties generate the same data as before."""
+    if d.pairs is None:
+        shape = rng.choice([s for s in d.shapes if s != not_shape] if not_shape else d.shapes)
+        return shape, rng.choice(d.colours)
+    return rng.choice([p for p in d.pairs if p[0] != not_shape] if not_shape else d.pairs)
+
+
 def _random_scene(rng, d: Difficulty, n: int) -> list[Obj]:
     objs: list[Obj] = []
     for _ in range(n):
-        _add_obj(rng, objs, d, rng.choice(d.shapes), rng.choice(d.colours))
+        _add_obj(rng, objs, d, *_pair(rng, d))
     return objs
 
 
@@ -252,8 +275,7 @@ def _question(rng, d: Difficulty, qtype: str, cfg: GeneratorConfig) -> dict | No
     """Sample a scene + question for qtype. Returns None when this draw is ambiguous (caller redraws)."""
     n = rng.randint(d.min_objects, d.max_objects)
     if qtype == "count":
-        shape = rng.choice(d.shapes)
-        colour = rng.choice(d.colours)
+        shape, colour = _pair(rng, d)
         variant = rng.randrange(3)
         lo = 0 if d.max_count > 3 else 1
         c = rng.randint(lo, d.max_count)
@@ -270,7 +292,7 @@ def _question(rng, d: Difficulty, qtype: str, cfg: GeneratorConfig) -> dict | No
             if variant == 1 and rng.random() < 0.5 + d.similar_distractors / 2:
                 dist = (shape, _similar_colour(rng, colour, d))
             else:
-                dist = (rng.choice([s for s in d.shapes if s != shape]), rng.choice(d.colours))
+                dist = _pair(rng, d, not_shape=shape)
             _add_obj(rng, objs, d, *dist)
         if variant == 0:
             q = TEMPLATES["count"][0].format(p=PLURAL[shape])
@@ -312,11 +334,11 @@ def _question(rng, d: Difficulty, qtype: str, cfg: GeneratorConfig) -> dict | No
     if qtype == "position":
         objs = []
         cell = rng.choice(POSITIONS)
-        target = _add_obj(rng, objs, d, rng.choice(d.shapes), rng.choice(d.colours), cell=cell)
+        target = _add_obj(rng, objs, d, *_pair(rng, d), cell=cell)
         if target is None:
             return None
         for _ in range(n - 1):
-            _add_obj(rng, objs, d, rng.choice(d.shapes), rng.choice(d.colours))
+            _add_obj(rng, objs, d, *_pair(rng, d))
         ref = _describe(rng, target, objs)
         if ref is None:
             return None
@@ -324,7 +346,7 @@ def _question(rng, d: Difficulty, qtype: str, cfg: GeneratorConfig) -> dict | No
         return dict(objs=objs, question=q, answer=cell, pool=list(POSITIONS))
     if qtype == "relation":
         if len(objs) < 2:
-            _add_obj(rng, objs, d, rng.choice(d.shapes), rng.choice(d.colours))
+            _add_obj(rng, objs, d, *_pair(rng, d))
         if len(objs) < 2:
             return None
         a, b = rng.sample(objs, 2)
@@ -336,7 +358,7 @@ def _question(rng, d: Difficulty, qtype: str, cfg: GeneratorConfig) -> dict | No
         return dict(objs=objs, question=q, answer=rel, pool=list(RELATIONS))
     if qtype == "size":
         if len(objs) < 2:
-            _add_obj(rng, objs, d, rng.choice(d.shapes), rng.choice(d.colours))
+            _add_obj(rng, objs, d, *_pair(rng, d))
         k = min(len(objs), d.n_options)
         if k < 2:
             return None
@@ -429,6 +451,8 @@ def make_sample(cfg: GeneratorConfig, split: str, index: int, attempt: int = 0) 
         qtype = rng.choice(cfg.qtypes)
         mc = rng.random() < cfg.mc_fraction
         q = _question(rng, d, qtype, cfg)
+        if q is not None and d.pairs is not None and any((o.shape, o.colour) not in d.pairs for o in q["objs"]):
+            q = None          # e.g. a similar-colour distractor made a pair of the other side: redraw
         if q is not None:
             break
     else:
@@ -526,7 +550,7 @@ def tokenizer_corpus() -> list[str]:
     for values in (list(COLOURS), list(SHAPES), list(POSITIONS), list(RELATIONS), list(NUMBERS), refs):
         for i, v in enumerate(values):
             out.append(f"{LETTERS[i % len(LETTERS)]}. {v}")
-    for diff in DIFFICULTIES:
+    for diff in CORPUS_DIFFICULTIES:
         cfg = GeneratorConfig(seed=12345, difficulty=diff, image_size=32)
         for i in range(100):
             rec = make_sample(cfg, "corpus", i).record
