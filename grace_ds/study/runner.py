@@ -47,6 +47,9 @@ def student_runs(preset: StudyPreset) -> list[RunSpec]:
     gdkd = dict(use_kd=True, kd_mode="gdkd", gate=True, temperature=T)
     full = dict(**gdkd, use_rcka=True, omega=preset.omega, controller=True)
     runs = [
+        # the bf16 student trained on for as many steps as the W4 rows, same lr and frozen vision:
+        # the baseline that separates "quantised + distilled" from "trained longer"
+        RunSpec("student_bf16_long", "train", bits=None, grace=off),
         RunSpec("rtn_w4", "rtn", bits=4),
         RunSpec("qat_w4", "train", bits=4, grace=off),
         # naive KD: token KL(p_T || p_S) at T = 1, fixed weight 1, no gate, no RCKA (issue 6)
