@@ -24,19 +24,30 @@ def cosine_gram(feats: Tensor) -> Tensor:
     """
     if feats.dim() != 2:
         raise ValueError(f"features must be (n, d), got shape {tuple(feats.shape)}")
-    v = F.normalize(feats.to(torch.float64), dim=1)
-    return v @ v.t()
+    return _gram(feats)
+
+
+# The helpers below work on one (n, n) matrix or a batch (..., n, n) of them (rcka_loss's batched path).
+
+def _gram(feats: Tensor) -> Tensor:
+    v = F.normalize(feats.to(torch.float64), dim=-1)
+    return v @ v.transpose(-1, -2)
 
 
 def _centre(k: Tensor) -> Tensor:
     # H K H with H = I - 11^T/n, written as row/column mean removal (no n x n H is built).
-    return k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+    return k - k.mean(-2, keepdim=True) - k.mean(-1, keepdim=True) + k.mean((-2, -1), keepdim=True)
 
 
-def _cka_centred(kt: Tensor, ks: Tensor) -> Tensor:
+def _cka_centred(kt: Tensor, ks: Tensor, usable: Tensor | None = None) -> Tensor:
     # HSIC(K, L) = tr(K~ L~) = sum(K~ * L~) for symmetric K~, L~; the 1/(n-1)^2 factor cancels in the ratio.
-    hts = (kt * ks).sum()
-    return hts / torch.sqrt((kt * kt).sum() * (ks * ks).sum())
+    hts = (kt * ks).sum((-2, -1))
+    prod = (kt * kt).sum((-2, -1)) * (ks * ks).sum((-2, -1))
+    if usable is not None:
+        # batched: skipped (degenerate) matrices have prod ~0, where sqrt's gradient is inf; their zero
+        # weight in the mean would become 0 * inf = nan in the backward pass. Give them a safe value.
+        prod = torch.where(usable, prod, torch.ones_like(prod))
+    return hts / torch.sqrt(prod)
 
 
 def cka_from_grams(teacher_gram: Tensor, student_gram: Tensor) -> Tensor:
@@ -127,24 +138,13 @@ def _rcka_batched(teacher_feats: list[Tensor], student_feats: list[Tensor], teac
     """rcka_loss for B images of n tokens each, as (B, n, n) tensors: the same float64 arithmetic as
     the per-image loop (tests compare them), with one device->host sync instead of one per image."""
     t = torch.stack([x.detach() for x in teacher_feats]).to(torch.float64)
-    if teacher_grams:
-        kt = t
-    else:
-        vt = F.normalize(t, dim=2)
-        kt = vt @ vt.transpose(1, 2)
-    vs = F.normalize(torch.stack(student_feats).to(torch.float64), dim=2)
-    ks = vs @ vs.transpose(1, 2)
-    kt = kt - kt.mean(1, keepdim=True) - kt.mean(2, keepdim=True) + kt.mean((1, 2), keepdim=True)
-    ks = ks - ks.mean(1, keepdim=True) - ks.mean(2, keepdim=True) + ks.mean((1, 2), keepdim=True)
+    kt = _centre(t if teacher_grams else _gram(t))
+    ks = _centre(_gram(torch.stack(student_feats)))
     norms = torch.stack([kt.flatten(1).norm(dim=1), ks.detach().flatten(1).norm(dim=1)])
     usable = ~(norms < DEGENERATE_NORM).any(0)          # nan/inf stays "usable": the loss shows it
     used = int(usable.sum())
     if used == 0:
         return student_feats[0].reshape(-1)[:0].sum().float(), 0, len(student_feats)
-    hts = (kt * ks).sum((1, 2))
-    prod = (kt * kt).sum((1, 2)) * (ks * ks).sum((1, 2))
-    # skipped (degenerate) images have prod ~0: sqrt's gradient there is inf, and their zero weight
-    # in the mean would become 0 * inf = nan in the backward pass. Give them a safe value first.
-    cka_b = hts / torch.sqrt(torch.where(usable, prod, torch.ones_like(prod)))
+    cka_b = _cka_centred(kt, ks, usable)
     terms = (1.0 - cka_b)[usable]
     return terms.mean().float(), used, len(student_feats) - used
