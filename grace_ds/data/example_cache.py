@@ -2,7 +2,7 @@
 
 Turning a raw sample into model inputs (image decode, the HF processor's resize/normalise/patchify,
 chat template, tokenisation, assistant-only labels) costs about 4 ms of CPU per sample for the
-study's 112-pixel images, measured on the 2-core dev machine (docs/study.md, "Throughput"). The
+study's 112-pixel images, measured on the 2-core dev machine (docs/benchmarks.md). The
 study trains about 25 models on one 24k-sample split, several epochs each: without a cache, the
 same samples are processed about 20 times over, and the data workers, not the GPUs, set the pace.
 
@@ -51,7 +51,6 @@ class ExampleCache:
         self.dir = Path(root) / fingerprint
         self.enabled = True
         self._shard_ids: dict[str, str] = {}
-        self.hits = self.misses = 0
 
     def _shard_id(self, shard: str) -> str:
         sid = self._shard_ids.get(shard)
@@ -71,14 +70,11 @@ class ExampleCache:
         try:
             ex = load_file(p)
         except FileNotFoundError:
-            self.misses += 1
             return None
         except Exception as e:   # a torn or foreign file: process the sample again and overwrite it
             print(f"[grace_ds] example cache: unreadable {p} ({type(e).__name__}: {e}); re-processing",
                   file=sys.stderr, flush=True)
-            self.misses += 1
             return None
-        self.hits += 1
         return ex
 
     def put(self, shard: str, index: int, example: dict) -> None:

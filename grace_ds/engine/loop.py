@@ -123,7 +123,7 @@ def train_loop(cfg, engine, wrapper, teacher, objective, train_loader, val_loade
         avg = mean_over_ranks(cycle)
         if teacher is not None and cfg.grace.use_kd:
             objective.controller_step(avg["gdkd"])   # identical on every rank: the value is all-reduced
-        avg.update(step_stats(engine, step), **speed.read(dist.get_world_size()))
+        avg.update(step_stats(engine), **speed.read(dist.get_world_size()))
         if math.isfinite(avg["grad_norm"]):
             in_a_row = 0
         else:
@@ -174,7 +174,7 @@ def mean_over_ranks(values: dict) -> dict:
     return dict(zip(keys, t.tolist()))
 
 
-def step_stats(engine, step: int) -> dict:
+def step_stats(engine) -> dict:
     groups = {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
     norm = engine.get_global_grad_norm()
     norm = float(norm) if norm is not None else float("nan")

@@ -1,7 +1,7 @@
 """Two exact fast paths for the Qwen-VL families: fewer GPU launches and host syncs per step.
 
 Small VLMs (the study's, the demo's) are bound by the host, not by the GPU: counted with a
-dispatch-mode tally on the study's student at batch 64 (docs/study.md, "Throughput"), one forward
+dispatch-mode tally on the study's student at batch 64 (docs/benchmarks.md), one forward
 issued about 5,300 aten ops, and two thirds of them came from one function, transformers'
 `get_rope_index`. It walks the batch in Python, row by row, with four device->host syncs per row.
 Another quarter came from the vision tower's attention, which runs one SDPA call per image. On a
