@@ -116,6 +116,8 @@ def test_student_runs_set_the_documented_knobs(tmp_path):
     over = {r.key: r for r in student_runs(get_preset("gpu").with_overrides(grace_overrides={"tau": 3.0, "beta_max": 1.0}))}
     assert all((r.grace.get("tau") == 3.0 and r.grace.get("beta_max") == 1.0) == r.teacher for r in over.values() if r.grace)
     assert over["grace_w4"].grace["kd_mode"] == "gdkd" and "tau" not in runs["grace_w4"].grace
+    with pytest.raises(ValueError, match=r"unknown GraceConfig fields \['taux'\]: use some of .*tau"):
+        student_runs(get_preset("gpu").with_overrides(grace_overrides={"taux": 3.0}))
     # every config builds against the engine's typed config (a typo'd knob fails here, not on the GPU)
     from grace_ds.engine.config import config_from_dict
     from grace_ds.study.runner import Study

@@ -65,6 +65,15 @@ def student_runs(preset: StudyPreset) -> list[RunSpec]:
         RunSpec("grace_w8", "train", bits=8, teacher=True, grace=full),
     ]
     if preset.grace_overrides:
+        import dataclasses
+
+        from grace_ds.distill import GraceConfig
+
+        known = {f.name for f in dataclasses.fields(GraceConfig)}
+        unknown = sorted(set(preset.grace_overrides) - known)
+        if unknown:   # before any run starts, not in every distillation job after the teacher trained
+            raise ValueError(f"grace_overrides has unknown GraceConfig fields {unknown}: use some of "
+                             f"{', '.join(sorted(known))}")
         runs = [replace(r, grace={**r.grace, **preset.grace_overrides}) if r.teacher else r for r in runs]
     return runs
 
