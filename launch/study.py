@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     else:
         result = study.run(jobs=args.jobs)
     summary = summarise(result["scores"])
-    checks = check_claims(summary)
+    checks = check_claims(summary, scores=result["scores"])
     missing = missing_rows(summary)
     notes = auto_commentary(summary, checks, preset)
     if args.notes:

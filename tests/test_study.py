@@ -37,7 +37,8 @@ def _scores(means: dict[str, float], jitter: float = 0.0, seeds: int = 3) -> dic
 
 
 PAPER_LIKE = {"teacher": 80.0, "student_bf16": 72.0, "student_bf16_long": 73.0, "rtn_w4": 60.0, "qat_w4": 66.0, "qat_kd_w4": 70.0,
-              "grace_w4": 79.0, "grace_w8": 79.5, "gdkd_w4": 74.0, "rcka_w4": 69.0, "grace_noib_w4": 76.0}
+              "grace_w4": 79.0, "grace_w8": 79.5, "gdkd_w4": 74.0, "rcka_w4": 69.0, "grace_noib_w4": 76.0,
+              "grace_codectl_w4": 78.0}
 
 
 def test_stat_mean_and_sample_std():
@@ -71,6 +72,29 @@ def test_claims_fail_within_spread_and_when_reversed():
     assert v("GRACE W4 within 2 points of the teacher").verdict == "FAIL"
     # the IB check: 71 vs 76 reversed
     assert v("IB controller helps (GRACE > IB off)").verdict == "FAIL"
+
+
+def test_paired_seeds_separate_what_the_unpaired_spread_cannot():
+    """Seed-to-seed variance shared by two rows (same bf16 start) cancels in the paired difference."""
+    from grace_ds.study.report import paired_spread
+
+    base = [0.70, 0.78, 0.74]                         # std 4 points across seeds
+    scores = {"qat_w4": {"val": {"acc": base}}, "rtn_w4": {"val": {"acc": [x - 0.03 for x in base[:2]] + [0.70]}}}
+    summary = summarise(scores)
+    unpaired = {c.claim: c for c in check_claims(summary, splits=("val",))}["QAT > RTN"]
+    paired = {c.claim: c for c in check_claims(summary, splits=("val",), scores=scores)}["QAT > RTN"]
+    assert unpaired.verdict == "FAIL" and "within seed spread" in unpaired.detail
+    # differences 3, 3, 4 points: mean 3.33 > std 0.58
+    assert paired.verdict == "PASS" and "paired spread 0.6 over 3 seeds" in paired.detail, paired.detail
+    assert math.isclose(paired_spread([0.5, 0.6, 0.7], [0.4, 0.5, 0.7]), math.sqrt(1 / 3) * 10)
+    # not paired: seed counts differ, a seed is missing (None), or one seed
+    assert paired_spread([0.5, 0.6], [0.5, 0.6, 0.7]) is None
+    assert paired_spread([0.5, None, 0.7], [0.4, 0.5, 0.7]) is None
+    assert paired_spread([0.5], [0.4]) is None
+    # a reversal by more than the paired spread is called one
+    rev = {"qat_w4": {"val": {"acc": base}}, "rtn_w4": {"val": {"acc": [x + 0.05 for x in base]}}}
+    c = {c.claim: c for c in check_claims(summarise(rev), splits=("val",), scores=rev)}["QAT > RTN"]
+    assert c.verdict == "FAIL" and c.detail.endswith("reversed")
 
 
 def test_ge_passes_on_equal_means_and_missing_rows_are_reported():
@@ -112,10 +136,25 @@ def test_student_runs_set_the_documented_knobs(tmp_path):
     assert g["kd_mode"] == "gdkd" and g["gate"] and g["use_rcka"] and g["controller"]
     assert runs["grace_noib_w4"].grace["controller"] is False and runs["grace_noib_w4"].grace["use_rcka"]
     assert not runs["gdkd_w4"].grace["use_rcka"] and not runs["rcka_w4"].grace["use_kd"]
+    # every GRACE row runs the authors' script controller; one ablation row runs the code defaults,
+    # and differs from GRACE W4 in nothing else
+    from grace_ds.distill.controller import CONTROLLER_PRESETS
+
+    script, code = CONTROLLER_PRESETS["authors_script"], CONTROLLER_PRESETS["code"]
+    for key in ("grace_w4", "grace_w8", "grace_noib_w4", "gdkd_w4"):
+        assert all(runs[key].grace[k] == v for k, v in script.items()), key
+    alt = runs["grace_codectl_w4"].grace
+    assert all(alt[k] == v for k, v in code.items())
+    assert {k: v for k, v in alt.items() if k not in code} == {k: v for k, v in g.items() if k not in code}
     # grace_overrides reach every distillation row and no other
-    over = {r.key: r for r in student_runs(get_preset("gpu").with_overrides(grace_overrides={"tau": 3.0, "beta_max": 1.0}))}
-    assert all((r.grace.get("tau") == 3.0 and r.grace.get("beta_max") == 1.0) == r.teacher for r in over.values() if r.grace)
-    assert over["grace_w4"].grace["kd_mode"] == "gdkd" and "tau" not in runs["grace_w4"].grace
+    over = {r.key: r for r in student_runs(get_preset("gpu").with_overrides(grace_overrides={"tau": 7.0, "beta_max": 2.0}))}
+    assert all((r.grace.get("tau") == 7.0 and r.grace.get("beta_max") == 2.0) == r.teacher
+               for r in over.values() if r.grace and r.key != "grace_codectl_w4")
+    pinned = student_runs(get_preset("gpu").with_overrides(grace_overrides={"tau": 9.0, "omega": 2.0}))
+    pinned = {r.key: r.grace for r in pinned}
+    assert pinned["grace_w4"]["tau"] == 9.0 and pinned["grace_codectl_w4"]["tau"] == 0.35   # keeps its controller
+    assert pinned["grace_codectl_w4"]["omega"] == 2.0
+    assert over["grace_w4"].grace["kd_mode"] == "gdkd" and runs["grace_w4"].grace["tau"] == 3.0
     with pytest.raises(ValueError, match=r"unknown GraceConfig fields \['taux'\]: use some of .*tau"):
         student_runs(get_preset("gpu").with_overrides(grace_overrides={"taux": 3.0}))
     # every config builds against the engine's typed config (a typo'd knob fails here, not on the GPU)
@@ -148,7 +187,7 @@ def test_cpu_smoke_study_produces_every_row_and_resumes(tmp_path):
     log = r.stdout.splitlines()
     at = {ln.split()[2]: i for i, ln in enumerate(log) if ln.startswith("[study] finished ")}
     st = {ln.split()[2]: i for i, ln in enumerate(log) if ln.startswith("[study] started ")}
-    assert set(st) == set(at) and len(st) == 11
+    assert set(st) == set(at) and len(st) == 12
     assert all(st[n] > at["student_bf16_s0"] for n in st if n not in ("teacher", "student_bf16_s0"))
     assert all(st[n] > at["teacher"] for n in ("qat_kd_w4_s0", "grace_w4_s0", "grace_w8_s0", "rcka_w4_s0"))
     assert (out / "runs" / "grace_w4_s0" / "log.txt").exists()       # each job's log survives --prune
@@ -197,7 +236,9 @@ def test_time_budget_stops_before_any_run_and_presets_cannot_mix(tmp_path):
 
     smoke = get_preset("cpu-smoke")
     res = Study(smoke, tmp_path, progress=False, log=lambda *_: None, time_budget_s=0).run()
-    assert res["complete"] is False and res["scores"] == {}
+    assert res["complete"] is False and "teacher" not in res["scores"]
+    assert all(v is None for per_row in res["scores"].values() for per_split in per_row.values()
+               for vals in per_split.values() for v in vals)   # seed positions kept, nothing scored
     assert (tmp_path / "data" / "val_hard" / "manifest.json").exists()
     with pytest.raises(ValueError, match="different settings.*qat_steps"):
         Study(smoke.with_overrides(qat_steps=99), tmp_path, progress=False, time_budget_s=0).run()

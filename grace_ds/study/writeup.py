@@ -34,7 +34,11 @@ def setup_text(p: StudyPreset, seeds: int, seconds: float) -> str:
         f"{p.teacher_micro_batch or p.micro_batch} (lr {p.teacher_lr:g}), "
         f"bf16 student {p.baseline_steps} (lr {p.baseline_lr:g}), every W4/W8 student {p.qat_steps} more from the bf16 "
         f"student (lr {p.qat_lr:g}, vision frozen). Group size {p.group_size}; GDKD T = {p.kd_temperature:g}, "
-        f"omega = {p.omega:g}; naive KD = token KL at T = 1, weight 1.",
+        f"omega = {p.omega:g}; IB controller of the authors' script (tau 3.0, eta 0.003, beta 0.5 in [0.1, 1.0]; "
+        "without the controller beta stays 0.5; one ablation row uses the code defaults); naive KD = token KL at "
+        "T = 1, weight 1.",
+        "- Checks: student rows are compared seed by seed (each seed's W4/W8 rows start from that seed's bf16 "
+        "student), so the spread of a difference is the std of its per-seed differences.",
         f"- Seeds: {seeds} per student row (the seed sets the student's init, data order and QAT run); the teacher "
         "is trained once.",
         f"- Evaluation: {'all' if p.eval_samples is None else f'the first {p.eval_samples}'} samples of each held-out "
@@ -47,12 +51,13 @@ HOW_TO_RUN = """## How to run it
 
 - CPU smoke (CI, checks that every row is produced): `python launch/study.py --preset cpu-smoke --out /tmp/s`
   (`tests/test_study.py` runs it).
-- The real comparison (`--preset gpu`, 3 seeds) in one device call on a 2-GPU H100/H200 machine (7.5 minutes
-  on 2 H200s, 2026-11-28). The device machine has no deepspeed/webdataset: build the wheels here first
-  (`bash ../shared/tools/device-wheels.sh` -> `.whl/`), then run, carrying `.whl`, on `nvidia-h100-x2`:
+- The real comparison (`--preset gpu`, 3 seeds, 34 runs) in one device call on a 2-GPU H100/H200 machine
+  (7.1 minutes on 2 H200s, 2026-11-28; not timed on one GPU). The device machine has no
+  deepspeed/webdataset: build the wheels here first (`bash ../shared/tools/device-wheels.sh` -> `.whl/`),
+  then run, carrying `.whl`, on `nvidia-h200-x2` (or `nvidia-h100-x2`):
 
-      bash scripts/study_device.sh --preset gpu --out /tmp/study --jobs 18 --time-budget 470 \\
-          --deadline 565 --prune --no-progress          # device call: timeout_s 595, carry [".whl"]
+      bash scripts/study_device.sh --preset gpu --out /tmp/study --jobs 24 --time-budget 480 \\
+          --deadline 565 --prune --no-progress          # device call: timeout_s 598, carry [".whl"]
 
   Exit code 3 means the budget or deadline stopped it: run the same command again on the warm machine
   (finished runs are cached under `--out`; a run cut mid-training resumes from its last checkpoint).
