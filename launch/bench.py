@@ -45,6 +45,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from grace_ds.export.io import atomic_write_text  # noqa: E402
+
 DEFAULT_ARCHS = ("llava-1.5-7b", "qwen2-vl-7b")
 SMOKE_ARCHS = ("tiny-llava", "tiny-qwen2vl")
 
@@ -236,7 +238,7 @@ def worker(args) -> None:
     except Exception as exc:  # noqa: BLE001 - the parent prints it in the table
         traceback.print_exc()
         result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-    Path(args.json_out).write_text(json.dumps(result, indent=2))
+    atomic_write_text(Path(args.json_out), json.dumps(result, indent=2))
 
 
 # ============================================================================ orchestration + report
@@ -403,9 +405,9 @@ def main(argv=None) -> int:
     table = render(results, args, command)
     print(table)
     if args.out:
-        Path(args.out).write_text(table)
+        atomic_write_text(Path(args.out), table)
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(command=command, card=_card(args.device), results=results), indent=2))
+        atomic_write_text(Path(args.json), json.dumps(dict(command=command, card=_card(args.device), results=results), indent=2))
     failed = [r for r in results if r.get("error") or any("error" in x for x in r.get("runs", []))]
     return 1 if failed else 0
 

@@ -71,6 +71,7 @@ def apply_sets(preset, items):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from grace_ds.study.presets import get_preset
+    from grace_ds.export.io import atomic_write_text
     from grace_ds.study.report import check_claims, missing_rows, render_markdown, summarise
     from grace_ds.study.runner import Study
     from grace_ds.study.writeup import auto_commentary, setup_text
@@ -104,8 +105,9 @@ def main(argv=None) -> int:
         "summary": {r: {s: {m: vars(st) for m, st in ms.items()} for s, ms in ss.items()} for r, ss in summary.items()},
         "checks": [vars(c) for c in checks], "missing_rows": missing, "complete": result["complete"],
     }
-    (out / "study.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    (out / "study.md").write_text(md)
+    # atomic: a study killed while writing leaves the previous tables, not half of the new ones
+    atomic_write_text(out / "study.json", json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(out / "study.md", md)
     doc_path = args.doc or (str(REPO / "docs" / "study.md") if preset.name == "gpu" else None)
     if not result["complete"]:
         print(md)
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
         return 3
     if doc_path:
         Path(doc_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(doc_path).write_text(md)
+        atomic_write_text(Path(doc_path), md)
     print(md)
     print(f"wrote {out / 'study.json'} and {out / 'study.md'}" + (f" and {doc_path}" if doc_path else ""))
     if missing:
