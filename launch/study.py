@@ -30,6 +30,9 @@ def parse_args(argv=None):
     ap.add_argument("--preset", default="gpu", choices=("gpu", "cpu", "cpu-smoke"))
     ap.add_argument("--out", default=None, help="study directory (default runs/study-<preset>)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per student row (preset default: gpu 3, cpu-smoke 1)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds are first-seed .. first-seed + seeds - 1 (run seeds 3-4 in a second call with "
+                         "--first-seed 3 --seeds 2, unpack both into one --out, then --report-only --seeds 5)")
     ap.add_argument("--doc", default=None, help="also write the markdown here (default: docs/study.md for gpu)")
     ap.add_argument("--notes", default=None, help="a markdown file appended as the commentary section")
     ap.add_argument("--subprocess", action="store_true", help="run each training in a fresh process")
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
 
     preset = apply_sets(get_preset(args.preset), args.set)
     out = Path(args.out or REPO / "runs" / f"study-{args.preset}")
-    study = Study(preset, out, seeds=args.seeds, subprocess_runs=args.subprocess, progress=not args.no_progress,
+    study = Study(preset, out, seeds=args.seeds, first_seed=args.first_seed, subprocess_runs=args.subprocess, progress=not args.no_progress,
                   time_budget_s=args.time_budget, deadline_s=args.deadline, prune=args.prune)
     if args.jobs < 1:
         raise SystemExit(f"--jobs {args.jobs}: expected >= 1")

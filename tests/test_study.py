@@ -283,3 +283,53 @@ def test_probe_learnability_trains_and_scores(tmp_path, capsys):
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("t step")]
     assert [ln.split()[2] for ln in lines] == ["1", "2"]
     assert all(0.0 <= float(ln.split()[6]) <= 1.0 for ln in lines)
+
+
+def test_first_seed_offsets_the_plan_and_survives_the_job_spec(tmp_path):
+    """--first-seed 3 --seeds 2 plans seeds 3 and 4 (to merge with a 0-2 run); job processes see the same."""
+    from grace_ds.study.presets import get_preset
+    from grace_ds.study.runner import Study
+
+    study = Study(get_preset("cpu-smoke"), tmp_path, seeds=2, first_seed=3, progress=False)
+    assert study.seeds == [3, 4]
+    names = [n for n, *_ in study.plan()]
+    assert "student_bf16_s3" in names and "grace_w4_s4" in names and not any(n.endswith("_s0") for n in names)
+    tmp_path.mkdir(exist_ok=True)
+    study.save_job_spec()
+    again = Study.from_job_spec(tmp_path)
+    assert again.seeds == [3, 4] and [n for n, *_ in again.plan()] == names
+    with pytest.raises(ValueError, match="first-seed -1"):
+        Study(get_preset("cpu-smoke"), tmp_path, seeds=2, first_seed=-1, progress=False)
+
+
+def test_budget_running_out_while_the_last_runs_finish_is_still_complete(tmp_path, monkeypatch):
+    """Run 9 regression: every run had started before the time budget ran out and all finished,
+    yet the study exited 'incomplete'. Job processes are faked; the scheduler is real."""
+    import grace_ds.study.runner as runner
+    from grace_ds.study.presets import get_preset
+
+    study = runner.Study(get_preset("cpu-smoke"), tmp_path, progress=False, log=lambda *_: None,
+                         time_budget_s=0.3)
+    plan = [("teacher", "teacher", None, None)]
+    monkeypatch.setattr(study, "plan", lambda: plan)
+    t0 = __import__("time").time()
+
+    class FakeJob:   # finishes (writes its score) 0.8 s after the start, past the 0.3 s budget
+        def __init__(self, cmd, **kw):
+            self.name = cmd[-1]
+
+        def poll(self):
+            if __import__("time").time() - t0 < 0.8:
+                return None
+            (study.runs / self.name / "eval.json").write_text("{}")
+            return 0
+
+    monkeypatch.setattr(runner.subprocess, "Popen", FakeJob)
+    study.out.mkdir(parents=True, exist_ok=True)
+    assert study._run_parallel(jobs=2, t0=t0) is True
+    # and a run that could only start after the budget (it waits for the teacher) is still refused
+    plan.append(("student_bf16_s0", "student_bf16", 0, None))
+    monkeypatch.setattr(study, "deps", lambda key, seed, spec: [] if key == "teacher" else ["teacher"])
+    (study.runs / "teacher" / "eval.json").unlink()
+    t0 = __import__("time").time()
+    assert study._run_parallel(jobs=2, t0=t0) is False

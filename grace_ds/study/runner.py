@@ -94,11 +94,15 @@ def student_runs(preset: StudyPreset) -> list[RunSpec]:
 
 class Study:
     def __init__(self, preset: StudyPreset, out_dir: str | os.PathLike, *, seeds: int | None = None,
-                 subprocess_runs: bool = False, progress: bool = True, log=print,
+                 first_seed: int = 0, subprocess_runs: bool = False, progress: bool = True, log=print,
                  time_budget_s: float | None = None, deadline_s: float | None = None, prune: bool = False):
         self.p = preset
         self.out = Path(out_dir).resolve()
-        self.seeds = list(range(seeds if seeds is not None else preset.seeds))
+        # seeds first_seed .. first_seed + n - 1: training is deterministic per seed, so seeds run in
+        # separate invocations (or on separate machines) can be merged into one --out and reported together
+        if first_seed < 0:
+            raise ValueError(f"--first-seed {first_seed}: must be >= 0")
+        self.seeds = list(range(first_seed, first_seed + (seeds if seeds is not None else preset.seeds)))
         if not self.seeds:
             raise ValueError("--seeds must be >= 1")
         self.subprocess_runs = subprocess_runs
@@ -427,12 +431,14 @@ class Study:
         while pending or running:
             # start what is ready
             while len(running) < jobs and not stopped:
+                ready = next((r for r in pending if all(d in done for d in self.deps(r[1], r[2], r[3]))), None)
+                if ready is None:
+                    break
+                # only a run that would start is stopped by the budget: a budget that runs out while the
+                # last runs finish leaves a complete study, not an "incomplete" exit code
                 if self._over_budget(t0):
                     self.log(f"[study] time budget of {self.time_budget_s:.0f}s used: starting no new run")
                     stopped = True
-                    break
-                ready = next((r for r in pending if all(d in done for d in self.deps(r[1], r[2], r[3]))), None)
-                if ready is None:
                     break
                 pending.remove(ready)
                 name = ready[0]
@@ -513,7 +519,7 @@ class Study:
     # ------------------------------------------------------------------ job processes
     def save_job_spec(self) -> None:
         """What a job process needs to rebuild this Study (the preset after --set, seeds, pruning)."""
-        spec = {"preset": asdict(self.p), "seeds": len(self.seeds), "prune": self.prune}
+        spec = {"preset": asdict(self.p), "seeds": len(self.seeds), "first_seed": self.seeds[0], "prune": self.prune}
         tmp = self.out / "job_spec.json.tmp"
         tmp.write_text(json.dumps(spec, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, self.out / "job_spec.json")
@@ -527,7 +533,8 @@ class Study:
         for role in ("teacher", "student"):
             if isinstance(d[role], dict):
                 d[role] = ModelSpec(**d[role])
-        return cls(StudyPreset(**d), out_dir, seeds=spec["seeds"], progress=False, prune=spec["prune"])
+        return cls(StudyPreset(**d), out_dir, seeds=spec["seeds"], first_seed=spec.get("first_seed", 0), progress=False,
+                   prune=spec["prune"])
 
     def run_named(self, name: str) -> dict:
         for n, key, seed, spec in self.plan():
