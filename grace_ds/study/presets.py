@@ -2,7 +2,7 @@
 
 - `cpu-smoke`: tiny everything; checks that every row of the table is produced (CI, ~2 minutes on
   the 2-core machine). Its numbers mean nothing.
-- `gpu`: one device call on a 2-GPU machine (`--jobs 24`). Run 8 (3 seeds, 34 runs) took 7.1 minutes
+- `gpu`: one device call on a 2-GPU machine (`--jobs 24`). Run 8 (3 seeds, 34 runs) took 7.0 minutes
   on 2 H200s (docs/study_runs.md, which also records how it was sized).
 """
 
@@ -111,8 +111,9 @@ PRESETS: dict[str, StudyPreset] = {
     #   1000 questions per split, comparisons paired by seed (report.py), and GRACE rows on the
     #   authors' script controller (the code defaults are an ablation row).
     # - run 7 (5 seeds, W4 rows 200 steps, 6.9 min): every distilled row stayed 7 points below the
-    #   teacher. Run 8 (3 seeds, 500 steps, 7.1 min): GRACE W4 1.4 points below it, 7/9 val claims
-    #   hold. 500 steps and 3 seeds is the preset; 5 seeds at 500 steps would need two device calls.
+    #   teacher. Run 8 (3 seeds, 500 steps, 7.0 min): GRACE W4 1.4 points below it, 7/9 val claims
+    #   hold. 500 steps and 3 seeds is the preset (one call); run 9 added seeds 3-4 in a second call
+    #   (--first-seed 3 --seeds 2): 6/9 val checks at 5 seeds (docs/study.md).
     "gpu": StudyPreset(
         name="gpu", train_samples=24000, val_samples=1000, hard_val_samples=1000, difficulty="basic-seen",
         hard_difficulty="basic-unseen", qtypes=("colour", "shape", "position", "count"), mc_fraction=0.0, image_size=112,

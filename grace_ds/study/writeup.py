@@ -52,13 +52,16 @@ HOW_TO_RUN = """## How to run it
 - CPU smoke (CI, checks that every row is produced): `python launch/study.py --preset cpu-smoke --out /tmp/s`
   (`tests/test_study.py` runs it).
 - The real comparison (`--preset gpu`, 3 seeds, 34 runs) in one device call on a 2-GPU H100/H200 machine
-  (7.1 minutes on 2 H200s, 2026-11-28; not timed on one GPU). The device machine has no
+  (7.0 minutes on 2 H200s, 2026-11-28; not timed on one GPU). The device machine has no
   deepspeed/webdataset: build the wheels here first (`bash ../shared/tools/device-wheels.sh` -> `.whl/`),
   then run, carrying `.whl`, on `nvidia-h200-x2` (or `nvidia-h100-x2`):
 
       bash scripts/study_device.sh --preset gpu --out /tmp/study --jobs 24 --time-budget 480 \\
           --deadline 565 --prune --no-progress          # device call: timeout_s 598, carry [".whl"]
 
+  5 seeds (docs/study.md, 2026-11-28) take a second call for seeds 3-4: the same command with
+  `--first-seed 3 --seeds 2`; unpack both `runs.tgz` into one directory and report with `--seeds 5`
+  (training is deterministic per seed, so the merge is one 5-seed study).
   Exit code 3 means the budget or deadline stopped it: run the same command again on the warm machine
   (finished runs are cached under `--out`; a run cut mid-training resumes from its last checkpoint).
   `$OUT` gets `study.{md,json}`, `runs.tgz` (per-run logs, scores, first/last training metrics) and GPU/CPU
