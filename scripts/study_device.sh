@@ -1,7 +1,7 @@
 #!/bin/bash
 # The study on a lent GPU machine, in one call: install the carried wheels, run launch/study.py with
 # the given arguments, and leave the tables, per-run logs and scores under $OUT.
-#   bash scripts/study_device.sh --preset gpu --out /tmp/study --jobs 8 --deadline 500 ...
+#   bash scripts/study_device.sh --preset gpu --out /tmp/study --jobs 24 --time-budget 480 --deadline 565 --prune --no-progress
 # (device call: carry [".whl"]; the wheels come from ../shared/tools/device-wheels.sh)
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
