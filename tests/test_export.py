@@ -371,6 +371,37 @@ def test_static_decoder_matches_generate(arch):
     assert torch.equal(dec.out[:, :6], ref)
 
 
+@pytest.mark.parametrize("arch", ["tiny-llava", "tiny-qwen2vl"])
+def test_decode_step_traces_as_one_graph(arch):
+    """`launch/bench.py --mode compile` (torch.compile, reduce-overhead) fuses the decode step's
+    small ops only if TorchDynamo sees the whole step: one graph, no break (a .item(), a Python
+    branch on a tensor or an untraceable cache call would split it). The traced step, run with the
+    eager backend, also makes the same tokens."""
+    import torch._dynamo
+    import transformers
+
+    from grace_ds.export.decode import StaticDecoder
+
+    cfg = bench_config(arch)
+    torch.manual_seed(0)
+    model = getattr(transformers, cfg.architectures[0])._from_config(cfg, dtype=torch.float32).eval()
+    inputs = make_prompt(cfg, 2, 6, 16, dtype=torch.float32)
+    s = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        dec = StaticDecoder(model, cfg, 2, s + 6, "cpu")
+        dec.prefill(inputs)
+        dec.run_steps(5)
+        ref = dec.out[:, :6].clone()
+        dec.prefill(inputs)
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(dec.step)()
+        assert (ex.graph_count, ex.graph_break_count) == (1, 0), [str(b.reason) for b in ex.break_reasons]
+        dec.prefill(inputs)   # explain ran the step once
+        dec.compiled = torch.compile(dec.step, backend="eager", fullgraph=True)
+        dec.run_steps(5)
+    assert torch.equal(dec.out[:, :6], ref)
+
+
 def test_bench_smoke_trained_checkpoint(llava4, tmp_path):
     """--checkpoint with a final export dir: bf16 from the latent weights, INT4 packed on the fly."""
     bench = _load_script("bench")
