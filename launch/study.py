@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     if args.notes:
         notes = Path(args.notes).read_text() + "\n\n" + notes
     md = render_markdown(summary, checks, preset=preset.name, seeds=len(study.seeds), notes=notes,
-                         hard_difficulty=preset.hard_difficulty,
+                         hard_difficulty=preset.hard_difficulty, scores=result["scores"],
                          setup=setup_text(preset, len(study.seeds), result["seconds"]))
     doc = {
         "preset": preset.name, "seeds": study.seeds, "seconds": result["seconds"],

@@ -97,6 +97,23 @@ def test_paired_seeds_separate_what_the_unpaired_spread_cannot():
     assert c.verdict == "FAIL" and c.detail.endswith("reversed")
 
 
+def test_paired_table_lists_each_row_minus_qat_seed_by_seed():
+    from grace_ds.study.report import paired_table
+
+    scores = _scores(PAPER_LIKE, jitter=1.0)
+    scores["rcka_w4"]["val"]["acc"] = [0.70, 0.72, 0.71]          # QAT is 65, 66, 67 on val
+    scores["gdkd_w4"]["val"]["acc"] = [0.60, None, 0.62]          # a missing seed: not paired
+    table = paired_table(scores)
+    rows = {ln.split(" | ")[0][2:]: ln for ln in table.splitlines()[2:]}
+    assert rows["RCKA only (W4)"].split(" | ")[1] == "+5.0 ± 1.0"      # 70-65, 72-66, 71-67
+    assert rows["GDKD only (W4)"].split(" | ")[1] == "-"
+    assert "Teacher" not in table and "QAT (CE only)" not in table
+    assert rows["QAT + GRACE (W8)"].split(" | ")[1] == "+13.5 ± 0.0"   # 79.5 - 66.0, identical jitter
+    md = render_markdown(summarise(scores), check_claims(summarise(scores), scores=scores), preset="gpu",
+                         seeds=3, scores=scores)
+    assert "## Paired by seed: each row minus QAT (CE only)" in md
+
+
 def test_ge_passes_on_equal_means_and_missing_rows_are_reported():
     means = dict(PAPER_LIKE, grace_w4=72.0)
     checks = {(c.claim, c.split): c for c in check_claims(summarise(_scores(means)))}

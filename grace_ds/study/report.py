@@ -188,6 +188,30 @@ def ablation_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def paired_diff(va: list | None, vb: list | None) -> Stat:
+    """Mean and sample std (points) of the per-seed differences a - b; n = 0 when not paired."""
+    if paired_spread(va, vb) is None:
+        return Stat(float("nan"), float("nan"), 0)
+    return stat([x - y for x, y in zip(va, vb)])
+
+
+def paired_table(scores: dict, base: str = "qat_w4", metric: str = HEADLINE) -> str:
+    """Every student row minus `base`, seed by seed: the differences the checks use, for each row."""
+    labels = {k: f"{label} ({bits})" for k, label, bits in MAIN_ROWS}
+    labels.update({k: label + " (W4)" for k, label, *_ in ABLATION_ROWS if k not in labels})
+    lines = [f"| Row | val: row - {base} | hard: row - {base} |", "|---|---|---|"]
+    for key in labels:
+        if key in ("teacher", base):
+            continue
+        cells = []
+        for split in SPLITS:
+            d = paired_diff(scores.get(key, {}).get(split, {}).get(metric),
+                            scores.get(base, {}).get(split, {}).get(metric))
+            cells.append("-" if d.n == 0 else f"{d.mean:+.1f} ± {d.std:.1f}")
+        lines.append(f"| {labels[key]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def checks_table(checks: list[Check]) -> str:
     lines = ["| Claim (paper) | Split | Verdict | Numbers (acc, points) |", "|---|---|---|---|"]
     for c in checks:
@@ -196,7 +220,7 @@ def checks_table(checks: list[Check]) -> str:
 
 
 def render_markdown(summary: dict, checks: list[Check], *, preset: str, seeds: int, notes: str = "",
-                    setup: str = "", hard_difficulty: str = "hard") -> str:
+                    setup: str = "", hard_difficulty: str = "hard", scores: dict | None = None) -> str:
     n_pass = sum(c.verdict == "PASS" for c in checks)
     parts = [
         "# Study: GRACE vs. its baselines on the synthetic VQA benchmark",
@@ -221,6 +245,18 @@ def render_markdown(summary: dict, checks: list[Check], *, preset: str, seeds: i
         "",
         ablation_table(summary),
         "",
+    ]
+    if scores is not None and seeds > 1:
+        parts += [
+            "## Paired by seed: each row minus QAT (CE only)",
+            "",
+            "Seed s of every W4/W8 row starts from the same bf16 student s, so differences are taken seed by "
+            "seed: mean ± std of the per-seed differences, in points (the spread the checks below use).",
+            "",
+            paired_table(scores),
+            "",
+        ]
+    parts += [
         f"## The paper's ordering, checked ({n_pass}/{len(checks)} PASS)",
         "",
         "`a > b` passes only when the gap exceeds the seed spread of the difference: the std of the per-seed "
