@@ -4,6 +4,7 @@
     python launch/bench.py --arch qwen2-vl-7b --batch 1 --variants int4
     python launch/bench.py --checkpoint runs/demo/final       # the trained demo student (its own config)
     python launch/bench.py --smoke                            # tiny configs on the CPU, 8 new tokens (CI check)
+    python launch/bench.py --arch qwen2-vl-7b --int4-lm-head  # INT4 lm_head too (serving option, RTN)
 
 What one measurement is (per architecture x variant x batch):
 - prompt: one image (576 visual tokens: LLaVA 336 px CLIP; Qwen2-VL a 48x48-patch grid merged 2x2)
@@ -20,7 +21,8 @@ What one measurement is (per architecture x variant x batch):
 - bf16: the HF model with parameters on the meta device, then every parameter allocated and filled
   at random directly on the GPU in bf16; int4: the same, except that every decoder linear
   (QuantConfig's default include/exclude) is first replaced by a W4A16Linear holding random codes +
-  scales packed for the kernel - no bf16 copy of those weights is ever allocated.
+  scales packed for the kernel - no bf16 copy of those weights is ever allocated. lm_head stays
+  bf16 (QAT does not train it) unless `--int4-lm-head` rounds it too (RTN, after the build);
 Each (architecture, variant) runs in its own subprocess, so one failure (OOM, kernel build) does not
 stop the others and memory numbers do not leak between variants. Output: a markdown table (card,
 date, command) on stdout and in --out, raw numbers in --json.
@@ -220,6 +222,11 @@ def worker(args) -> None:
         else:
             config = bench_config(args.arch)
             model = build_bf16(config, device, dtype) if args.variant == "bf16" else build_int4(config, device, dtype)
+        if args.variant == "int4" and args.int4_lm_head:
+            from grace_ds.export.load import quantize_lm_head_
+
+            quantize_lm_head_(model)
+            result["lm_head"] = "int4 (RTN)"
         _sync(device)
         result["build_s"] = time.perf_counter() - t0
         result["backends"] = quantized_backends(model)
@@ -261,7 +268,8 @@ def render(results: list[dict], args, command: str) -> str:
              f"- card: {_card(args.device)}; torch {torch.__version__}; date {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
              f"- command: `{command}`",
              f"- prompt: 1 image + {args.text_tokens} text tokens; {args.new_tokens} new tokens, greedy; static KV cache; "
-             f"decode step mode requested: {args.mode}; random weights",
+             f"decode step mode requested: {args.mode}; random weights"
+             + ("; int4 variant: lm_head rounded to INT4 too (--int4-lm-head)" if args.int4_lm_head else ""),
              "",
              "| model | variant | batch | prompt (visual) | TTFT ms | decode tok/s | ms/step | peak alloc GiB | peak reserved GiB | weights GiB | mode | linears | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -321,6 +329,9 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=int, default=560,
                    help="seconds for the whole run: jobs that would not fit are skipped (and listed), so the "
                         "table is always printed inside a 10-minute command limit")
+    p.add_argument("--int4-lm-head", action="store_true",
+                   help="int4 variant: also round lm_head to INT4 (RTN, group 128; not trained by QAT, so its "
+                        "accuracy cost is the user's to check). It is read in full at every decode step")
     p.add_argument("--smoke", action="store_true", help="tiny configs on the CPU, 8 new tokens, eager")
     p.add_argument("--in-process", action="store_true", help="run the workers in this process (debugging, tests)")
     p.add_argument("--out", default=None, help="also write the markdown table here")
@@ -380,7 +391,7 @@ def main(argv=None) -> int:
             wargs = ["--worker", "--arch", arch, "--variant", variant, "--json-out", str(out),
                      "--batch", *map(str, args.batch), "--dtype", args.dtype, "--new-tokens", str(args.new_tokens),
                      "--text-tokens", str(args.text_tokens), "--visual-tokens", str(args.visual_tokens),
-                     "--mode", args.mode, "--device", args.device]
+                     "--mode", args.mode, "--device", args.device] + (["--int4-lm-head"] if args.int4_lm_head else [])
             print(f"[bench] {arch} {variant} ... ({left():.0f} s of the budget left)", file=sys.stderr, flush=True)
             if left() < 45:
                 results.append(dict(arch=arch, variant=variant, runs=[],

@@ -423,6 +423,60 @@ def test_bench_smoke_int4(tmp_path):
     assert "decode speed-up vs bf16" in (tmp_path / "t.md").read_text()
 
 
+@pytest.mark.parametrize("arch", ["tiny-llava", "tiny-qwen2vl"])
+def test_quantize_lm_head_is_rtn_and_matches_a_float64_reference(arch):
+    """--int4-lm-head: the head becomes codes * scales with codes = round(W / s) clamped to the INT4
+    grid (checked element by element in float64), and its output is x @ (codes * s)^T."""
+    import transformers
+
+    from grace_ds.export.load import quantize_lm_head_
+
+    cfg = bench_config(arch)
+    torch.manual_seed(0)
+    model = getattr(transformers, cfg.architectures[0])._from_config(cfg, dtype=torch.float32).eval()
+    w = model.get_output_embeddings().weight.detach().double().clone()
+    embed = model.get_input_embeddings().weight.detach().clone()
+    head = quantize_lm_head_(model)
+    assert model.get_output_embeddings() is head and head.out_features == w.shape[0]
+    if isinstance(head, W4A16Linear) and head._keys:   # packed for the kernel: unpack with its own reference
+        from kernels.w4a16.pack import unpack_weights
+
+        codes, scales = unpack_weights(head.packed())
+    elif isinstance(head, W4A16Linear):
+        codes, scales = head.k_codes, head.k_scales
+    else:
+        codes, scales = head.codes, head.scales
+    codes, scales = codes.double(), scales.double()
+    s = scales.repeat_interleave(128, dim=1)
+    x = w / s
+    # round to nearest on the INT4 grid; the kernel keeps scales in bf16, hence 0.52 rather than 0.5
+    inner = (codes > -8) & (codes < 7)
+    assert codes.min() >= -8 and codes.max() <= 7 and inner.float().mean() > 0.9
+    assert (x - codes)[inner].abs().max() <= 0.52
+    assert (x[codes == 7] >= 6.48).all() and (x[codes == -8] <= -7.48).all()
+    w_hat = codes * s
+    assert (w_hat - w).norm() / w.norm() < 0.15      # 4-bit rounding of Gaussian weights: ~0.1
+    h = torch.randn(3, w.shape[1], dtype=torch.float64)
+    ref = h @ w_hat.t()
+    with torch.no_grad():
+        y = head(h.float()).double()
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-3
+    assert torch.equal(model.get_input_embeddings().weight, embed)   # embeddings untouched
+    with pytest.raises(ValueError, match="already quantised"):
+        quantize_lm_head_(model)
+
+
+def test_bench_smoke_int4_lm_head(tmp_path):
+    bench = _load_script("bench")
+    rc = bench.main(["--smoke", "--in-process", "--arch", "tiny-llava", "--batch", "1", "--new-tokens", "3",
+                     "--int4-lm-head", "--out", str(tmp_path / "t.md"), "--json", str(tmp_path / "t.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert res[0]["backends"] == {} and "lm_head" not in res[0]          # bf16 variant untouched
+    assert sum(res[1]["backends"].values()) == 15 and res[1]["lm_head"] == "int4 (RTN)"
+    assert "--int4-lm-head" in (tmp_path / "t.md").read_text()
+
+
 # ----------------------------------------------------------------------------- GPU (skipped without CUDA)
 
 @pytest.mark.gpu

@@ -297,6 +297,41 @@ def load_packed_model(directory, device="cpu", dtype: torch.dtype | None = None,
     return finish_model(model, device)
 
 
+def quantize_lm_head_(model: nn.Module, bits: int = 4, group_size: int = 128) -> nn.Module:
+    """Round the output head to `bits` (RTN: the quantiser's grid-search scale per group, rounded once,
+    grace_ds.quant.lsq) and swap it for the packed module, in place; returns the new head.
+
+    A serving option, not part of GRACE: QAT leaves lm_head in 16 bits, so this is post-training
+    rounding with its accuracy cost unmeasured by training. At decode the head is read in full every
+    step (Qwen2-VL-7B: 152064 x 3584, 1.09 GB in bf16, about a quarter of the INT4 model's bytes per
+    token). A head tied to the input embeddings is untied: the embeddings stay 16-bit.
+    """
+    from grace_ds.quant.lsq import init_log_scale, quantize_codes
+
+    head = model.get_output_embeddings()
+    if isinstance(head, (W4A16Linear, DequantLinear)):
+        raise ValueError("lm_head is already quantised")
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"output head is {type(head).__name__}, not nn.Linear: cannot quantise it")
+    n, k = head.weight.shape
+    if k % group_size:
+        raise ValueError(f"lm_head in_features {k} is not a multiple of group_size {group_size}")
+    name = next(nm for nm, m in model.named_modules() if m is head)
+    dtype = head.weight.dtype
+    with torch.no_grad():
+        w = head.weight.detach()
+        log_s = init_log_scale(w, bits, group_size)
+        codes, scales, _ = quantize_codes(w, log_s, bits, group_size)
+        codes = codes.to(torch.int8).reshape(n, k)
+        scales = scales.to(torch.float32).reshape(n, k // group_size)
+        bias = None if head.bias is None else head.bias.detach()
+        new = quantized_linear(codes, scales, bits, group_size, bias, dtype).to(w.device)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False    # the 16-bit input embeddings stay as they are
+    replace_module(model, name, new)
+    return new
+
+
 def quantized_backends(model: nn.Module) -> dict[str, int]:
     """How many layers run on each path, e.g. {"kernels.w4a16": 196, "dequant": 0}."""
     out: dict[str, int] = {}
