@@ -498,22 +498,19 @@ class Study:
         scores: dict = {}
         for name, key, seed, spec in self.plan():
             path = self.runs / name / "eval.json"
-            if not path.exists():
-                if seed is not None:   # keep the seed positions aligned across rows
-                    for split in SPLITS:
-                        for m in ("acc", "mc_gen", "mc_ll", "em", "top_letter_share", "constant_letter_acc"):
-                            scores.setdefault(key, {}).setdefault(split, {}).setdefault(m, []).append(None)
+            if not path.exists() and seed is None:
                 continue
-            doc = json.loads(path.read_text())
+            # an unscored student run keeps its seed position with None in every metric
+            doc = json.loads(path.read_text()) if path.exists() else None
             for split in SPLITS:
-                r = doc["results"][split]
-                vals = {"acc": r["overall_gen"], "mc_gen": r["multiple_choice"].get("mc_gen"),
-                        "mc_ll": r["multiple_choice"].get("mc_ll"), "em": r["open"].get("em"),
-                        "top_letter_share": r["multiple_choice"].get("top_pred_letter_share"),
-                        "constant_letter_acc": r["multiple_choice"].get("constant_letter_acc")}
+                r = doc["results"][split] if doc else {"overall_gen": None, "multiple_choice": {}, "open": {}}
+                mc = r["multiple_choice"]
+                vals = {"acc": r["overall_gen"], "mc_gen": mc.get("mc_gen"), "mc_ll": mc.get("mc_ll"),
+                        "em": r["open"].get("em"), "top_letter_share": mc.get("top_pred_letter_share"),
+                        "constant_letter_acc": mc.get("constant_letter_acc")}
                 for m, v in vals.items():
                     scores.setdefault(key, {}).setdefault(split, {}).setdefault(m, []).append(
-                        float("nan") if v is None else float(v))
+                        None if doc is None else float("nan") if v is None else float(v))
         return scores
 
     # ------------------------------------------------------------------ job processes
