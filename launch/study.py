@@ -73,8 +73,8 @@ def apply_sets(preset, items):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from grace_ds.study.presets import get_preset
     from grace_ds.export.io import atomic_write_text
+    from grace_ds.study.presets import get_preset
     from grace_ds.study.report import check_claims, missing_rows, render_markdown, summarise
     from grace_ds.study.runner import Study
     from grace_ds.study.writeup import auto_commentary, setup_text

@@ -91,16 +91,19 @@ class Check:
     detail: str
 
 
+def paired_diff(va: list | None, vb: list | None) -> Stat:
+    """Mean and sample std (points) of the per-seed differences a - b; n = 0 when the rows are not
+    paired: either is missing, the seed counts differ, a value is None/NaN, or there is one seed."""
+    if not va or not vb or len(va) != len(vb) or len(va) < 2 \
+            or any(x is None or math.isnan(x) for x in (*va, *vb)):
+        return Stat(float("nan"), float("nan"), 0)
+    return stat([x - y for x, y in zip(va, vb)])
+
+
 def paired_spread(va: list[float] | None, vb: list[float] | None) -> float | None:
-    """Sample std (points) of the per-seed differences, or None when the rows are not paired: either
-    is missing, the seed counts differ, a value is NaN, or there is only one seed."""
-    if not va or not vb or len(va) != len(vb) or len(va) < 2:
-        return None
-    if any(x is None or math.isnan(x) for x in (*va, *vb)):
-        return None
-    d = [100.0 * (x - y) for x, y in zip(va, vb)]
-    m = sum(d) / len(d)
-    return math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1))
+    """Sample std (points) of the per-seed differences, or None when the rows are not paired."""
+    d = paired_diff(va, vb)
+    return d.std if d.n else None
 
 
 def _compare(claim: str, split: str, a: Stat, b: Stat, kind: str, points: float = 2.0,
@@ -186,13 +189,6 @@ def ablation_table(summary: dict) -> str:
                  _get(summary, key, "val_hard", "acc").fmt()]
         lines.append(f"| {label} | {mark[g]} | {mark[r]} | {mark[ib]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def paired_diff(va: list | None, vb: list | None) -> Stat:
-    """Mean and sample std (points) of the per-seed differences a - b; n = 0 when not paired."""
-    if paired_spread(va, vb) is None:
-        return Stat(float("nan"), float("nan"), 0)
-    return stat([x - y for x, y in zip(va, vb)])
 
 
 def paired_table(scores: dict, base: str = "qat_w4", metric: str = HEADLINE) -> str:
