@@ -352,17 +352,27 @@ def test_convert_cli(llava4, tmp_path, capsys):
     assert rc == 2 and "no config.json" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("arch", ["tiny-llava", "tiny-qwen2vl"])
-def test_static_decoder_matches_generate(arch):
+def _tiny_vlm(arch: str):
+    """(config, fp32 eval model with seed-0 random weights) of a tiny bench architecture."""
     import transformers
-
-    from grace_ds.export.decode import StaticDecoder
 
     cfg = bench_config(arch)
     torch.manual_seed(0)
-    model = getattr(transformers, cfg.architectures[0])._from_config(cfg, dtype=torch.float32).eval()
+    return cfg, getattr(transformers, cfg.architectures[0])._from_config(cfg, dtype=torch.float32).eval()
+
+
+def _tiny_prompt(cfg):
+    """Two rows of 6 text + 16 visual tokens, fp32, and the prompt length."""
     inputs = make_prompt(cfg, 2, 6, 16, dtype=torch.float32)
-    s = inputs["input_ids"].shape[1]
+    return inputs, inputs["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("arch", ["tiny-llava", "tiny-qwen2vl"])
+def test_static_decoder_matches_generate(arch):
+    from grace_ds.export.decode import StaticDecoder
+
+    cfg, model = _tiny_vlm(arch)
+    inputs, s = _tiny_prompt(cfg)
     with torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)[:, s:]
         dec = StaticDecoder(model, cfg, 2, s + 6, "cpu")
@@ -378,15 +388,11 @@ def test_decode_step_traces_as_one_graph(arch):
     branch on a tensor or an untraceable cache call would split it). The traced step, run with the
     eager backend, also makes the same tokens."""
     import torch._dynamo
-    import transformers
 
     from grace_ds.export.decode import StaticDecoder
 
-    cfg = bench_config(arch)
-    torch.manual_seed(0)
-    model = getattr(transformers, cfg.architectures[0])._from_config(cfg, dtype=torch.float32).eval()
-    inputs = make_prompt(cfg, 2, 6, 16, dtype=torch.float32)
-    s = inputs["input_ids"].shape[1]
+    cfg, model = _tiny_vlm(arch)
+    inputs, s = _tiny_prompt(cfg)
     with torch.no_grad():
         dec = StaticDecoder(model, cfg, 2, s + 6, "cpu")
         dec.prefill(inputs)
@@ -427,13 +433,9 @@ def test_bench_smoke_int4(tmp_path):
 def test_quantize_lm_head_is_rtn_and_matches_a_float64_reference(arch):
     """--int4-lm-head: the head becomes codes * scales with codes = round(W / s) clamped to the INT4
     grid (checked element by element in float64), and its output is x @ (codes * s)^T."""
-    import transformers
-
     from grace_ds.export.load import quantize_lm_head_
 
-    cfg = bench_config(arch)
-    torch.manual_seed(0)
-    model = getattr(transformers, cfg.architectures[0])._from_config(cfg, dtype=torch.float32).eval()
+    cfg, model = _tiny_vlm(arch)
     w = model.get_output_embeddings().weight.detach().double().clone()
     embed = model.get_input_embeddings().weight.detach().clone()
     head = quantize_lm_head_(model)
