@@ -12,7 +12,7 @@ What one measurement is (per architecture x variant x batch):
   256 new tokens, EOS ignored so every run decodes the same number of steps;
 - static KV cache (transformers StaticCache) for both variants; the decode step (language model +
   lm_head + argmax on one token) is captured once as a CUDA graph and replayed (`--mode graph`, the
-  default; `--mode compile` uses torch.compile(mode="reduce-overhead"), `--mode eager` neither); if
+  default; `--mode compile` inductor-compiles the step, then graphs it, `--mode eager` neither); if
   capture fails the run falls back to eager and the table says so;
 - time to first token = one prefill (vision tower + projector + LLM over the prompt + first token),
   measured after a warm-up prefill; decode tokens/s = batch * steps / decode time;
@@ -161,15 +161,12 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
             dec.capture()
         elif mode == "compile":
             dec.compile()
-            dec.run_steps(0)
+            dec.capture()
     except Exception as exc:  # noqa: BLE001 - report and measure eager instead
         note = f"{mode} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}), eager used"
         print(f"[bench] {note}", file=sys.stderr)
         traceback.print_exc()
         dec.graph, dec.compiled, mode = None, None, "eager"
-        dec.prefill(inputs)
-    if mode == "compile":  # compile warm-up runs the step: redo the prefill, then time
-        dec.run_steps(3)
         dec.prefill(inputs)
     _sync(device)
     t0 = time.perf_counter()

@@ -383,7 +383,7 @@ def test_static_decoder_matches_generate(arch):
 
 @pytest.mark.parametrize("arch", ["tiny-llava", "tiny-qwen2vl"])
 def test_decode_step_traces_as_one_graph(arch):
-    """`launch/bench.py --mode compile` (torch.compile, reduce-overhead) fuses the decode step's
+    """`launch/bench.py --mode compile` (inductor, then a CUDA graph of the result) fuses the decode step's
     small ops only if TorchDynamo sees the whole step: one graph, no break (a .item(), a Python
     branch on a tensor or an untraceable cache call would split it). The traced step, run with the
     eager backend, also makes the same tokens."""
@@ -495,14 +495,16 @@ def test_gpu_kernel_model_matches_dequant(llava4, tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpu_bench_graph_capture(tmp_path):
-    """The decode step captures as a CUDA graph for bf16 and INT4 and replays the eager tokens."""
+@pytest.mark.parametrize("mode", ["graph", "compile"])
+def test_gpu_bench_graph_capture(tmp_path, mode):
+    """The decode step (eager, or inductor-compiled) captures as a CUDA graph for bf16 and INT4 and
+    replays the eager tokens."""
     bench = _load_script("bench")
     rc = bench.main(["--in-process", "--arch", "tiny-llava", "tiny-qwen2vl", "--batch", "1", "4", "--new-tokens", "8",
-                     "--visual-tokens", "16", "--text-tokens", "8", "--device", "cuda",
+                     "--visual-tokens", "16", "--text-tokens", "8", "--device", "cuda", "--mode", mode,
                      "--json", str(tmp_path / "t.json")])
     res = json.loads((tmp_path / "t.json").read_text())["results"]
     assert rc == 0, res
     for r in res:
         for run in r["runs"]:
-            assert run["mode"] == "graph" and run["graph_matches_eager"], (r["arch"], r["variant"], run)
+            assert run["mode"] == mode and run["graph_matches_eager"], (r["arch"], r["variant"], run)

@@ -66,26 +66,35 @@ class StaticDecoder:
         for layer, n in zip(self.cache.layers, st[4]):
             layer.cumulative_length.copy_(n)
 
+    def _step_fn(self):
+        return self.compiled if self.compiled is not None else self.step
+
     def capture(self, warmup: int = 2) -> None:
-        """CUDA-graph the step (after `prefill`): warm up on a side stream, restore the state, capture."""
+        """CUDA-graph the step (after `prefill`): warm up on a side stream, restore the state, capture.
+        After `compile()` the compiled step is captured (its first warm-up call compiles it)."""
+        fn = self._step_fn()
         st = self._state()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(warmup):
-                self.step()
+                fn()
         torch.cuda.current_stream().wait_stream(s)
         torch.cuda.synchronize()
         self._restore(st)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            self.step()
+            fn()
         torch.cuda.synchronize()
         self._restore(st)  # capture does not run kernels, but keep the state exact regardless
         self.graph = g
 
     def compile(self) -> None:
-        self.compiled = torch.compile(self.step, mode="reduce-overhead", fullgraph=False)
+        """Inductor-compile the step (fuses the norms, rotary, residuals and cache writes around the
+        matmuls). No inductor CUDA graphs ("reduce-overhead"): the step mutates the KV cache and its
+        own token buffers, inputs that make inductor skip its graphs. `capture()` graphs the
+        compiled step instead. Shapes are static (dynamic=False): one compile per batch size."""
+        self.compiled = torch.compile(self.step, dynamic=False)
 
     def run_steps(self, n: int) -> None:
         for _ in range(n):

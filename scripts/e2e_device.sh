@@ -1,0 +1,25 @@
+#!/bin/bash
+# End-to-end generation benchmark on a lent GPU machine, in one call: install the carried wheels,
+# build the W4A16 extension, run launch/bench.py with the given arguments, then (time allowing) the
+# same architectures in `--mode graph` as a second table. Logs and tables land under $OUT.
+#   bash scripts/e2e_device.sh --arch llava-1.5-7b qwen2-vl-7b --mode compile --int4-lm-head
+# (device call: carry [".whl"], timeout_s 598; the wheels come from ../shared/tools/device-wheels.sh)
+set -o pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+T0=$(date +%s); LIMIT=${E2E_LIMIT:-570}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a \
+  GRACE_DS_KERNEL_CACHE=/tmp/grace_kc MAX_JOBS=16
+nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader; date -u; git log -1 --format=%h 2>/dev/null
+timeout 240 python3 -m kernels.w4a16.build > "$OUT/build.log" 2>&1; echo "build rc=$? $(( $(date +%s) - T0 ))s"
+left=$(( LIMIT - ($(date +%s) - T0) ))
+python3 launch/bench.py "$@" --budget $(( left - 10 )) --out "$OUT/e2e.md" --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | grep -v Warning
+echo "bench rc=$? $(( $(date +%s) - T0 ))s"
+left=$(( LIMIT - ($(date +%s) - T0) ))
+if [ -n "$E2E_GRAPH_ARGS" ] && [ $left -gt 60 ]; then
+  python3 launch/bench.py $E2E_GRAPH_ARGS --mode graph --budget $(( left - 10 )) --out "$OUT/e2e_graph.md" \
+    --json "$OUT/e2e_graph.json" 2>&1 | tee "$OUT/e2e_graph.log" | grep -v Warning
+  echo "graph bench rc=$? $(( $(date +%s) - T0 ))s"
+fi
+date -u
