@@ -2,8 +2,8 @@
 
 - `cpu-smoke`: tiny everything; checks that every row of the table is produced (CI, ~2 minutes on
   the 2-core machine). Its numbers mean nothing.
-- `gpu`: one device call on a 2-GPU machine (`--jobs 24`). Run 8 (3 seeds, 34 runs) took 7.0 minutes
-  on 2 H200s (docs/study_runs.md, which also records how it was sized).
+- `gpu`: one device call (`--jobs 24`). 3 seeds, 34 runs: 8.3 minutes on one H200 (run 10), 7.0 on
+  two (run 8). docs/study_runs.md records both and how the preset was sized.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ PRESETS: dict[str, StudyPreset] = {
         teacher_lr=2e-3, baseline_lr=2e-3, qat_lr=3e-4, warmup_steps=10, seeds=1, eval_samples=100,
         eval_batch=25, max_new_tokens=6,
     ),
-    # One device call (<= 10 minutes) on a 2-GPU machine with --jobs 24: 1 teacher + 3 x (bf16 student
+    # One device call (<= 10 minutes; 8.3 measured on one H200) with --jobs 24: 1 teacher + 3 x (bf16 student
     # + 7 W4/W8 runs + RTN) + 28 evaluations. Chosen from the measured device runs (docs/study_runs.md):
     # - "medium"/"easy" scenes: no model left the answer prior in ~1200 steps (also in plain PyTorch);
     #   "basic" scenes (1-2 large objects) with four question types: open answers learnt in 400 steps.

@@ -51,10 +51,10 @@ HOW_TO_RUN = """## How to run it
 
 - CPU smoke (CI, checks that every row is produced): `python launch/study.py --preset cpu-smoke --out /tmp/s`
   (`tests/test_study.py` runs it).
-- The real comparison (`--preset gpu`, 3 seeds, 34 runs) in one device call on a 2-GPU H100/H200 machine
-  (7.0 minutes on 2 H200s, 2026-11-28; not timed on one GPU). The device machine has no
+- The real comparison (`--preset gpu`, 3 seeds, 34 runs) in one device call on one GPU: 8.3 minutes on
+  one H200 (2026-11-29), 7.0 on two. The device machine has no
   deepspeed/webdataset: build the wheels here first (`bash ../shared/tools/device-wheels.sh` -> `.whl/`),
-  then run, carrying `.whl`, on `nvidia-h200-x2` (or `nvidia-h100-x2`):
+  then run, carrying `.whl`, on `nvidia-h200` (or any H100/H200 kind; extra GPUs share the runs):
 
       bash scripts/study_device.sh --preset gpu --out /tmp/study --jobs 24 --time-budget 480 \\
           --deadline 565 --prune --no-progress          # device call: timeout_s 598, carry [".whl"]
