@@ -5,6 +5,7 @@
     python launch/bench.py --checkpoint runs/demo/final       # the trained demo student (its own config)
     python launch/bench.py --smoke                            # tiny configs on the CPU, 8 new tokens (CI check)
     python launch/bench.py --arch qwen2-vl-7b --int4-lm-head  # INT4 lm_head too (serving option, RTN)
+    python launch/bench.py --mode compile --int4-lm-head --fuse-proj   # the fastest serving setup measured
 
 What one measurement is (per architecture x variant x batch):
 - prompt: one image (576 visual tokens: LLaVA 336 px CLIP; Qwen2-VL a 48x48-patch grid merged 2x2)
@@ -23,6 +24,8 @@ What one measurement is (per architecture x variant x batch):
   (QuantConfig's default include/exclude) is first replaced by a W4A16Linear holding random codes +
   scales packed for the kernel - no bf16 copy of those weights is ever allocated. lm_head stays
   bf16 (QAT does not train it) unless `--int4-lm-head` rounds it too (RTN, after the build);
+- `--fuse-proj`: q/k/v and gate/up of every decoder layer become one GEMM each
+  (grace_ds.export.fuse), in both variants, so the baseline gets the same launch savings;
 Each (architecture, variant) runs in its own subprocess, so one failure (OOM, kernel build) does not
 stop the others and memory numbers do not leak between variants. Output: a markdown table (card,
 date, command) on stdout and in --out, raw numbers in --json.
@@ -219,6 +222,10 @@ def worker(args) -> None:
         else:
             config = bench_config(args.arch)
             model = build_bf16(config, device, dtype) if args.variant == "bf16" else build_int4(config, device, dtype)
+        if args.fuse_proj:
+            from grace_ds.export.fuse import fuse_projections_
+
+            result["fused_groups"] = fuse_projections_(model)
         if args.variant == "int4" and args.int4_lm_head:
             from grace_ds.export.load import quantize_lm_head_
 
@@ -266,7 +273,8 @@ def render(results: list[dict], args, command: str) -> str:
              f"- command: `{command}`",
              f"- prompt: 1 image + {args.text_tokens} text tokens; {args.new_tokens} new tokens, greedy; static KV cache; "
              f"decode step mode requested: {args.mode}; random weights"
-             + ("; int4 variant: lm_head rounded to INT4 too (--int4-lm-head)" if args.int4_lm_head else ""),
+             + ("; int4 variant: lm_head rounded to INT4 too (--int4-lm-head)" if args.int4_lm_head else "")
+             + ("; q/k/v and gate/up fused into one GEMM each, both variants (--fuse-proj)" if args.fuse_proj else ""),
              "",
              "| model | variant | batch | prompt (visual) | TTFT ms | decode tok/s | ms/step | peak alloc GiB | peak reserved GiB | weights GiB | mode | linears | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -329,6 +337,9 @@ def parse_args(argv=None):
     p.add_argument("--int4-lm-head", action="store_true",
                    help="int4 variant: also round lm_head to INT4 (RTN, group 128; not trained by QAT, so its "
                         "accuracy cost is the user's to check). It is read in full at every decode step")
+    p.add_argument("--fuse-proj", action="store_true",
+                   help="both variants: fuse each layer's q/k/v and gate/up projections into one GEMM each "
+                        "(grace_ds.export.fuse)")
     p.add_argument("--smoke", action="store_true", help="tiny configs on the CPU, 8 new tokens, eager")
     p.add_argument("--in-process", action="store_true", help="run the workers in this process (debugging, tests)")
     p.add_argument("--out", default=None, help="also write the markdown table here")
@@ -388,7 +399,8 @@ def main(argv=None) -> int:
             wargs = ["--worker", "--arch", arch, "--variant", variant, "--json-out", str(out),
                      "--batch", *map(str, args.batch), "--dtype", args.dtype, "--new-tokens", str(args.new_tokens),
                      "--text-tokens", str(args.text_tokens), "--visual-tokens", str(args.visual_tokens),
-                     "--mode", args.mode, "--device", args.device] + (["--int4-lm-head"] if args.int4_lm_head else [])
+                     "--mode", args.mode, "--device", args.device] + (["--int4-lm-head"] if args.int4_lm_head else []) \
+                + (["--fuse-proj"] if args.fuse_proj else [])
             print(f"[bench] {arch} {variant} ... ({left():.0f} s of the budget left)", file=sys.stderr, flush=True)
             if left() < 45:
                 results.append(dict(arch=arch, variant=variant, runs=[],

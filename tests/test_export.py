@@ -196,6 +196,12 @@ def test_convert_grace_verifies_and_loads(llava4, tmp_path):
         got_k = mk(**llava4["inputs"]).logits
     assert (got_k - ref).abs().max() <= 3e-2 * ref.abs().max()
     assert (got_k.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    # fused q/k/v and gate/up: the same products in fewer GEMMs
+    mf = load_packed_model(out, dtype=torch.float32, fuse_projections=True)
+    assert sum(type(m).__name__ == "FusedGroup" for m in mf.modules()) >= 2
+    with torch.no_grad():
+        got_f = mf(**llava4["inputs"]).logits
+    torch.testing.assert_close(got_f, got_k, rtol=1e-4, atol=1e-4)
 
 
 def test_exact_logits_when_nonquantised_tensors_are_16bit(tmp_path):

@@ -219,11 +219,13 @@ def read_packed_config(directory) -> tuple[dict, dict]:
     return cfg, cfg[PACKED_KEY]
 
 
-def load_packed_model(directory, device="cpu", dtype: torch.dtype | None = None, *, force_dequant: bool = False):
+def load_packed_model(directory, device="cpu", dtype: torch.dtype | None = None, *, force_dequant: bool = False,
+                      fuse_projections: bool = False):
     """Build the model of a packed checkpoint (launch/convert.py output) on `device`.
 
     dtype: compute dtype of activations and 16-bit tensors (default: the checkpoint's, bf16 if unset).
     force_dequant: run every quantised layer through DequantLinear (debugging / oracle).
+    fuse_projections: one GEMM for each layer's q/k/v and one for gate/up (grace_ds.export.fuse).
     Raises PackedMetadataError when the packed tensors or their metadata do not match the model.
     """
     import transformers
@@ -294,7 +296,12 @@ def load_packed_model(directory, device="cpu", dtype: torch.dtype | None = None,
         if tuple(cur.shape) != tuple(t.shape):
             raise PackedMetadataError(f"{key}: file shape {tuple(t.shape)} != model shape {tuple(cur.shape)}")
         set_tensor(model, key, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
-    return finish_model(model, device)
+    model = finish_model(model, device)
+    if fuse_projections:
+        from grace_ds.export.fuse import fuse_projections_
+
+        fuse_projections_(model)
+    return model
 
 
 def quantize_lm_head_(model: nn.Module, bits: int = 4, group_size: int = 128) -> nn.Module:

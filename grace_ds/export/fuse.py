@@ -1,0 +1,153 @@
+"""Horizontal fusion of sibling projections that read the same input: q/k/v and gate/up.
+
+At decode (one token per row) a 7B layer's 4096-wide projections are small GEMMs, and the W4A16
+kernel streams a small weight at a lower rate than a large one (H200, M=1: 4096x4096 at 1.36 TB/s,
+11008x4096 at 1.73, 28672x8192 at 2.47; docs/benchmarks.md). One (q+k+v) GEMM and one (gate+up)
+GEMM per layer read the same bytes in fewer, larger launches.
+
+`fuse_projections_(model)` works on any module whose children include a whole group (the
+attention's `q_proj, k_proj, v_proj`, the MLP's `gate_proj, up_proj`) of the same kind:
+- `nn.Linear`: the weights (and biases) are concatenated along the output dimension;
+- `W4A16Linear` (packed for the kernel): the packed buffers are concatenated along dim 0. The
+  layout's outermost dimension is the 16-row tile, so this is exactly the packing of the
+  concatenated codes (`kernels/w4a16/pack.py`);
+- `DequantLinear` / `W4A16Linear` without the kernel package: codes and scales are concatenated.
+The group's fused module is registered once on the parent (`fused_qkv`, `fused_gate_up`), and each
+member is replaced by a `FusedPart` that returns its slice. The model's own forward code is not
+touched: the first member called with an input runs the fused GEMM and keeps the other slices
+until their members ask for them (the same input object), then drops them. A member called with
+another input recomputes, so the result is always the member's own projection of its input
+(inputs are told apart by identity: a caller that changes its input in place between two members
+would get stale slices; transformers' attention and MLP code do not).
+
+The fused model computes the same products as the separate layers; the rounding of a GEMM can
+differ with its shape, so outputs agree to floating-point tolerance (tests/test_export.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from grace_ds.export.load import DequantLinear, W4A16Linear, replace_module
+
+GROUPS = {"fused_qkv": ("q_proj", "k_proj", "v_proj"), "fused_gate_up": ("gate_proj", "up_proj")}
+
+
+class FusedGroup(nn.Module):
+    """The fused projection of a group plus the slices not yet handed out."""
+
+    def __init__(self, fused: nn.Module, sizes: list[int]):
+        super().__init__()
+        self.fused, self.sizes = fused, list(sizes)
+        self._x = None        # the input the pending slices belong to
+        self._parts = None    # slice i, or None once handed out
+        self._left = 0
+
+    def part(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        if self._x is not x or self._parts is None or self._parts[i] is None:
+            self._parts = list(self.fused(x).split(self.sizes, dim=-1))
+            self._x, self._left = x, len(self.sizes)
+        p = self._parts[i]
+        self._parts[i] = None
+        self._left -= 1
+        if self._left == 0:   # every member served: hold nothing between calls
+            self._x, self._parts = None, None
+        return p
+
+    def pending(self) -> bool:
+        return self._x is not None
+
+
+class FusedPart(nn.Module):
+    """Stands in for one member of a fused group: its slice of the group's output."""
+
+    def __init__(self, group: FusedGroup, index: int, in_features: int, out_features: int):
+        super().__init__()
+        object.__setattr__(self, "_group", group)   # not a child: the parent registers the group once
+        self.index, self.in_features, self.out_features = index, in_features, out_features
+
+    def forward(self, x):
+        return self._group.part(x, self.index)
+
+    def extra_repr(self):
+        return f"part {self.index} of the fused group, in={self.in_features}, out={self.out_features}"
+
+
+def _fuse_linear(mods: list[nn.Linear]) -> nn.Module:
+    w = mods[0].weight
+    has_bias = mods[0].bias is not None
+    out = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=has_bias,
+                    device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([m.weight for m in mods], 0))
+        if has_bias:
+            out.bias.copy_(torch.cat([m.bias for m in mods], 0))
+    out.weight.requires_grad_(w.requires_grad)
+    return out
+
+
+def _cat_bias(mods):
+    return None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods], 0)
+
+
+def _fuse_w4a16(mods: list[W4A16Linear]) -> W4A16Linear:
+    first = mods[0]
+    new = W4A16Linear.__new__(W4A16Linear)
+    nn.Module.__init__(new)
+    new.in_features, new.out_features = first.in_features, sum(m.out_features for m in mods)
+    new.bits, new.group_size, new.compute_dtype, new.backend = 4, first.group_size, first.compute_dtype, first.backend
+    new._keys, new._consts = list(first._keys), dict(first._consts)
+    names = [f"k_{k}" for k in first._keys] if first._keys else ["k_codes", "k_scales"]
+    for name in names:   # packed layout: tile-major, so dim-0 concatenation = packing of the concatenation
+        new.register_buffer(name, torch.cat([getattr(m, name) for m in mods], 0))
+    bias = _cat_bias(mods)
+    new.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    return new
+
+
+def _fuse_dequant(mods: list[DequantLinear]) -> DequantLinear:
+    first = mods[0]
+    return DequantLinear(torch.cat([m.codes for m in mods], 0), torch.cat([m.scales for m in mods], 0),
+                         first.bits, first.group_size, _cat_bias(mods), first.compute_dtype).to(first.codes.device)
+
+
+def _fusable(mods: list[nn.Module]) -> bool:
+    kind = type(mods[0])
+    if kind not in (nn.Linear, W4A16Linear, DequantLinear) or any(type(m) is not kind for m in mods):
+        return False
+    first = mods[0]
+    if any(m.in_features != first.in_features or (m.bias is None) != (first.bias is None) for m in mods):
+        return False
+    if kind is nn.Linear:
+        return all(m.weight.dtype == first.weight.dtype and m.weight.device == first.weight.device for m in mods)
+    if kind is W4A16Linear:
+        return all(m._keys == first._keys and m._consts == first._consts and m.group_size == first.group_size
+                   and m.backend == first.backend for m in mods)
+    return all(m.bits == first.bits and m.group_size == first.group_size for m in mods)
+
+
+def fuse_projections_(model: nn.Module, groups: dict[str, tuple[str, ...]] | None = None) -> int:
+    """Fuse every complete group of sibling projections in place; returns how many groups were fused.
+
+    Groups whose members differ in kind, input width, bias or packing are left as they are."""
+    groups = GROUPS if groups is None else groups
+    parents = [(name, mod) for name, mod in model.named_modules()]
+    n = 0
+    for pname, parent in parents:
+        children = dict(parent.named_children())
+        for attr, members in groups.items():
+            if attr in children or not all(m in children for m in members):
+                continue
+            mods = [children[m] for m in members]
+            if not _fusable(mods):
+                continue
+            kind = type(mods[0])
+            fused = _fuse_linear(mods) if kind is nn.Linear else \
+                _fuse_w4a16(mods) if kind is W4A16Linear else _fuse_dequant(mods)
+            group = FusedGroup(fused, [m.out_features for m in mods])
+            parent.add_module(attr, group)
+            for i, (m_name, m) in enumerate(zip(members, mods)):
+                replace_module(model, f"{pname}.{m_name}" if pname else m_name,
+                               FusedPart(group, i, m.in_features, m.out_features))
+            n += 1
+    return n

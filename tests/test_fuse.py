@@ -1,0 +1,206 @@
+"""Horizontal fusion of q/k/v and gate/up (grace_ds.export.fuse): same outputs, same tokens, one
+Dynamo graph, nothing held between calls, and each member still its own projection."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from grace_ds.export.arch import bench_config, make_prompt
+from grace_ds.export.decode import StaticDecoder
+from grace_ds.export.fuse import FusedGroup, FusedPart, fuse_projections_
+from grace_ds.export.load import DequantLinear, W4A16Linear
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = ["tiny-llava", "tiny-qwen2vl"]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("grace_launch_bench_fuse", ROOT / "launch" / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _model(arch: str, kind: str):
+    cfg = bench_config(arch)
+    if kind == "int4":
+        return cfg, _bench().build_int4(cfg, "cpu", torch.float32).eval()
+    torch.manual_seed(0)
+    return cfg, getattr(transformers, cfg.architectures[0])._from_config(cfg, dtype=torch.float32).eval()
+
+
+def _prompt(cfg):
+    inputs = make_prompt(cfg, 2, 6, 16, dtype=torch.float32)
+    return inputs, inputs["input_ids"].shape[1]
+
+
+def _tokens(model, cfg, inputs, s, n=5, compile_backend=None):
+    dec = StaticDecoder(model, cfg, 2, s + n + 1, "cpu")
+    dec.prefill(inputs)
+    if compile_backend:
+        dec.compiled = torch.compile(dec.step, backend=compile_backend, fullgraph=True)
+    dec.run_steps(n)
+    return dec.out[:, : n + 1].clone()
+
+
+def _n_layers(cfg):
+    return cfg.text_config.num_hidden_layers
+
+
+@pytest.mark.parametrize("kind", ["float", "int4"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_model_matches_unfused(arch, kind):
+    cfg, model = _model(arch, kind)
+    inputs, s = _prompt(cfg)
+    with torch.no_grad():
+        ref_logits = model(**inputs).logits
+        ref_tokens = _tokens(model, cfg, inputs, s)
+        expected = sum(all(hasattr(m, c) for c in group) for m in model.modules()
+                       for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")))
+        n = fuse_projections_(model)
+        # every decoder layer has both groups (CLIP's attention has q/k/v too; Qwen2-VL's vision
+        # blocks already use one qkv linear)
+        assert n == expected >= 2 * _n_layers(cfg)
+        groups = [m for m in model.modules() if isinstance(m, FusedGroup)]
+        assert len(groups) == n
+        lm = model.model.language_model
+        lm_groups = [m for m in lm.modules() if isinstance(m, FusedGroup)]
+        assert len(lm_groups) == 2 * _n_layers(cfg)
+        want = W4A16Linear if kind == "int4" else nn.Linear
+        assert all(isinstance(g.fused, want) for g in lm_groups)
+        logits = model(**inputs).logits
+        tokens = _tokens(model, cfg, inputs, s)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(tokens, ref_tokens)
+    assert not any(g.pending() for g in groups)   # nothing held between calls
+    assert fuse_projections_(model) == 0          # idempotent: fused groups are not fused again
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_decode_step_traces_as_one_graph(arch):
+    """The slices are handed out through module state: Dynamo must still see one graph, and the
+    compiled step must make the eager tokens."""
+    import torch._dynamo
+
+    cfg, model = _model(arch, "int4")
+    inputs, s = _prompt(cfg)
+    with torch.no_grad():
+        fuse_projections_(model)
+        ref = _tokens(model, cfg, inputs, s)
+        dec = StaticDecoder(model, cfg, 2, s + 6, "cpu")
+        dec.prefill(inputs)
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(dec.step)()
+        assert (ex.graph_count, ex.graph_break_count) == (1, 0), [str(b.reason) for b in ex.break_reasons]
+        torch._dynamo.reset()
+        tokens = _tokens(model, cfg, inputs, s, compile_backend="eager")
+    assert torch.equal(tokens, ref)
+
+
+def test_each_member_is_its_own_projection_whatever_the_call_order():
+    """Members called out of order, with different inputs, or twice on one input still return
+    their own projection of their own input (float64 reference)."""
+    torch.manual_seed(0)
+    parent = nn.Module()
+    parent.q_proj, parent.k_proj, parent.v_proj = nn.Linear(32, 16), nn.Linear(32, 8), nn.Linear(32, 8)
+    ref = {k: (getattr(parent, k).weight.double().clone(), getattr(parent, k).bias.double().clone())
+           for k in ("q_proj", "k_proj", "v_proj")}
+    assert fuse_projections_(parent) == 1
+    assert isinstance(parent.q_proj, FusedPart) and isinstance(parent.fused_qkv, FusedGroup)
+    x1, x2, x3 = torch.randn(3, 32), torch.randn(3, 32), torch.randn(3, 32)
+
+    def want(name, x):
+        w, b = ref[name]
+        return (x.double() @ w.t() + b).float()
+
+    with torch.no_grad():
+        calls = [("k_proj", x1), ("q_proj", x1), ("k_proj", x1), ("v_proj", x2), ("q_proj", x2),
+                 ("v_proj", x1), ("q_proj", x1), ("k_proj", x1), ("q_proj", x3), ("k_proj", x3), ("v_proj", x3)]
+        for name, x in calls:
+            torch.testing.assert_close(getattr(parent, name)(x), want(name, x), rtol=1e-5, atol=1e-5)
+    assert not parent.fused_qkv.pending()   # the last three calls served one group in full
+
+
+def test_groups_of_mixed_kinds_or_widths_are_left_alone():
+    codes = torch.randint(-8, 8, (16, 128), dtype=torch.int8)
+    scales = torch.rand(16, 1) * 0.01
+    parent = nn.Module()
+    parent.gate_proj = nn.Linear(128, 16)
+    parent.up_proj = DequantLinear(codes, scales, 4, 128)
+    other = nn.Module()
+    other.gate_proj, other.up_proj = nn.Linear(128, 16), nn.Linear(64, 16)
+    assert fuse_projections_(parent) == 0 and fuse_projections_(other) == 0
+    assert isinstance(parent.up_proj, DequantLinear) and isinstance(other.up_proj, nn.Linear)
+
+
+def test_dequant_groups_fuse_codes_and_scales():
+    torch.manual_seed(0)
+    parent = nn.Module()
+    mods = []
+    for name, n in (("gate_proj", 32), ("up_proj", 48)):
+        m = DequantLinear(torch.randint(-128, 128, (n, 256), dtype=torch.int8), torch.rand(n, 2) * 0.01, 8, 128)
+        setattr(parent, name, m)
+        mods.append(m)
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        ref = [m(x) for m in mods]
+        assert fuse_projections_(parent) == 1
+        out = [parent.gate_proj(x), parent.up_proj(x)]
+    assert isinstance(parent.fused_gate_up.fused, DequantLinear)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_smoke_fuse_proj(tmp_path):
+    rc = _bench().main(["--smoke", "--in-process", "--arch", "tiny-qwen2vl", "--batch", "1", "--new-tokens", "3",
+                        "--fuse-proj", "--json", str(tmp_path / "t.json")])
+    assert rc == 0
+
+
+@pytest.mark.gpu
+def test_gpu_fused_w4a16_equals_the_separate_kernels():
+    """On the GPU the fused group runs the CUDA kernel at the summed N (6144 here, a shape the
+    separate layers never use); its slices must match the separate layers' outputs, odd M too."""
+    from grace_ds.export.load import quantized_linear
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    sizes = {"q_proj": 4096, "k_proj": 1024, "v_proj": 1024}
+    separate, fused = nn.Module(), nn.Module()
+    for name, n in sizes.items():
+        codes = torch.randint(-8, 8, (n, 4096), generator=g, device="cuda", dtype=torch.int8)
+        scales = torch.empty(n, 32, device="cuda").uniform_(0.003, 0.006, generator=g)
+        setattr(separate, name, quantized_linear(codes, scales, 4, 128, None, torch.bfloat16))
+        setattr(fused, name, quantized_linear(codes, scales, 4, 128, None, torch.bfloat16))
+    assert separate.q_proj.backend == "kernels.w4a16"
+    assert fuse_projections_(fused) == 1
+    with torch.no_grad():
+        for m in (1, 7, 16, 64, 300, 1024):
+            x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+            for k in sizes:
+                a, b = getattr(fused, k)(x).float(), getattr(separate, k)(x).float()
+                assert ((a - b).norm() / b.norm()).item() < 1e-2, (m, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["graph", "compile"])
+def test_gpu_bench_fused_replays_eager_tokens(tmp_path, mode):
+    import json
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    rc = _bench().main(["--in-process", "--arch", "tiny-llava", "tiny-qwen2vl", "--batch", "1", "4", "--new-tokens", "8",
+                        "--visual-tokens", "16", "--text-tokens", "8", "--device", "cuda", "--mode", mode,
+                        "--fuse-proj", "--json", str(tmp_path / "t.json")])
+    res = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert rc == 0, res
+    for r in res:
+        assert r["fused_groups"] > 0
+        for run in r["runs"]:
+            assert run["mode"] == mode and run["graph_matches_eager"], (r["arch"], r["variant"], run)
