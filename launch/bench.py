@@ -24,6 +24,8 @@ What one measurement is (per architecture x variant x batch):
   (QuantConfig's default include/exclude) is first replaced by a W4A16Linear holding random codes +
   scales packed for the kernel - no bf16 copy of those weights is ever allocated. lm_head stays
   bf16 (QAT does not train it) unless `--int4-lm-head` rounds it too (RTN, after the build);
+- `--kv-int8`: the int4 variant keeps its KV cache in int8 (grace_ds.export.kv8: per-vector scales,
+  attention reading the int8 cache; fused by `--mode compile`, slow eagerly);
 - `--fuse-proj`: q/k/v and gate/up of every decoder layer become one GEMM each
   (grace_ds.export.fuse), in both variants, so the baseline gets the same launch savings;
 Each (architecture, variant) runs in its own subprocess, so one failure (OOM, kernel build) does not
@@ -140,7 +142,8 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     n_visual = int((inputs["input_ids"] == (config.image_token_index if config.model_type == "llava"
                                              else config.image_token_id)).sum()) // batch
     steps = args.new_tokens - 1  # the first new token comes from the prefill
-    dec = StaticDecoder(model, config, batch, prompt_len + args.new_tokens, device)
+    kv_int8 = bool(args.kv_int8 and args.variant == "int4")
+    dec = StaticDecoder(model, config, batch, prompt_len + args.new_tokens, device, kv_int8=kv_int8)
     is_cuda = torch.device(device).type == "cuda"
 
     dec.prefill(inputs)  # warm-up: allocates the cache, autotunes, loads the kernel extension
@@ -180,7 +183,8 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     same = bool(torch.equal(tokens[:, : check + 1], eager_tokens))
     res = dict(batch=batch, prompt_len=prompt_len, visual_tokens=n_visual, new_tokens=args.new_tokens,
                ttft_s=ttft, decode_s=t_dec, decode_steps=steps, decode_tok_s=batch * steps / t_dec,
-               ms_per_step=1000 * t_dec / steps, mode=mode, graph_matches_eager=same, note=note)
+               ms_per_step=1000 * t_dec / steps, mode=mode, graph_matches_eager=same, note=note,
+               kv_cache="int8" if kv_int8 else "16-bit")
     if is_cuda:
         res.update(peak_alloc_gib=torch.cuda.max_memory_allocated() / 2**30,
                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
@@ -274,7 +278,8 @@ def render(results: list[dict], args, command: str) -> str:
              f"- prompt: 1 image + {args.text_tokens} text tokens; {args.new_tokens} new tokens, greedy; static KV cache; "
              f"decode step mode requested: {args.mode}; random weights"
              + ("; int4 variant: lm_head rounded to INT4 too (--int4-lm-head)" if args.int4_lm_head else "")
-             + ("; q/k/v and gate/up fused into one GEMM each, both variants (--fuse-proj)" if args.fuse_proj else ""),
+             + ("; q/k/v and gate/up fused into one GEMM each, both variants (--fuse-proj)" if args.fuse_proj else "")
+             + ("; int4 variant: KV cache in int8 (--kv-int8)" if args.kv_int8 else ""),
              "",
              "| model | variant | batch | prompt (visual) | TTFT ms | decode tok/s | ms/step | peak alloc GiB | peak reserved GiB | weights GiB | mode | linears | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -340,6 +345,9 @@ def parse_args(argv=None):
     p.add_argument("--fuse-proj", action="store_true",
                    help="both variants: fuse each layer's q/k/v and gate/up projections into one GEMM each "
                         "(grace_ds.export.fuse)")
+    p.add_argument("--kv-int8", action="store_true",
+                   help="int4 variant: KV cache in int8 with per-vector scales (grace_ds.export.kv8); use with "
+                        "--mode compile, which fuses the int8 reads into the attention reductions")
     p.add_argument("--smoke", action="store_true", help="tiny configs on the CPU, 8 new tokens, eager")
     p.add_argument("--in-process", action="store_true", help="run the workers in this process (debugging, tests)")
     p.add_argument("--out", default=None, help="also write the markdown table here")
@@ -400,7 +408,7 @@ def main(argv=None) -> int:
                      "--batch", *map(str, args.batch), "--dtype", args.dtype, "--new-tokens", str(args.new_tokens),
                      "--text-tokens", str(args.text_tokens), "--visual-tokens", str(args.visual_tokens),
                      "--mode", args.mode, "--device", args.device] + (["--int4-lm-head"] if args.int4_lm_head else []) \
-                + (["--fuse-proj"] if args.fuse_proj else [])
+                + (["--fuse-proj"] if args.fuse_proj else []) + (["--kv-int8"] if args.kv_int8 else [])
             print(f"[bench] {arch} {variant} ... ({left():.0f} s of the budget left)", file=sys.stderr, flush=True)
             if left() < 45:
                 results.append(dict(arch=arch, variant=variant, runs=[],

@@ -16,12 +16,20 @@ class StaticDecoder:
     the output buffer: all state lives in device tensors, so a CUDA graph of it can be replayed.
     """
 
-    def __init__(self, model, config, batch, max_len, device):
+    def __init__(self, model, config, batch, max_len, device, kv_int8: bool = False):
+        """kv_int8: keep the KV cache in int8 (grace_ds.export.kv8; switches the language model's
+        attention to the function that reads it)."""
         from transformers import StaticCache
 
         self.model, self.config, self.device = model, config, device
         self.family = config.model_type
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        if kv_int8:
+            from grace_ds.export.kv8 import Int8StaticCache, enable_kv_int8
+
+            enable_kv_int8(model)
+            self.cache = Int8StaticCache(config=model.config, max_cache_len=max_len)
+        else:
+            self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.lm = model.model.language_model
         self.head = model.lm_head
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)

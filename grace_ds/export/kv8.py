@@ -1,0 +1,145 @@
+"""INT8 KV cache for decoding with a static cache (a serving option of launch/bench.py, `--kv-int8`).
+
+At batch 16 with a 900-token context the bf16 KV cache of LLaVA-1.5-7B is 7.5 GB: more than its
+INT4 weights (4.1 GB), and read in full at every decode step. Storing it in 8 bits halves both.
+
+Storage: each cached (row, kv head, position) vector of head_dim values is rounded symmetrically
+to int8 with its own scale (absmax / 127, fp32), and the scale's 4 bytes are stored after the
+codes: one int8 tensor (B, H_kv, max_len, head_dim + 4). The cache's `update` returns that
+tensor for keys and for values, so the model's attention code passes it through unchanged to the
+attention function registered here ("grace_kv8"), which reads codes and scales from it:
+- one query token (decode): scores = (q . k_codes) * k_scale, softmax in fp32, out = sum over
+  positions of (p * v_scale) * v_codes. This is written as multiply + reduce rather than matmul
+  so that torch.compile (`launch/bench.py --mode compile`) fuses the int8 -> float conversion
+  into the two reductions, and no 16-bit copy of the cache is made. Eagerly it is correct but
+  slow (it materialises the products).
+- several query tokens (prefill): the cache is dequantised to the query dtype and handed to SDPA.
+GQA is handled by grouping the query heads of each kv head. The rounding error per element is at
+most scale / 2 = absmax / 254 (tests/test_kv8.py checks the attention against a float64 reference).
+
+Usage: `enable_kv_int8(model)` once (selects the attention function for the language model), then
+`Int8StaticCache(config=model.config, max_cache_len=n)` wherever a StaticCache was used
+(grace_ds.export.decode.StaticDecoder(kv_int8=True) does both).
+"""
+from __future__ import annotations
+
+import torch
+from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
+
+NAME = "grace_kv8"
+SCALE_BYTES = 4
+
+
+def quantize_kv(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) float -> (..., D + 4) int8: symmetric int8 codes, then the fp32 scale's bytes."""
+    if x.shape[-1] % SCALE_BYTES:
+        raise ValueError(f"kv int8: head_dim {x.shape[-1]} is not a multiple of 4 (the scale's bytes must stay aligned)")
+    xf = x.float()
+    scale = xf.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
+    codes = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)
+    return torch.cat([codes, scale.contiguous().view(torch.int8)], -1)
+
+
+def split_kv(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., D + 4) int8 -> (codes (..., D) int8, scale (..., 1) fp32), both views."""
+    d = packed.shape[-1] - SCALE_BYTES
+    return packed[..., :d], packed[..., d:].view(torch.float32)
+
+
+def dequantize_kv(packed: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    codes, scale = split_kv(packed)
+    return (codes.float() * scale).to(dtype)
+
+
+class Int8StaticLayer(StaticLayer):
+    """StaticLayer whose keys/values are the packed int8 tensors described in the module docstring."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        for d in (self.k_head_dim, self.v_head_dim):
+            if d % SCALE_BYTES:
+                raise ValueError(f"kv int8: head_dim {d} is not a multiple of 4")
+        shape = (self.batch_size, self.num_heads, self.max_cache_len)
+        self.keys = torch.zeros(*shape, self.k_head_dim + SCALE_BYTES, dtype=torch.int8, device=self.device)
+        self.values = torch.zeros(*shape, self.v_head_dim + SCALE_BYTES, dtype=torch.int8, device=self.device)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
+            torch._dynamo.mark_static_address(self.cumulative_length)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        pos = torch.arange(n, device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(n)
+        self.keys.index_copy_(2, pos, quantize_kv(key_states))
+        self.values.index_copy_(2, pos, quantize_kv(value_states))
+        return self.keys, self.values
+
+
+class Int8StaticCache(StaticCache):
+    """StaticCache with every full-attention layer stored in int8 (sliding-window layers are refused)."""
+
+    def __init__(self, config, max_cache_len: int, **kwargs):
+        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
+        for i, layer in enumerate(self.layers):
+            if type(layer) is not StaticLayer:
+                raise ValueError(f"kv int8: cache layer {i} is {type(layer).__name__}; only full-attention "
+                                 "StaticLayer layers can be stored in int8")
+            self.layers[i] = Int8StaticLayer(max_cache_len=max_cache_len)
+
+
+def kv8_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                          scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """The attention function for packed int8 keys/values (16-bit ones go to SDPA unchanged).
+    query (B, H, q, D); key/value (B, Hk, L, D + 4) int8; mask bool (B, 1, q, L) (True = attend),
+    additive float, or None. Returns ((B, q, H, D), None) like transformers' SDPA function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if key.dtype != torch.int8:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    B, H, q_len, D = query.shape
+    if q_len > 1:   # prefill: one dequantised copy of the cache, then SDPA
+        return sdpa_attention_forward(module, query, dequantize_kv(key, query.dtype), dequantize_kv(value, query.dtype),
+                                      attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    Hk = key.shape[1]
+    G = H // Hk
+    scaling = D ** -0.5 if scaling is None else scaling
+    kc, ks = split_kv(key)          # (B, Hk, L, D), (B, Hk, L, 1)
+    vc, vs = split_kv(value)
+    qf = query.float().view(B, Hk, G, 1, D)
+    scores = (qf * kc.unsqueeze(2).float()).sum(-1)              # (B, Hk, G, L)
+    scores = scores * (ks.squeeze(-1).unsqueeze(2) * scaling)
+    if attention_mask is not None:
+        m = attention_mask[:, :, -1, :].unsqueeze(2)              # (B, 1, 1, L)
+        if m.dtype == torch.bool:
+            scores = scores.masked_fill(~m, float("-inf"))
+        else:
+            scores = scores + m.float()
+    p = torch.softmax(scores, dim=-1) * vs.squeeze(-1).unsqueeze(2)   # (B, Hk, G, L)
+    out = (p.unsqueeze(-1) * vc.unsqueeze(2).float()).sum(-2)         # (B, Hk, G, D)
+    return out.to(query.dtype).view(B, H, 1, D).transpose(1, 2), None
+
+
+def register() -> None:
+    """Register "grace_kv8" with transformers' attention and mask interfaces (SDPA's mask format)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, kv8_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def enable_kv_int8(model) -> None:
+    """Route the language model's attention through kv8_attention_forward (16-bit caches still work:
+    the function hands them to SDPA). The vision tower keeps its own attention."""
+    register()
+    text = model.config.get_text_config(decoder=True)
+    text._attn_implementation = NAME
