@@ -122,6 +122,22 @@ def test_op_fake_kernel_shapes():
 
 
 # ---------------------------------------------------------------- CPU: error messages
+def test_bench_shape_sets_are_kernel_shapes():
+    """kernels.w4a16.bench --shapes: named sets and NxK parse; every listed weight is one the kernel
+    takes; a shape it cannot take is refused with the rule."""
+    import argparse
+
+    from kernels.w4a16.bench import SHAPE_SETS, parse_shape
+
+    for name, shapes in SHAPE_SETS.items():
+        assert parse_shape(name) == shapes
+        assert all(n % 16 == 0 and k % 128 == 0 for n, k in shapes), name
+    assert parse_shape("12288x4096") == [(12288, 4096)]
+    for bad in ("100x4096", "4096x100", "big"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--shapes"):
+            parse_shape(bad)
+
+
 def test_error_k_not_multiple_of_group():
     codes = torch.zeros(16, 200, dtype=torch.int8)
     with pytest.raises(ValueError, match="K=200"):

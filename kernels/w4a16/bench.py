@@ -1,6 +1,7 @@
 """W4A16 benchmark + correctness sweep (one device call does everything).
 
     python -m kernels.w4a16.bench [--quick] [--out DIR] [--configs] [--check-only]
+    python -m kernels.w4a16.bench --shapes 7b-fused --ms 1 16 --no-check   # the fused 7B layers and heads
 
 For every weight (N, K) and M in {1, 16, 64, 256, 1024, 2048}: time of bf16 cuBLAS (x @ W.T),
 torch._weight_int4pack_mm (group 128), our op (auto path) and, with --configs, every tensor-core
@@ -26,6 +27,27 @@ from .pack import pack_weights
 from .reference import GROUP_SIZE
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192), (8192, 28672)]
+# What a fused 7B decoder layer runs (grace_ds.export.fuse) and the INT4 output heads:
+# LLaVA-1.5-7B q/k/v 12288x4096, gate/up 22016x4096, lm_head 32000x4096; Qwen2-VL-7B q/k/v 4608x3584,
+# o 3584x3584, gate/up 37888x3584, down 3584x18944, lm_head 152064x3584.
+SHAPE_SETS = {
+    "issue": SHAPES,
+    "7b-fused": [(12288, 4096), (22016, 4096), (32000, 4096), (4608, 3584), (3584, 3584), (37888, 3584),
+                 (3584, 18944), (152064, 3584)],
+}
+
+
+def parse_shape(text: str) -> list[tuple[int, int]]:
+    """A named set (issue, 7b-fused) or NxK."""
+    if text in SHAPE_SETS:
+        return list(SHAPE_SETS[text])
+    try:
+        n, k = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shapes {text!r}: expected one of {sorted(SHAPE_SETS)} or NxK, e.g. 12288x4096")
+    if n % 16 or k % 128:
+        raise argparse.ArgumentTypeError(f"--shapes {text!r}: N must be a multiple of 16 and K of 128")
+    return [(n, k)]
 MS = [1, 16, 64, 256, 1024, 2048]
 CHECK_MS = [1, 3, 16, 33, 64, 256, 1024]
 
@@ -144,6 +166,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--configs", action="store_true", help="time every tensor-core config too")
     ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
+                    help="weights to run: issue (default), 7b-fused, or NxK ...")
+    ap.add_argument("--ms", nargs="+", type=int, default=None, help=f"token counts to time (default {MS})")
     ap.add_argument("--no-check", action="store_true")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -154,7 +179,9 @@ def main(argv=None):
     nc = ext.num_configs
     info = {c: list(ext.config_info(c)) for c in range(nc)}
     print("configs (MT,TN,WN,WK):", info, flush=True)
-    shapes = SHAPES[:2] if args.quick else SHAPES
+    shapes = [s for group in args.shapes for s in group] if args.shapes else SHAPES
+    shapes = shapes[:2] if args.quick else shapes
+    ms = args.ms or MS
 
     def cfgs_for(M):
         return [c for c in range(nc) if (info[c][0] * 8 >= min(M, 64) and (info[c][0] * 8 < 2 * M or info[c][0] == 1 or M >= 64)) or (M >= 64 and info[c][0] == 4)]
@@ -190,7 +217,7 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001
                 print("int4pack unavailable:", repr(e)[:200], flush=True)
                 I4 = None
-            for M in MS:
+            for M in ms:
                 if args.quick and M == 2048:
                     continue
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
