@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import tarfile
 from collections import Counter
 
@@ -334,3 +335,31 @@ def test_example_cache_keeps_bad_samples_counted_and_survives_a_torn_file(dirty,
     assert _run(again) == keys
     assert dict(again.stats) == dict(first.stats) and again.stats["bad_image"] == 1
     assert len(list((tmp_path / "c").rglob("*.safetensors"))) == 16   # good samples only; the torn one rewritten
+
+
+def test_example_cache_deletes_temporary_files_of_killed_writers(tmp_path):
+    """A writer killed between write and rename leaves `.<i>.safetensors.<host>.<pid>.tmp`. The next
+    write into that directory deletes it when the pid is gone, and keeps a live writer's file and
+    another host's."""
+    import subprocess
+    import sys
+
+    from grace_ds.data.example_cache import ExampleCache
+
+    shard = tmp_path / "shard.tar"
+    shard.write_bytes(b"x")
+    cache = ExampleCache(tmp_path / "c", "fp")
+    d = cache.path(str(shard), 0).parent
+    d.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
+    orphan = d / f".3.safetensors.{cache._host}.{dead_pid}.tmp"
+    live = d / f".4.safetensors.{cache._host}.{os.getppid()}.tmp"
+    foreign = d / f".5.safetensors.otherhost.{dead_pid}.tmp"
+    for f in (orphan, live, foreign):
+        f.write_bytes(b"partial")
+    cache.put(str(shard), 0, {"input_ids": torch.arange(4)})
+    assert not orphan.exists() and live.exists() and foreign.exists()
+    assert torch.equal(cache.get(str(shard), 0)["input_ids"], torch.arange(4))
+    assert not list(d.glob(f"*{os.getpid()}.tmp"))     # its own write renamed, nothing left

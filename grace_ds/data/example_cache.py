@@ -15,7 +15,9 @@ returns, bit for bit) as one safetensors file (read in about a tenth of torch.lo
   the sample's index in it.
 
 Writes are atomic (temporary file + rename), so concurrent loaders race harmlessly: the last rename
-wins and both wrote the same bytes. A failed write (full disk) turns the cache off for that worker
+wins and both wrote the same bytes. A writer killed between the two leaves its temporary file
+(`.<index>.safetensors.<host>.<pid>.tmp`); the first write into that shard's directory by a later
+process on the same host deletes the temporary files of processes that no longer exist. A failed write (full disk) turns the cache off for that worker
 with one warning; a sample that fails to process is never cached, so it is skipped and counted
 every time, as without the cache. Delete the directory to reclaim the space; nothing else does.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -51,6 +54,8 @@ class ExampleCache:
         self.dir = Path(root) / fingerprint
         self.enabled = True
         self._shard_ids: dict[str, str] = {}
+        self._swept: set[Path] = set()
+        self._host = socket.gethostname().replace(".", "_")
 
     def _shard_id(self, shard: str) -> str:
         sid = self._shard_ids.get(shard)
@@ -77,13 +82,33 @@ class ExampleCache:
             return None
         return ex
 
+    def sweep_orphans(self, directory: Path) -> int:
+        """Delete this host's temporary files whose writer process is gone; returns how many."""
+        n = 0
+        for t in directory.glob(f".*.{self._host}.*.tmp"):
+            try:
+                pid = int(t.name.rsplit(".", 2)[1])
+            except ValueError:
+                continue
+            if _alive(pid):
+                continue
+            try:
+                t.unlink()
+                n += 1
+            except OSError:
+                pass
+        return n
+
     def put(self, shard: str, index: int, example: dict) -> None:
         if not self.enabled or not all(isinstance(v, torch.Tensor) for v in example.values()):
             return
         p = self.path(shard, index)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        tmp = p.with_name(f".{p.name}.{self._host}.{os.getpid()}.tmp")
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
+            if p.parent not in self._swept:
+                self._swept.add(p.parent)
+                self.sweep_orphans(p.parent)
             save_file({k: v.contiguous() for k, v in example.items()}, tmp)
             os.replace(tmp, p)
         except OSError as e:
@@ -94,3 +119,15 @@ class ExampleCache:
                 tmp.unlink()
             except OSError:
                 pass
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:    # exists, owned by someone else
+        return True
+    return True
