@@ -190,3 +190,69 @@ def test_gpu_bench_kv_int8(tmp_path, mode):
     for r in res:
         for run in r["runs"]:
             assert run["kv_cache"] == "int8" and run["mode"] == mode and run["graph_matches_eager"], (r["arch"], run)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_all_serving_options_compose_in_one_graph(arch):
+    """INT4 linears + INT4 lm_head + fused projections + INT8 KV cache together: the decode step is
+    still one Dynamo graph and the compiled step makes the eager tokens."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch._dynamo
+
+    from grace_ds.export.fuse import fuse_projections_
+    from grace_ds.export.load import quantize_lm_head_
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("grace_launch_bench_compose", root / "launch" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = bench_config(arch)
+    model = bench.build_int4(cfg, "cpu", torch.float32).eval()
+    with torch.no_grad():
+        quantize_lm_head_(model)
+        assert fuse_projections_(model) > 0
+        dec, ref = _run(model, cfg, True)
+        inputs = make_prompt(cfg, 2, 6, 16, dtype=torch.float32)
+        dec.prefill(inputs)
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(dec.step)()
+        assert (ex.graph_count, ex.graph_break_count) == (1, 0), [str(b.reason) for b in ex.break_reasons]
+        dec.prefill(inputs)
+        torch._dynamo.reset()
+        dec.compiled = torch.compile(dec.step, backend="eager", fullgraph=True)
+        dec.run_steps(6)
+    assert torch.equal(dec.out[:, :7], ref)
+
+
+def test_composed_decode_step_compiles_with_inductor():
+    """`--mode compile` for real (inductor's C++ backend here, Triton on the GPU): the INT4 model
+    with INT4 head, fused projections and INT8 KV cache lowers (the W4A16 op through its fake
+    kernel, the int8 attention, the scale views) and decodes the eager tokens."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    import torch._dynamo
+
+    from grace_ds.export.fuse import fuse_projections_
+    from grace_ds.export.load import quantize_lm_head_
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("inductor's CPU backend needs a C++ compiler")
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("grace_launch_bench_inductor", root / "launch" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = bench_config("tiny-qwen2vl")
+    model = bench.build_int4(cfg, "cpu", torch.float32).eval()
+    with torch.no_grad():
+        quantize_lm_head_(model)
+        fuse_projections_(model)
+        dec, ref = _run(model, cfg, True)
+        dec.prefill(make_prompt(cfg, 2, 6, 16, dtype=torch.float32))
+        torch._dynamo.reset()
+        dec.compile()
+        dec.run_steps(6)
+    assert torch.equal(dec.out[:, :7], ref)
