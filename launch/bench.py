@@ -26,6 +26,8 @@ What one measurement is (per architecture x variant x batch):
   bf16 (QAT does not train it) unless `--int4-lm-head` rounds it too (RTN, after the build);
 - `--kv-int8`: the int4 variant keeps its KV cache in int8 (grace_ds.export.kv8: per-vector scales,
   attention reading the int8 cache; fused by `--mode compile`, slow eagerly);
+- `--prefill-chunk N`: both variants run the prompt through the language model N tokens at a time
+  (less activation memory at batch 16; the vision tower still sees every image at once);
 - `--fuse-proj`: q/k/v and gate/up of every decoder layer become one GEMM each
   (grace_ds.export.fuse), in both variants, so the baseline gets the same launch savings;
 Each (architecture, variant) runs in its own subprocess, so one failure (OOM, kernel build) does not
@@ -146,7 +148,7 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     dec = StaticDecoder(model, config, batch, prompt_len + args.new_tokens, device, kv_int8=kv_int8)
     is_cuda = torch.device(device).type == "cuda"
 
-    dec.prefill(inputs)  # warm-up: allocates the cache, autotunes, loads the kernel extension
+    dec.prefill(inputs, chunk=args.prefill_chunk)  # warm-up: allocates the cache, autotunes, loads the kernel extension
     _sync(device)
     check = min(8, steps)
     dec.run_steps(check)  # eager reference tokens for the graph check
@@ -157,7 +159,7 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
         torch.cuda.reset_peak_memory_stats()
     _sync(device)
     t0 = time.perf_counter()
-    dec.prefill(inputs)
+    dec.prefill(inputs, chunk=args.prefill_chunk)
     _sync(device)
     ttft = time.perf_counter() - t0
 
@@ -173,7 +175,7 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
         print(f"[bench] {note}", file=sys.stderr)
         traceback.print_exc()
         dec.graph, dec.compiled, mode = None, None, "eager"
-        dec.prefill(inputs)
+        dec.prefill(inputs, chunk=args.prefill_chunk)
     _sync(device)
     t0 = time.perf_counter()
     dec.run_steps(steps)
@@ -279,7 +281,8 @@ def render(results: list[dict], args, command: str) -> str:
              f"decode step mode requested: {args.mode}; random weights"
              + ("; int4 variant: lm_head rounded to INT4 too (--int4-lm-head)" if args.int4_lm_head else "")
              + ("; q/k/v and gate/up fused into one GEMM each, both variants (--fuse-proj)" if args.fuse_proj else "")
-             + ("; int4 variant: KV cache in int8 (--kv-int8)" if args.kv_int8 else ""),
+             + ("; int4 variant: KV cache in int8 (--kv-int8)" if args.kv_int8 else "")
+             + (f"; prefill in chunks of {args.prefill_chunk} tokens, both variants" if args.prefill_chunk else ""),
              "",
              "| model | variant | batch | prompt (visual) | TTFT ms | decode tok/s | ms/step | peak alloc GiB | peak reserved GiB | weights GiB | mode | linears | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -345,6 +348,8 @@ def parse_args(argv=None):
     p.add_argument("--fuse-proj", action="store_true",
                    help="both variants: fuse each layer's q/k/v and gate/up projections into one GEMM each "
                         "(grace_ds.export.fuse)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="both variants: prompt tokens per language-model pass at prefill (chunked prefill)")
     p.add_argument("--kv-int8", action="store_true",
                    help="int4 variant: KV cache in int8 with per-vector scales (grace_ds.export.kv8); use with "
                         "--mode compile, which fuses the int8 reads into the attention reductions")
@@ -372,6 +377,8 @@ def parse_args(argv=None):
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.new_tokens < 2:
         p.error(f"--new-tokens {args.new_tokens}: need at least 2 (one from the prefill, one decoded)")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        p.error(f"--prefill-chunk {args.prefill_chunk}: must be a positive number of tokens (e.g. 128)")
     return args
 
 
@@ -408,7 +415,8 @@ def main(argv=None) -> int:
                      "--batch", *map(str, args.batch), "--dtype", args.dtype, "--new-tokens", str(args.new_tokens),
                      "--text-tokens", str(args.text_tokens), "--visual-tokens", str(args.visual_tokens),
                      "--mode", args.mode, "--device", args.device] + (["--int4-lm-head"] if args.int4_lm_head else []) \
-                + (["--fuse-proj"] if args.fuse_proj else []) + (["--kv-int8"] if args.kv_int8 else [])
+                + (["--fuse-proj"] if args.fuse_proj else []) + (["--kv-int8"] if args.kv_int8 else []) \
+                + (["--prefill-chunk", str(args.prefill_chunk)] if args.prefill_chunk else [])
             print(f"[bench] {arch} {variant} ... ({left():.0f} s of the budget left)", file=sys.stderr, flush=True)
             if left() < 45:
                 results.append(dict(arch=arch, variant=variant, runs=[],

@@ -387,6 +387,37 @@ def test_static_decoder_matches_generate(arch):
     assert torch.equal(dec.out[:, :6], ref)
 
 
+@pytest.mark.parametrize("chunk", [5, 7])
+@pytest.mark.parametrize("arch", ["tiny-llava", "tiny-qwen2vl"])
+def test_chunked_prefill_writes_the_same_cache(arch, chunk):
+    """prefill(chunk=n): the language model sees at most n prompt tokens per pass, the cache and the
+    first token match the one-pass prefill, decoding continues identically, and the model's own
+    forward is restored afterwards."""
+    from grace_ds.export.decode import StaticDecoder
+
+    cfg, model = _tiny_vlm(arch)
+    inputs, s = _tiny_prompt(cfg)
+    lm = model.model.language_model
+    seen = []
+    hook = lm.layers[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    with torch.no_grad():
+        full = StaticDecoder(model, cfg, 2, s + 6, "cpu")
+        full.prefill(inputs)
+        seen.clear()
+        part = StaticDecoder(model, cfg, 2, s + 6, "cpu")
+        part.prefill(inputs, chunk=chunk)
+        assert seen == [min(chunk, s - a) for a in range(0, s, chunk)]
+        assert "forward" not in vars(lm)
+        for a, b in zip(full.cache.layers, part.cache.layers):
+            torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-5)
+        assert torch.equal(part.out[:, 0], full.out[:, 0])
+        full.run_steps(5)
+        part.run_steps(5)
+    hook.remove()
+    assert torch.equal(part.out[:, :6], full.out[:, :6])
+
+
 @pytest.mark.parametrize("arch", ["tiny-llava", "tiny-qwen2vl"])
 def test_decode_step_traces_as_one_graph(arch):
     """`launch/bench.py --mode compile` (inductor, then a CUDA graph of the result) fuses the decode step's

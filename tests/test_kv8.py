@@ -143,6 +143,22 @@ def test_bench_smoke_kv_int8(tmp_path):
     assert kinds == {"bf16": {"16-bit"}, "int4": {"int8"}}
 
 
+def test_bench_smoke_prefill_chunk(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("grace_launch_bench_chunk", root / "launch" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rc = bench.main(["--smoke", "--in-process", "--arch", "tiny-qwen2vl", "--batch", "2", "--new-tokens", "3",
+                     "--prefill-chunk", "16", "--kv-int8", "--fuse-proj", "--out", str(tmp_path / "t.md")])
+    assert rc == 0 and "prefill in chunks of 16 tokens" in (tmp_path / "t.md").read_text()
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--prefill-chunk", "0"])
+    assert "--prefill-chunk 0: must be a positive number" in capsys.readouterr().err
+
+
 def test_decode_attention_compiles_with_inductor():
     """Inductor (its C++ backend here; Triton on the GPU) lowers the int8 decode attention, the
     scale bytes' dtype view included, and gives the eager numbers."""
