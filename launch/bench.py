@@ -15,8 +15,9 @@ What one measurement is (per architecture x variant x batch):
   lm_head + argmax on one token) is captured once as a CUDA graph and replayed (`--mode graph`, the
   default; `--mode compile` inductor-compiles the step, then graphs it, `--mode eager` neither); if
   capture fails the run falls back to eager and the table says so;
-- time to first token = one prefill (vision tower + projector + LLM over the prompt + first token),
-  measured after a warm-up prefill; decode tokens/s = batch * steps / decode time;
+- time to first token = one prefill (vision tower + projector + LLM over the prompt + first token):
+  the median of 3, after a warm-up prefill (until 2026-11-29: one prefill right after emptying the
+  allocator cache, so its cudaMalloc calls were timed too); decode tokens/s = batch * steps / decode time;
 - peak GPU memory = torch.cuda.max_memory_allocated / max_memory_reserved from just before the
   prefill to the end of decoding (model weights included, build-time temporaries excluded);
 - bf16: the HF model with parameters on the meta device, then every parameter allocated and filled
@@ -41,6 +42,7 @@ import datetime as _dt
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,6 +60,7 @@ from grace_ds.export.io import atomic_write_text  # noqa: E402
 
 DEFAULT_ARCHS = ("llava-1.5-7b", "qwen2-vl-7b")
 SMOKE_ARCHS = ("tiny-llava", "tiny-qwen2vl")
+TTFT_REPS = 3
 
 
 # ============================================================================ model construction
@@ -154,14 +157,22 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     dec.run_steps(check)  # eager reference tokens for the graph check
     eager_tokens = dec.out[:, : check + 1].clone()
 
+    # time to first token: the median of TTFT_REPS prefills on warm allocator caches (a single
+    # prefill right after empty_cache would time cudaMalloc calls and one-off hiccups too)
+    ttfts = []
+    for _ in range(TTFT_REPS):
+        _sync(device)
+        t0 = time.perf_counter()
+        dec.prefill(inputs, chunk=args.prefill_chunk)
+        _sync(device)
+        ttfts.append(time.perf_counter() - t0)
+    ttft = statistics.median(ttfts)
+    # peak memory: from an emptied cache, through one more prefill and the whole decode
     if is_cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    _sync(device)
-    t0 = time.perf_counter()
     dec.prefill(inputs, chunk=args.prefill_chunk)
     _sync(device)
-    ttft = time.perf_counter() - t0
 
     mode, note = args.mode if is_cuda else "eager", ""
     try:
