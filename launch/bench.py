@@ -27,6 +27,7 @@ What one measurement is (per architecture x variant x batch):
   bf16 (QAT does not train it) unless `--int4-lm-head` rounds it too (RTN, after the build);
 - `--kv-int8`: the int4 variant keeps its KV cache in int8 (grace_ds.export.kv8: per-vector scales,
   attention reading the int8 cache; fused by `--mode compile`, slow eagerly);
+- `--pdl`: the int4 variant's W4A16 kernels use programmatic dependent launch (Hopper);
 - `--prefill-chunk N`: both variants run the prompt through the language model N tokens at a time
   (less activation memory at batch 16; the vision tower still sees every image at once);
 - `--fuse-proj`: q/k/v and gate/up of every decoder layer become one GEMM each
@@ -248,6 +249,11 @@ def worker(args) -> None:
 
             quantize_lm_head_(model)
             result["lm_head"] = "int4 (RTN)"
+        if args.variant == "int4" and args.pdl and torch.device(device).type == "cuda":
+            import kernels.w4a16 as kw
+
+            kw.set_pdl(True)   # after the build, fusion and the head: every weight is in place
+            result["pdl"] = True
         _sync(device)
         result["build_s"] = time.perf_counter() - t0
         result["backends"] = quantized_backends(model)
@@ -293,7 +299,8 @@ def render(results: list[dict], args, command: str) -> str:
              + ("; int4 variant: lm_head rounded to INT4 too (--int4-lm-head)" if args.int4_lm_head else "")
              + ("; q/k/v and gate/up fused into one GEMM each, both variants (--fuse-proj)" if args.fuse_proj else "")
              + ("; int4 variant: KV cache in int8 (--kv-int8)" if args.kv_int8 else "")
-             + (f"; prefill in chunks of {args.prefill_chunk} tokens, both variants" if args.prefill_chunk else ""),
+             + (f"; prefill in chunks of {args.prefill_chunk} tokens, both variants" if args.prefill_chunk else "")
+             + ("; int4 variant: programmatic dependent launch (--pdl)" if args.pdl else ""),
              "",
              "| model | variant | batch | prompt (visual) | TTFT ms | decode tok/s | ms/step | peak alloc GiB | peak reserved GiB | weights GiB | mode | linears | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -359,6 +366,9 @@ def parse_args(argv=None):
     p.add_argument("--fuse-proj", action="store_true",
                    help="both variants: fuse each layer's q/k/v and gate/up projections into one GEMM each "
                         "(grace_ds.export.fuse)")
+    p.add_argument("--pdl", action="store_true",
+                   help="int4 variant on CUDA: programmatic dependent launch for the W4A16 decode kernels "
+                        "(kernels.w4a16.set_pdl)")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="both variants: prompt tokens per language-model pass at prefill (chunked prefill)")
     p.add_argument("--kv-int8", action="store_true",
@@ -426,7 +436,7 @@ def main(argv=None) -> int:
                      "--batch", *map(str, args.batch), "--dtype", args.dtype, "--new-tokens", str(args.new_tokens),
                      "--text-tokens", str(args.text_tokens), "--visual-tokens", str(args.visual_tokens),
                      "--mode", args.mode, "--device", args.device] + (["--int4-lm-head"] if args.int4_lm_head else []) \
-                + (["--fuse-proj"] if args.fuse_proj else []) + (["--kv-int8"] if args.kv_int8 else []) \
+                + (["--fuse-proj"] if args.fuse_proj else []) + (["--kv-int8"] if args.kv_int8 else []) + (["--pdl"] if args.pdl else []) \
                 + (["--prefill-chunk", str(args.prefill_chunk)] if args.prefill_chunk else [])
             print(f"[bench] {arch} {variant} ... ({left():.0f} s of the budget left)", file=sys.stderr, flush=True)
             if left() < 45:

@@ -267,6 +267,42 @@ def test_gpu_every_config_poisoned(ext, M):
 
 
 @gpu
+def test_gpu_pdl_gives_the_same_bits(ext):
+    """Programmatic dependent launch (set_pdl): a chain of dependent GEMMs (the second reads the
+    first's output) gives bit-identical results eagerly and replayed from a CUDA graph, on the
+    register kernel (M = 1, 3, 16) and the split-K kernel with one split (which may use PDL)."""
+    from kernels.w4a16 import set_pdl
+
+    K, N = 4096, 11008
+    c1, s1 = rand_weight(K, K, "cuda")
+    c2, s2 = rand_weight(N, K, "cuda")
+    p1, p2 = pack_weights(c1, s1), pack_weights(c2, s2)
+    sk = 38 if ext.num_configs > 38 else ext.first_sk   # the op's split-K config for 33..128 tokens
+
+    def chain(x):
+        y = w4a16_gemm(x, p1)
+        return w4a16_gemm(y, p2), ext.tc_gemm(y, p2["qweight"], p2["scales"], sk, 1)
+
+    try:
+        for M in (1, 3, 16):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            ref = chain(x)
+            set_pdl(True)
+            assert ext.pdl_enabled() == 1
+            eager = chain(x)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                graphed = chain(x)
+            g.replay()
+            torch.cuda.synchronize()
+            set_pdl(False)
+            for a, b, c in zip(ref, eager, graphed):
+                assert torch.equal(a, b) and torch.equal(a, c), M
+    finally:
+        set_pdl(False)
+
+
+@gpu
 def test_gpu_leading_dims_and_noncontiguous(ext):
     N, K = 256, 512
     codes, scales = rand_weight(N, K, "cuda")

@@ -5,10 +5,11 @@ Public API:
     pack_weights(codes, scales, group_size=128, dtype=None) -> {"qweight", "scales"}
     unpack_weights(packed) -> (codes, scales)
     w4a16_gemm(x, packed, group_size=128) -> (..., N)   # torch.ops.grace.w4a16_gemm on CUDA
+    set_pdl(on=True)                                    # programmatic dependent launch (opt-in)
 """
-from .op import load_extension, w4a16_gemm
+from .op import load_extension, set_pdl, w4a16_gemm
 from .pack import pack_weights, packed_shape, unpack_weights
 from .reference import dequantize, reference_w4a16
 
 __all__ = ["reference_w4a16", "dequantize", "pack_weights", "unpack_weights", "packed_shape", "w4a16_gemm",
-           "load_extension"]
+           "load_extension", "set_pdl"]

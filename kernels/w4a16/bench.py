@@ -169,6 +169,8 @@ def main(argv=None):
     ap.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
                     help="weights to run: issue (default), 7b-fused, or NxK ...")
     ap.add_argument("--ms", nargs="+", type=int, default=None, help=f"token counts to time (default {MS})")
+    ap.add_argument("--pdl", action="store_true",
+                    help="also time our op with programmatic dependent launch (column ours_pdl)")
     ap.add_argument("--no-check", action="store_true")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -229,6 +231,10 @@ def main(argv=None):
                         [lambda a=a: torch.ops.aten._weight_int4pack_mm(x, a[0], 128, a[1]) for a in I4], reps=reps)
                 r["ours"] = graph_time([lambda q=q: torch.ops.grace.w4a16_gemm(x, q["qweight"], q["scales"], 128) for q in Q])
                 r["cfg"] = int(ext.choose_config(M, N, K))
+                if args.pdl:
+                    ext.set_pdl(1)
+                    r["ours_pdl"] = graph_time([lambda q=q: torch.ops.grace.w4a16_gemm(x, q["qweight"], q["scales"], 128) for q in Q])
+                    ext.set_pdl(0)
                 if args.configs and r["cfg"] >= 0:
                     ext.set_persistent(1)
                     r["ours_persist"] = graph_time([lambda q=q: torch.ops.grace.w4a16_gemm(x, q["qweight"], q["scales"], 128) for q in Q])
@@ -250,8 +256,9 @@ def main(argv=None):
                     ks = [k for k in r if k.startswith("c") and k[1:].isdigit() or k.startswith("deq")]
                     best = min(ks, key=lambda k: r[k])
                     extra = f" [cfg {r['cfg']} persistent {r.get('ours_persist', float('nan')):.1f}us] best {best} {r[best]:.1f}us | " + " ".join(f"{k}={r[k]:.1f}" for k in ks)
+                pdl = f" pdl {r['ours_pdl']:.1f}us ({r['cublas'] / r['ours_pdl']:.2f}x)" if "ours_pdl" in r else ""
                 print(f"{N}x{K} M={M}: cublas {r['cublas']:.1f}us int4pack {r.get('int4pack', float('nan')):.1f}us "
-                      f"ours {r['ours']:.1f}us ({r['cublas'] / r['ours']:.2f}x) {r['tbs']:.2f}TB/s{extra}", flush=True)
+                      f"ours {r['ours']:.1f}us ({r['cublas'] / r['ours']:.2f}x){pdl} {r['tbs']:.2f}TB/s{extra}", flush=True)
             del W, Q, I4
             torch.cuda.empty_cache()
 

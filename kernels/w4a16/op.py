@@ -74,7 +74,24 @@ def load_extension(verbose: bool = False):
             build_directory=str(build_dir()),
             verbose=verbose,
         )
+        if os.environ.get("GRACE_W4A16_PDL", "0") not in ("", "0"):
+            set_pdl(True)
     return _ext
+
+
+def set_pdl(on: bool = True) -> None:
+    """Programmatic dependent launch for the decode kernels (csrc/w4a16_pdl.cuh; Hopper), off by
+    default, process-wide; `GRACE_W4A16_PDL=1` turns it on when the extension loads.
+
+    With it on, a GEMM may start streaming its weights while the kernel before it is still finishing:
+    enable it after the weights are loaded, and never launch a kernel that writes packed weights
+    directly before a GEMM that reads them. The device is synchronised here, so everything queued
+    before the call (weight packing included) has finished.
+    """
+    ext = load_extension()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    ext.set_pdl(1 if on else 0)
 
 
 def w4a16_gemm(x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int = GROUP_SIZE) -> torch.Tensor:

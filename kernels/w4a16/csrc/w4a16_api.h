@@ -122,6 +122,11 @@ struct TcConfig {
 // tile group (0, default: the measured path). Process-wide; for benchmarking.
 void set_persistent(int on);
 
+// Programmatic dependent launch for the tensor-core and split-K kernels (w4a16_pdl.cuh): 1 = on
+// (enable after the weights are loaded), 0 = off (default). Process-wide.
+void set_pdl(int on);
+int& pdl_flag();
+
 // Returns false for an unknown id.
 bool tc_config(int cfg, TcConfig* out);
 

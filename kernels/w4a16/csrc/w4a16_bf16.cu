@@ -9,6 +9,12 @@ int& persistent_flag() {
 }
 void set_persistent(int on) { persistent_flag() = on; }
 
+int& pdl_flag() {
+  static int flag = 0;  // off until measured on the device
+  return flag;
+}
+void set_pdl(int on) { pdl_flag() = on; }
+
 bool tc_config(int cfg, TcConfig* out) {
   switch (cfg) {
 #define GRACE_CFG(id, mt, tn, wn, wk, xr, p) \

@@ -340,6 +340,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("deq_gemm", &deq_gemm, "dequantise (in chunks of chunk_bytes, <=0: all) + cuBLAS");
   m.def("set_persistent", [](int64_t on) { grace_w4a16::set_persistent((int)on); },
         "1: tensor-core kernel launched as one wave of grid-stride CTAs; 0 (default): one CTA per tile group");
+  m.def("set_pdl", [](int64_t on) { grace_w4a16::set_pdl((int)on); },
+        "1: programmatic dependent launch for the tensor-core / split-K kernels (enable after the weights "
+        "are loaded); 0 (default): plain launches");
+  m.def("pdl_enabled", []() { return (int64_t)grace_w4a16::pdl_flag(); }, "current PDL flag");
   m.def("config_info", &config_info, "(MT, TN, WN, WK, XR, P) of a config id");
   m.def("choose_config", &choose_config, "config id the op uses for (M,N,K); -1 = dequant + cuBLAS");
   m.def("choose_splits", [](int64_t M, int64_t N, int64_t K) { return (int64_t)choose(M, N, K).splits; },

@@ -40,6 +40,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "w4a16_pdl.cuh"
+
 namespace grace_w4a16 {
 
 constexpr int kGroup = 128;   // quantisation group along K (the only one supported)
@@ -201,6 +203,8 @@ __global__ void __launch_bounds__(WN * WK * 32)
           sbuf[j][tn] = __ldg(sp[tn] + ((kb_begin + j) >> 1) * 8);
         }
       }
+    // PDL: the weight ring above is in flight; the activations come from the previous kernel.
+    pdl_wait();
 #pragma unroll
     for (int j = 0; j < PX; ++j)
       if (kb_begin + j < kb_end)
@@ -265,6 +269,7 @@ __global__ void __launch_bounds__(WN * WK * 32)
     }
   }
 
+  pdl_launch_dependents();
   // Intra-CTA split-K reduction through shared memory (warp wk>0 -> warp wk=0 of the same wn).
   if (WK > 1) {
     constexpr int R = TN * MT * 4;

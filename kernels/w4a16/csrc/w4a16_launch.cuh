@@ -41,9 +41,8 @@ cudaError_t launch_tc_t(const void* x, const void* qw, const void* sc, void* out
     if (groups > g1) groups = g1;
   }
   dim3 grid(m_chunks, groups);
-  kern<<<grid, threads, smem, stream>>>(static_cast<const T*>(x), static_cast<const uint4*>(qw),
-                                        static_cast<const uint32_t*>(sc), static_cast<T*>(out), M, N, K);
-  return cudaGetLastError();
+  return launch_kernel(kern, grid, dim3(threads), smem, stream, true, static_cast<const T*>(x),
+                       static_cast<const uint4*>(qw), static_cast<const uint32_t*>(sc), static_cast<T*>(out), M, N, K);
 }
 
 template <typename T>

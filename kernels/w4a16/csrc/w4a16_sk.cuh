@@ -98,6 +98,9 @@ __global__ void __launch_bounds__(WN * 32, MB)
         sbuf[j][tn] = __ldg(sp[tn] + ((kb_begin + j) >> 1) * 8);
       }
     }
+  // PDL: the weight ring above is in flight; x and the split-K workspace belong to the previous
+  // kernels in the stream.
+  pdl_wait();
 #pragma unroll
   for (int st = 0; st < NS - 1; ++st) {  // one commit group per stage, empty ones included
     if (st * KC < nkb) load_stage(st, st);

@@ -48,10 +48,10 @@ struct SkLaunch {
       if (e != cudaSuccess) return e;
     }
     dim3 grid(m_chunks, groups, S);
-    kern()<<<grid, kThreads, kSmem, stream>>>(static_cast<const T*>(x), static_cast<const uint4*>(qw),
-                                              static_cast<const uint32_t*>(sc), static_cast<T*>(out),
-                                              reinterpret_cast<float2*>(ws), M, N, K, kbps);
-    e = cudaGetLastError();
+    // PDL only when the kernel follows another kernel directly (S > 1 puts a memset before it)
+    e = launch_kernel(kern(), grid, dim3(kThreads), kSmem, stream, S == 1, static_cast<const T*>(x),
+                      static_cast<const uint4*>(qw), static_cast<const uint32_t*>(sc), static_cast<T*>(out),
+                      reinterpret_cast<float2*>(ws), M, N, K, kbps);
     if (e != cudaSuccess || S == 1) return e;
     return launch_sk_finalize<T>(ws, out, M, N, stream);
   }
