@@ -89,6 +89,10 @@ def set_pdl(on: bool = True) -> None:
     before the call (weight packing included) has finished.
     """
     ext = load_extension()
+    if on and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9:
+        raise ValueError(f"set_pdl: programmatic dependent launch needs a Hopper GPU (sm_90+), this is "
+                         f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))}); "
+                         "leave it off")
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     ext.set_pdl(1 if on else 0)

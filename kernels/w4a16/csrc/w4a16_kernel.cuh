@@ -123,6 +123,17 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   return r;
 }
 
+// fp32 pair atomic add into the split-K workspace: one vector atomic on sm_90, two scalar ones
+// before (the float2 overload exists from sm_90 on; Ampere builds still compile and run).
+__device__ __forceinline__ void atomic_add2(float2* p, float a, float b) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  atomicAdd(p, make_float2(a, b));
+#else
+  atomicAdd(&p->x, a);
+  atomicAdd(&p->y, b);
+#endif
+}
+
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }

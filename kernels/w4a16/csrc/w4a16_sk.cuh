@@ -177,8 +177,8 @@ __global__ void __launch_bounds__(WN * 32, MB)
       if (split) {
         if (t < M) {  // ws rows are padded to an even token count: t+1 is in bounds
           float2* w0 = ws + (size_t)(t >> 1) * N + n;
-          atomicAdd(w0, make_float2(acc[tn][mt][0], acc[tn][mt][1]));
-          atomicAdd(w0 + 8, make_float2(acc[tn][mt][2], acc[tn][mt][3]));
+          atomic_add2(w0, acc[tn][mt][0], acc[tn][mt][1]);
+          atomic_add2(w0 + 8, acc[tn][mt][2], acc[tn][mt][3]);
         }
       } else {
         if (t < M) {

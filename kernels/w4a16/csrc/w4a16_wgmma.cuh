@@ -171,6 +171,9 @@ template <typename T, int X, int WGS, int NS, int P, int MB>
 __global__ void __launch_bounds__(WGS * 128, MB)
     w4a16_wgmma_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const uint32_t* __restrict__ sc,
                        T* __restrict__ out, float2* __restrict__ ws, int M, int N, int K, int kb_per_split) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ < 900)
+  __trap();  // wgmma needs sm_90; the host dispatch launches this kernel on sm_90 only
+#else
   static_assert(X == 64 || X == 128 || X == 256, "token tile must be 64, 128 or 256");
   static_assert(NS >= 3, "need >= 3 stages (prefetch distance NS-2)");
   static_assert(P % 2 == 0, "P must be even (A registers double-buffered by block parity)");
@@ -302,8 +305,8 @@ __global__ void __launch_bounds__(WGS * 128, MB)
     if (split) {
       if (t < M) {  // workspace rows are padded to an even token count
         float2* w0 = ws + (size_t)(t >> 1) * N + n;
-        atomicAdd(w0, make_float2(acc[4 * jj], acc[4 * jj + 1]));
-        atomicAdd(w0 + 8, make_float2(acc[4 * jj + 2], acc[4 * jj + 3]));
+        atomic_add2(w0, acc[4 * jj], acc[4 * jj + 1]);
+        atomic_add2(w0 + 8, acc[4 * jj + 2], acc[4 * jj + 3]);
       }
     } else {
       if (t < M) {
@@ -316,6 +319,7 @@ __global__ void __launch_bounds__(WGS * 128, MB)
       }
     }
   }
+#endif  // __CUDA_ARCH__ >= 900
 }
 
 // ---------------------------------------------------------------------------------------------
