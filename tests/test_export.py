@@ -6,7 +6,6 @@ export_int_weights) from a tiny LLaVA with QAT, so these tests do not depend on 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -29,8 +28,7 @@ from grace_ds.export.pack import (
     unpack_grace,
     unpack_int4,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
+from tiny_serving import load_script, tiny_prompt, tiny_vlm
 
 
 # ----------------------------------------------------------------------------- AutoAWQ, restated
@@ -340,15 +338,8 @@ def test_packed_metadata_mismatch(llava4, tmp_path):
 
 # ----------------------------------------------------------------------------- CLIs and decoding
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"grace_launch_{name}", ROOT / "launch" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_convert_cli(llava4, tmp_path, capsys):
-    convert = _load_script("convert")
+    convert = load_script("convert")
     rc = convert.main(["--checkpoint", str(llava4["dir"]), "--out", str(tmp_path / "cli"), "--format", "awq",
                        "--bits", "auto", "--no-progress"])
     out = capsys.readouterr()
@@ -358,27 +349,12 @@ def test_convert_cli(llava4, tmp_path, capsys):
     assert rc == 2 and "no config.json" in err and "Traceback" not in err
 
 
-def _tiny_vlm(arch: str):
-    """(config, fp32 eval model with seed-0 random weights) of a tiny bench architecture."""
-    import transformers
-
-    cfg = bench_config(arch)
-    torch.manual_seed(0)
-    return cfg, getattr(transformers, cfg.architectures[0])._from_config(cfg, dtype=torch.float32).eval()
-
-
-def _tiny_prompt(cfg):
-    """Two rows of 6 text + 16 visual tokens, fp32, and the prompt length."""
-    inputs = make_prompt(cfg, 2, 6, 16, dtype=torch.float32)
-    return inputs, inputs["input_ids"].shape[1]
-
-
 @pytest.mark.parametrize("arch", ["tiny-llava", "tiny-qwen2vl"])
 def test_static_decoder_matches_generate(arch):
     from grace_ds.export.decode import StaticDecoder
 
-    cfg, model = _tiny_vlm(arch)
-    inputs, s = _tiny_prompt(cfg)
+    cfg, model = tiny_vlm(arch)
+    inputs, s = tiny_prompt(cfg)
     with torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)[:, s:]
         dec = StaticDecoder(model, cfg, 2, s + 6, "cpu")
@@ -395,8 +371,8 @@ def test_chunked_prefill_writes_the_same_cache(arch, chunk):
     forward is restored afterwards."""
     from grace_ds.export.decode import StaticDecoder
 
-    cfg, model = _tiny_vlm(arch)
-    inputs, s = _tiny_prompt(cfg)
+    cfg, model = tiny_vlm(arch)
+    inputs, s = tiny_prompt(cfg)
     lm = model.model.language_model
     seen = []
     hook = lm.layers[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
@@ -428,8 +404,8 @@ def test_decode_step_traces_as_one_graph(arch):
 
     from grace_ds.export.decode import StaticDecoder
 
-    cfg, model = _tiny_vlm(arch)
-    inputs, s = _tiny_prompt(cfg)
+    cfg, model = tiny_vlm(arch)
+    inputs, s = tiny_prompt(cfg)
     with torch.no_grad():
         dec = StaticDecoder(model, cfg, 2, s + 6, "cpu")
         dec.prefill(inputs)
@@ -447,7 +423,7 @@ def test_decode_step_traces_as_one_graph(arch):
 
 def test_bench_smoke_trained_checkpoint(llava4, tmp_path):
     """--checkpoint with a final export dir: bf16 from the latent weights, INT4 packed on the fly."""
-    bench = _load_script("bench")
+    bench = load_script("bench")
     rc = bench.main(["--smoke", "--in-process", "--checkpoint", str(llava4["dir"]), "--batch", "1",
                      "--new-tokens", "2", "--json", str(tmp_path / "t.json")])
     res = json.loads((tmp_path / "t.json").read_text())["results"]
@@ -456,7 +432,7 @@ def test_bench_smoke_trained_checkpoint(llava4, tmp_path):
 
 
 def test_bench_smoke_int4(tmp_path):
-    bench = _load_script("bench")
+    bench = load_script("bench")
     rc = bench.main(["--smoke", "--in-process", "--arch", "tiny-qwen2vl", "--batch", "2", "--new-tokens", "3",
                      "--out", str(tmp_path / "t.md"), "--json", str(tmp_path / "t.json")])
     assert rc == 0
@@ -472,7 +448,7 @@ def test_quantize_lm_head_is_rtn_and_matches_a_float64_reference(arch):
     grid (checked element by element in float64), and its output is x @ (codes * s)^T."""
     from grace_ds.export.load import quantize_lm_head_
 
-    cfg, model = _tiny_vlm(arch)
+    cfg, model = tiny_vlm(arch)
     w = model.get_output_embeddings().weight.detach().double().clone()
     embed = model.get_input_embeddings().weight.detach().clone()
     head = quantize_lm_head_(model)
@@ -506,7 +482,7 @@ def test_quantize_lm_head_is_rtn_and_matches_a_float64_reference(arch):
 
 
 def test_bench_smoke_int4_lm_head(tmp_path):
-    bench = _load_script("bench")
+    bench = load_script("bench")
     rc = bench.main(["--smoke", "--in-process", "--arch", "tiny-llava", "--batch", "1", "--new-tokens", "3",
                      "--int4-lm-head", "--out", str(tmp_path / "t.md"), "--json", str(tmp_path / "t.json")])
     assert rc == 0
@@ -536,7 +512,7 @@ def test_gpu_kernel_model_matches_dequant(llava4, tmp_path):
 def test_gpu_bench_graph_capture(tmp_path, mode):
     """The decode step (eager, or inductor-compiled) captures as a CUDA graph for bf16 and INT4 and
     replays the eager tokens."""
-    bench = _load_script("bench")
+    bench = load_script("bench")
     rc = bench.main(["--in-process", "--arch", "tiny-llava", "tiny-qwen2vl", "--batch", "1", "4", "--new-tokens", "8",
                      "--visual-tokens", "16", "--text-tokens", "8", "--device", "cuda", "--mode", mode,
                      "--json", str(tmp_path / "t.json")])

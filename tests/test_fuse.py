@@ -2,41 +2,24 @@
 Dynamo graph, nothing held between calls, and each member still its own projection."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-import transformers
 from torch import nn
 
-from grace_ds.export.arch import bench_config, make_prompt
+from grace_ds.export.arch import bench_config
 from grace_ds.export.decode import StaticDecoder
 from grace_ds.export.fuse import FusedGroup, FusedPart, fuse_projections_
 from grace_ds.export.load import DequantLinear, W4A16Linear
+from tiny_serving import load_script, tiny_prompt, tiny_vlm
 
-ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ["tiny-llava", "tiny-qwen2vl"]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("grace_launch_bench_fuse", ROOT / "launch" / "bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _model(arch: str, kind: str):
-    cfg = bench_config(arch)
     if kind == "int4":
-        return cfg, _bench().build_int4(cfg, "cpu", torch.float32).eval()
-    torch.manual_seed(0)
-    return cfg, getattr(transformers, cfg.architectures[0])._from_config(cfg, dtype=torch.float32).eval()
-
-
-def _prompt(cfg):
-    inputs = make_prompt(cfg, 2, 6, 16, dtype=torch.float32)
-    return inputs, inputs["input_ids"].shape[1]
+        cfg = bench_config(arch)
+        return cfg, load_script("bench").build_int4(cfg, "cpu", torch.float32).eval()
+    return tiny_vlm(arch)
 
 
 def _tokens(model, cfg, inputs, s, n=5, compile_backend=None):
@@ -56,7 +39,7 @@ def _n_layers(cfg):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fused_model_matches_unfused(arch, kind):
     cfg, model = _model(arch, kind)
-    inputs, s = _prompt(cfg)
+    inputs, s = tiny_prompt(cfg)
     with torch.no_grad():
         ref_logits = model(**inputs).logits
         ref_tokens = _tokens(model, cfg, inputs, s)
@@ -88,7 +71,7 @@ def test_fused_decode_step_traces_as_one_graph(arch):
     import torch._dynamo
 
     cfg, model = _model(arch, "int4")
-    inputs, s = _prompt(cfg)
+    inputs, s = tiny_prompt(cfg)
     with torch.no_grad():
         fuse_projections_(model)
         ref = _tokens(model, cfg, inputs, s)
@@ -157,7 +140,7 @@ def test_dequant_groups_fuse_codes_and_scales():
 
 
 def test_bench_smoke_fuse_proj(tmp_path):
-    rc = _bench().main(["--smoke", "--in-process", "--arch", "tiny-qwen2vl", "--batch", "1", "--new-tokens", "3",
+    rc = load_script("bench").main(["--smoke", "--in-process", "--arch", "tiny-qwen2vl", "--batch", "1", "--new-tokens", "3",
                         "--fuse-proj", "--json", str(tmp_path / "t.json")])
     assert rc == 0
 
@@ -195,7 +178,7 @@ def test_gpu_bench_fused_replays_eager_tokens(tmp_path, mode):
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    rc = _bench().main(["--in-process", "--arch", "tiny-llava", "tiny-qwen2vl", "--batch", "1", "4", "--new-tokens", "8",
+    rc = load_script("bench").main(["--in-process", "--arch", "tiny-llava", "tiny-qwen2vl", "--batch", "1", "4", "--new-tokens", "8",
                         "--visual-tokens", "16", "--text-tokens", "8", "--device", "cuda", "--mode", mode,
                         "--fuse-proj", "--json", str(tmp_path / "t.json")])
     res = json.loads((tmp_path / "t.json").read_text())["results"]

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
-from grace_ds.export.arch import bench_config, make_prompt
+from grace_ds.export.arch import bench_config
 from grace_ds.export.decode import StaticDecoder
 from grace_ds.export.kv8 import (Int8StaticCache, dequantize_kv, kv8_attention_forward, quantize_kv,
                                  split_kv)
+from tiny_serving import load_script, tiny_prompt, tiny_vlm
 
 ARCHS = ["tiny-llava", "tiny-qwen2vl"]
 
@@ -62,15 +62,8 @@ def test_attention_matches_a_float64_reference(q_len, mask_kind):
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
 
 
-def _model(arch):
-    cfg = bench_config(arch)
-    torch.manual_seed(0)
-    return cfg, getattr(transformers, cfg.architectures[0])._from_config(cfg, dtype=torch.float32).eval()
-
-
 def _run(model, cfg, kv_int8, n=6):
-    inputs = make_prompt(cfg, 2, 6, 16, dtype=torch.float32)
-    s = inputs["input_ids"].shape[1]
+    inputs, s = tiny_prompt(cfg)
     dec = StaticDecoder(model, cfg, 2, s + n + 1, "cpu", kv_int8=kv_int8)
     dec.prefill(inputs)
     dec.run_steps(n)
@@ -79,14 +72,14 @@ def _run(model, cfg, kv_int8, n=6):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_model_with_int8_cache_decodes_like_the_16_bit_cache(arch):
-    cfg, model = _model(arch)
+    cfg, model = tiny_vlm(arch)
     with torch.no_grad():
         ref_dec, ref = _run(model, cfg, False)
         dec, got = _run(model, cfg, True)
         # layer 0's prompt keys/values see the same inputs in both runs (later layers and steps see
         # the rounding of earlier ones): the same vectors, rounded within the int8 bound
         l16, l8 = ref_dec.cache.layers[0], dec.cache.layers[0]
-        n = make_prompt(cfg, 2, 6, 16)["input_ids"].shape[1]
+        n = tiny_prompt(cfg)[1]
         for a16, a8 in ((l16.keys, l8.keys), (l16.values, l8.values)):
             codes, scale = split_kv(a8[:, :, :n])
             err = (codes.float() * scale - a16[:, :, :n]).abs()
@@ -97,25 +90,30 @@ def test_model_with_int8_cache_decodes_like_the_16_bit_cache(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_int8_cache_decode_step_traces_as_one_graph(arch):
+    cfg, model = tiny_vlm(arch)
+    with torch.no_grad():
+        _assert_one_graph_and_eager_tokens(model, cfg)
+
+
+def _assert_one_graph_and_eager_tokens(model, cfg):
+    """The int8-cache decode step is one Dynamo graph, and the traced step makes the eager tokens."""
     import torch._dynamo
 
-    cfg, model = _model(arch)
-    with torch.no_grad():
-        dec, ref = _run(model, cfg, True)
-        inputs = make_prompt(cfg, 2, 6, 16, dtype=torch.float32)
-        dec.prefill(inputs)
-        torch._dynamo.reset()
-        ex = torch._dynamo.explain(dec.step)()
-        assert (ex.graph_count, ex.graph_break_count) == (1, 0), [str(b.reason) for b in ex.break_reasons]
-        dec.prefill(inputs)
-        torch._dynamo.reset()
-        dec.compiled = torch.compile(dec.step, backend="eager", fullgraph=True)
-        dec.run_steps(6)
+    dec, ref = _run(model, cfg, True)
+    inputs, _ = tiny_prompt(cfg)
+    dec.prefill(inputs)
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(dec.step)()
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), [str(b.reason) for b in ex.break_reasons]
+    dec.prefill(inputs)
+    torch._dynamo.reset()
+    dec.compiled = torch.compile(dec.step, backend="eager", fullgraph=True)
+    dec.run_steps(6)
     assert torch.equal(dec.out[:, :7], ref)
 
 
 def test_int8_cache_memory():
-    cfg, model = _model("tiny-llava")
+    cfg, model = tiny_vlm("tiny-llava")
     with torch.no_grad():
         d16, _ = _run(model, cfg, False, n=2)
         d8, _ = _run(model, cfg, True, n=2)
@@ -127,14 +125,9 @@ def test_int8_cache_memory():
 
 
 def test_bench_smoke_kv_int8(tmp_path):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("grace_launch_bench_kv8", root / "launch" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench")
     rc = bench.main(["--smoke", "--in-process", "--arch", "tiny-llava", "--batch", "1", "--new-tokens", "3",
                      "--kv-int8", "--json", str(tmp_path / "t.json")])
     res = json.loads((tmp_path / "t.json").read_text())["results"]
@@ -144,13 +137,8 @@ def test_bench_smoke_kv_int8(tmp_path):
 
 
 def test_bench_smoke_prefill_chunk(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("grace_launch_bench_chunk", root / "launch" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench")
     rc = bench.main(["--smoke", "--in-process", "--arch", "tiny-qwen2vl", "--batch", "2", "--new-tokens", "3",
                      "--prefill-chunk", "16", "--kv-int8", "--fuse-proj", "--out", str(tmp_path / "t.md")])
     assert rc == 0 and "prefill in chunks of 16 tokens" in (tmp_path / "t.md").read_text()
@@ -188,16 +176,11 @@ def test_decode_attention_compiles_with_inductor():
 def test_gpu_bench_kv_int8(tmp_path, mode):
     """On the GPU: the int8-cache decode step captures (eager or inductor-compiled) and replays the
     eager tokens."""
-    import importlib.util
     import json
-    from pathlib import Path
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("grace_launch_bench_kv8_gpu", root / "launch" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench")
     rc = bench.main(["--in-process", "--arch", "tiny-llava", "tiny-qwen2vl", "--variants", "int4", "--batch", "1", "4",
                      "--new-tokens", "8", "--visual-tokens", "16", "--text-tokens", "8", "--device", "cuda",
                      "--mode", mode, "--kv-int8", "--json", str(tmp_path / "t.json")])
@@ -212,43 +195,23 @@ def test_gpu_bench_kv_int8(tmp_path, mode):
 def test_all_serving_options_compose_in_one_graph(arch):
     """INT4 linears + INT4 lm_head + fused projections + INT8 KV cache together: the decode step is
     still one Dynamo graph and the compiled step makes the eager tokens."""
-    import importlib.util
-    from pathlib import Path
-
-    import torch._dynamo
-
     from grace_ds.export.fuse import fuse_projections_
     from grace_ds.export.load import quantize_lm_head_
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("grace_launch_bench_compose", root / "launch" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench")
     cfg = bench_config(arch)
     model = bench.build_int4(cfg, "cpu", torch.float32).eval()
     with torch.no_grad():
         quantize_lm_head_(model)
         assert fuse_projections_(model) > 0
-        dec, ref = _run(model, cfg, True)
-        inputs = make_prompt(cfg, 2, 6, 16, dtype=torch.float32)
-        dec.prefill(inputs)
-        torch._dynamo.reset()
-        ex = torch._dynamo.explain(dec.step)()
-        assert (ex.graph_count, ex.graph_break_count) == (1, 0), [str(b.reason) for b in ex.break_reasons]
-        dec.prefill(inputs)
-        torch._dynamo.reset()
-        dec.compiled = torch.compile(dec.step, backend="eager", fullgraph=True)
-        dec.run_steps(6)
-    assert torch.equal(dec.out[:, :7], ref)
+        _assert_one_graph_and_eager_tokens(model, cfg)
 
 
 def test_composed_decode_step_compiles_with_inductor():
     """`--mode compile` for real (inductor's C++ backend here, Triton on the GPU): the INT4 model
     with INT4 head, fused projections and INT8 KV cache lowers (the W4A16 op through its fake
     kernel, the int8 attention, the scale views) and decodes the eager tokens."""
-    import importlib.util
     import shutil
-    from pathlib import Path
 
     import torch._dynamo
 
@@ -257,17 +220,14 @@ def test_composed_decode_step_compiles_with_inductor():
 
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("inductor's CPU backend needs a C++ compiler")
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("grace_launch_bench_inductor", root / "launch" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench")
     cfg = bench_config("tiny-qwen2vl")
     model = bench.build_int4(cfg, "cpu", torch.float32).eval()
     with torch.no_grad():
         quantize_lm_head_(model)
         fuse_projections_(model)
         dec, ref = _run(model, cfg, True)
-        dec.prefill(make_prompt(cfg, 2, 6, 16, dtype=torch.float32))
+        dec.prefill(tiny_prompt(cfg)[0])
         torch._dynamo.reset()
         dec.compile()
         dec.run_steps(6)
