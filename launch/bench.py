@@ -152,7 +152,10 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     dec = StaticDecoder(model, config, batch, prompt_len + args.new_tokens, device, kv_int8=kv_int8)
     is_cuda = torch.device(device).type == "cuda"
 
-    dec.prefill(inputs, chunk=args.prefill_chunk)  # warm-up: allocates the cache, autotunes, loads the kernel extension
+    def prefill():
+        dec.prefill(inputs, chunk=args.prefill_chunk)
+
+    prefill()  # warm-up: allocates the cache, autotunes, loads the kernel extension
     _sync(device)
     check = min(8, steps)
     dec.run_steps(check)  # eager reference tokens for the graph check
@@ -164,7 +167,7 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     for _ in range(TTFT_REPS):
         _sync(device)
         t0 = time.perf_counter()
-        dec.prefill(inputs, chunk=args.prefill_chunk)
+        prefill()
         _sync(device)
         ttfts.append(time.perf_counter() - t0)
     ttft = statistics.median(ttfts)
@@ -172,7 +175,7 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     if is_cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    dec.prefill(inputs, chunk=args.prefill_chunk)
+    prefill()
     _sync(device)
 
     mode, note = args.mode if is_cuda else "eager", ""
@@ -187,7 +190,7 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
         print(f"[bench] {note}", file=sys.stderr)
         traceback.print_exc()
         dec.graph, dec.compiled, mode = None, None, "eager"
-        dec.prefill(inputs, chunk=args.prefill_chunk)
+        prefill()
     _sync(device)
     t0 = time.perf_counter()
     dec.run_steps(steps)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grace_ds.export.load import DequantLinear, W4A16Linear, replace_module
+from grace_ds.export.load import DequantLinear, W4A16Linear
 
 GROUPS = {"fused_qkv": ("q_proj", "k_proj", "v_proj"), "fused_gate_up": ("gate_proj", "up_proj")}
 
@@ -73,36 +73,21 @@ class FusedPart(nn.Module):
         return f"part {self.index} of the fused group, in={self.in_features}, out={self.out_features}"
 
 
-def _fuse_linear(mods: list[nn.Linear]) -> nn.Module:
-    w = mods[0].weight
-    has_bias = mods[0].bias is not None
-    out = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=has_bias,
-                    device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        out.weight.copy_(torch.cat([m.weight for m in mods], 0))
-        if has_bias:
-            out.bias.copy_(torch.cat([m.bias for m in mods], 0))
-    out.weight.requires_grad_(w.requires_grad)
-    return out
-
-
 def _cat_bias(mods):
     return None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods], 0)
 
 
-def _fuse_w4a16(mods: list[W4A16Linear]) -> W4A16Linear:
-    first = mods[0]
-    new = W4A16Linear.__new__(W4A16Linear)
-    nn.Module.__init__(new)
-    new.in_features, new.out_features = first.in_features, sum(m.out_features for m in mods)
-    new.bits, new.group_size, new.compute_dtype, new.backend = 4, first.group_size, first.compute_dtype, first.backend
-    new._keys, new._consts = list(first._keys), dict(first._consts)
-    names = [f"k_{k}" for k in first._keys] if first._keys else ["k_codes", "k_scales"]
-    for name in names:   # packed layout: tile-major, so dim-0 concatenation = packing of the concatenation
-        new.register_buffer(name, torch.cat([getattr(m, name) for m in mods], 0))
+def _fuse_linear(mods: list[nn.Linear]) -> nn.Module:
+    w = mods[0].weight
     bias = _cat_bias(mods)
-    new.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-    return new
+    out = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=bias is not None,
+                    device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([m.weight for m in mods], 0))
+        if bias is not None:
+            out.bias.copy_(bias)
+    out.weight.requires_grad_(w.requires_grad)
+    return out
 
 
 def _fuse_dequant(mods: list[DequantLinear]) -> DequantLinear:
@@ -131,9 +116,8 @@ def fuse_projections_(model: nn.Module, groups: dict[str, tuple[str, ...]] | Non
 
     Groups whose members differ in kind, input width, bias or packing are left as they are."""
     groups = GROUPS if groups is None else groups
-    parents = [(name, mod) for name, mod in model.named_modules()]
     n = 0
-    for pname, parent in parents:
+    for parent in list(model.modules()):   # a list: the loop adds modules
         children = dict(parent.named_children())
         for attr, members in groups.items():
             if attr in children or not all(m in children for m in members):
@@ -143,11 +127,10 @@ def fuse_projections_(model: nn.Module, groups: dict[str, tuple[str, ...]] | Non
                 continue
             kind = type(mods[0])
             fused = _fuse_linear(mods) if kind is nn.Linear else \
-                _fuse_w4a16(mods) if kind is W4A16Linear else _fuse_dequant(mods)
+                W4A16Linear.concatenated(mods) if kind is W4A16Linear else _fuse_dequant(mods)
             group = FusedGroup(fused, [m.out_features for m in mods])
             parent.add_module(attr, group)
             for i, (m_name, m) in enumerate(zip(members, mods)):
-                replace_module(model, f"{pname}.{m_name}" if pname else m_name,
-                               FusedPart(group, i, m.in_features, m.out_features))
+                setattr(parent, m_name, FusedPart(group, i, m.in_features, m.out_features))
             n += 1
     return n

@@ -53,34 +53,12 @@ def dequantize_kv(packed: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
 
 
 class Int8StaticLayer(StaticLayer):
-    """StaticLayer whose keys/values are the packed int8 tensors described in the module docstring."""
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.batch_size, self.num_heads = key_states.shape[:2]
-        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
-        for d in (self.k_head_dim, self.v_head_dim):
-            if d % SCALE_BYTES:
-                raise ValueError(f"kv int8: head_dim {d} is not a multiple of 4")
-        shape = (self.batch_size, self.num_heads, self.max_cache_len)
-        self.keys = torch.zeros(*shape, self.k_head_dim + SCALE_BYTES, dtype=torch.int8, device=self.device)
-        self.values = torch.zeros(*shape, self.v_head_dim + SCALE_BYTES, dtype=torch.int8, device=self.device)
-        self.cumulative_length = self.cumulative_length.to(self.device)
-        if not torch.compiler.is_compiling():
-            torch._dynamo.mark_static_address(self.keys)
-            torch._dynamo.mark_static_address(self.values)
-            torch._dynamo.mark_static_address(self.cumulative_length)
-        self.is_initialized = True
+    """StaticLayer whose keys/values are the packed int8 tensors described in the module docstring:
+    it quantises what it is given and lets StaticLayer store it (StaticLayer sizes, allocates and
+    marks its buffers from the first tensors it sees, here the packed (..., D + 4) int8 ones)."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        pos = torch.arange(n, device=self.device) + self.cumulative_length
-        self.cumulative_length.add_(n)
-        self.keys.index_copy_(2, pos, quantize_kv(key_states))
-        self.values.index_copy_(2, pos, quantize_kv(value_states))
-        return self.keys, self.values
+        return super().update(quantize_kv(key_states), quantize_kv(value_states), *args, **kwargs)
 
 
 class Int8StaticCache(StaticCache):

@@ -99,6 +99,23 @@ class W4A16Linear(nn.Module):
             self.backend = "dequant (kernels.w4a16 not importable)"
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
 
+    @classmethod
+    def concatenated(cls, mods: list["W4A16Linear"]) -> "W4A16Linear":
+        """One layer computing the given layers' outputs side by side (same input width, packing and
+        bias presence; grace_ds.export.fuse checks). The packed layout is tile-major, so the dim-0
+        concatenation of the buffers is the packing of the concatenated codes."""
+        first = mods[0]
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = first.in_features, sum(m.out_features for m in mods)
+        new.bits, new.group_size, new.compute_dtype, new.backend = 4, first.group_size, first.compute_dtype, first.backend
+        new._keys, new._consts = list(first._keys), dict(first._consts)
+        for name in [f"k_{k}" for k in first._keys] if first._keys else ["k_codes", "k_scales"]:
+            new.register_buffer(name, torch.cat([getattr(m, name) for m in mods], 0))
+        new.bias = None if first.bias is None else nn.Parameter(torch.cat([m.bias.detach() for m in mods], 0),
+                                                                requires_grad=False)
+        return new
+
     def packed(self) -> dict:
         d = {key: getattr(self, f"k_{key}") for key in self._keys}
         d.update(self._consts)

@@ -48,6 +48,8 @@ def parse_shape(text: str) -> list[tuple[int, int]]:
     if n % 16 or k % 128:
         raise argparse.ArgumentTypeError(f"--shapes {text!r}: N must be a multiple of 16 and K of 128")
     return [(n, k)]
+
+
 MS = [1, 16, 64, 256, 1024, 2048]
 CHECK_MS = [1, 3, 16, 33, 64, 256, 1024]
 
@@ -229,15 +231,19 @@ def main(argv=None):
                     reps = 5 if M >= 256 else 20
                     r["int4pack"] = graph_time(
                         [lambda a=a: torch.ops.aten._weight_int4pack_mm(x, a[0], 128, a[1]) for a in I4], reps=reps)
-                r["ours"] = graph_time([lambda q=q: torch.ops.grace.w4a16_gemm(x, q["qweight"], q["scales"], 128) for q in Q])
+
+                def ours():   # our op over every weight copy
+                    return graph_time([lambda q=q: torch.ops.grace.w4a16_gemm(x, q["qweight"], q["scales"], 128) for q in Q])
+
+                r["ours"] = ours()
                 r["cfg"] = int(ext.choose_config(M, N, K))
                 if args.pdl:
                     ext.set_pdl(1)
-                    r["ours_pdl"] = graph_time([lambda q=q: torch.ops.grace.w4a16_gemm(x, q["qweight"], q["scales"], 128) for q in Q])
+                    r["ours_pdl"] = ours()
                     ext.set_pdl(0)
                 if args.configs and r["cfg"] >= 0:
                     ext.set_persistent(1)
-                    r["ours_persist"] = graph_time([lambda q=q: torch.ops.grace.w4a16_gemm(x, q["qweight"], q["scales"], 128) for q in Q])
+                    r["ours_persist"] = ours()
                     ext.set_persistent(0)
                 if args.configs:
                     for c in cfgs_for(M):
