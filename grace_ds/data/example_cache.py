@@ -17,9 +17,10 @@ returns, bit for bit) as one safetensors file (read in about a tenth of torch.lo
 Writes are atomic (temporary file + rename), so concurrent loaders race harmlessly: the last rename
 wins and both wrote the same bytes. A writer killed between the two leaves its temporary file
 (`.<index>.safetensors.<host>.<pid>.tmp`); the first write into that shard's directory by a later
-process on the same host deletes the temporary files of processes that no longer exist. A failed write (full disk) turns the cache off for that worker
-with one warning; a sample that fails to process is never cached, so it is skipped and counted
-every time, as without the cache. Delete the directory to reclaim the space; nothing else does.
+process on the same host deletes the temporary files of processes that no longer exist. A failed
+write (full disk) turns the cache off for that worker with one warning; a sample that fails to
+process is never cached, so it is skipped and counted every time, as without the cache. Delete the
+directory to reclaim the space; nothing else does.
 """
 
 from __future__ import annotations
@@ -122,8 +123,6 @@ class ExampleCache:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
