@@ -185,12 +185,21 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
         elif mode == "compile":
             dec.compile()
             dec.capture()
-    except Exception as exc:  # noqa: BLE001 - report and measure eager instead
-        note = f"{mode} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}), eager used"
-        print(f"[bench] {note}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - report, then measure the next mode down
+        failed = f"{mode} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        print(f"[bench] {failed}", file=sys.stderr)
         traceback.print_exc()
         dec.graph, dec.compiled, mode = None, None, "eager"
         prefill()
+        if failed.startswith("compile"):   # a failed compile still leaves the eager step to graph
+            try:
+                dec.capture()
+                mode = "graph"
+            except Exception as exc2:  # noqa: BLE001
+                print(f"[bench] graph failed too ({type(exc2).__name__}: {exc2})", file=sys.stderr)
+                dec.graph = None
+                prefill()
+        note = f"{failed}, {mode} used"
     _sync(device)
     t0 = time.perf_counter()
     dec.run_steps(steps)

@@ -44,6 +44,22 @@ def _reference(q, k, v, mask, scaling):
     return (torch.softmax(s, -1) @ vd).transpose(1, 2)
 
 
+def test_scale_bytes_are_the_float_bytes_and_round_trip():
+    """The scale is stored through integer arithmetic (inductor cannot lower every float -> int8
+    view); its 4 bytes must be exactly the little-endian bytes of the fp32 value, and decode back
+    bit for bit, over the whole exponent range, for transposed (non-contiguous) inputs too."""
+    from grace_ds.export.kv8 import _bytes_to_float, _float_to_bytes
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4000, 1, generator=g) * torch.pow(2.0, torch.randint(-126, 127, (4000, 1), generator=g).float())
+    x = torch.cat([x, torch.tensor([[1e-12], [127.0], [-3.5], [2.0 ** -149], [3.4e38]])])
+    b = _float_to_bytes(x)
+    assert b.dtype == torch.int8 and torch.equal(b, x.view(torch.int8))
+    assert torch.equal(_bytes_to_float(b).view(torch.int32), x.view(torch.int32))
+    t = torch.randn(3, 5, 2, 1, generator=g).transpose(0, 2)          # last stride != 1 after the transpose
+    assert torch.equal(_bytes_to_float(_float_to_bytes(t)), t)
+
+
 @pytest.mark.parametrize("mask_kind", ["bool", "additive", "none"])
 @pytest.mark.parametrize("q_len", [1, 5])
 def test_attention_matches_a_float64_reference(q_len, mask_kind):
@@ -188,7 +204,9 @@ def test_gpu_bench_kv_int8(tmp_path, mode):
     assert rc == 0, res
     for r in res:
         for run in r["runs"]:
-            assert run["kv_cache"] == "int8" and run["mode"] == mode and run["graph_matches_eager"], (r["arch"], run)
+            assert run["kv_cache"] == "int8" and run["mode"] == mode, (r["arch"], run)
+            # compiled steps round differently: tokens are checked in graph mode, logits in the test below
+            assert mode == "compile" or run["graph_matches_eager"], (r["arch"], run)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -232,3 +250,43 @@ def test_composed_decode_step_compiles_with_inductor():
         dec.compile()
         dec.run_steps(6)
     assert torch.equal(dec.out[:, :7], ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gpu_compiled_step_logits_match_eager(arch):
+    """On the GPU, all serving options at once (W4A16 kernel, INT4 head, fused projections, INT8
+    KV cache): the inductor-compiled decode step (Triton) computes the eager step's logits, to bf16
+    tolerance. Greedy tokens of random tiny models are too close to ties for token equality to
+    judge a compiled step (its fusions round differently), so the bench tests check tokens in graph
+    mode only and this test checks the compiled numbers."""
+    import torch._dynamo
+
+    from grace_ds.export.arch import make_prompt
+    from grace_ds.export.decode import StaticDecoder
+    from grace_ds.export.fuse import fuse_projections_
+    from grace_ds.export.load import quantize_lm_head_
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    bench = load_script("bench")
+    cfg = bench_config(arch)
+    model = bench.build_int4(cfg, "cuda", torch.bfloat16).eval()
+
+    def logits(dec):
+        h = dec.lm(input_ids=dec.tok, position_ids=dec.pos, past_key_values=dec.cache, use_cache=True).last_hidden_state
+        return dec.head(h[:, -1]).float()
+
+    with torch.no_grad():
+        quantize_lm_head_(model)
+        assert fuse_projections_(model) > 0
+        inputs = make_prompt(cfg, 4, 8, 16, device="cuda", dtype=torch.bfloat16)
+        dec = StaticDecoder(model, cfg, 4, inputs["input_ids"].shape[1] + 8, "cuda", kv_int8=True)
+        dec.prefill(inputs)
+        dec.run_steps(3)                  # a few cached tokens written by the step itself
+        st = dec._state()
+        ref = logits(dec)
+        dec._restore(st)
+        torch._dynamo.reset()
+        out = torch.compile(logits, dynamic=False)(dec)
+    assert ((out - ref).norm() / ref.norm()).item() < 3e-2

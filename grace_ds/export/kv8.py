@@ -4,8 +4,8 @@ At batch 16 with a 900-token context the bf16 KV cache of LLaVA-1.5-7B is 7.5 GB
 INT4 weights (4.1 GB), and read in full at every decode step. Storing it in 8 bits halves both.
 
 Storage: each cached (row, kv head, position) vector of head_dim values is rounded symmetrically
-to int8 with its own scale (absmax / 127, fp32), and the scale's 4 bytes are stored after the
-codes: one int8 tensor (B, H_kv, max_len, head_dim + 4). The cache's `update` returns that
+to int8 with its own scale (absmax / 127, fp32), and the scale's 4 bytes (little-endian) are stored
+after the codes: one int8 tensor (B, H_kv, max_len, head_dim + 4). The cache's `update` returns that
 tensor for keys and for values, so the model's attention code passes it through unchanged to the
 attention function registered here ("grace_kv8"), which reads codes and scales from it:
 - one query token (decode): scores = (q . k_codes) * k_scale, softmax in fp32, out = sum over
@@ -38,13 +38,34 @@ def quantize_kv(x: torch.Tensor) -> torch.Tensor:
     xf = x.float()
     scale = xf.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
     codes = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)
-    return torch.cat([codes, scale.contiguous().view(torch.int8)], -1)
+    return torch.cat([codes, _float_to_bytes(scale)], -1)
+
+
+def _float_to_bytes(x: torch.Tensor) -> torch.Tensor:
+    """(..., 1) fp32 -> (..., 4) int8: its bytes, little-endian (what `x.view(torch.int8)` gives on
+    a contiguous tensor). Done with a same-size bitcast and integer arithmetic: inductor cannot
+    lower a float -> int8 view of a tensor whose last stride is not 1 (on CUDA the scale of a
+    transposed key is such a tensor), and the arithmetic fuses into the quantising kernel."""
+    bits = x.view(torch.int32)
+    parts = [torch.bitwise_and(torch.bitwise_right_shift(bits, s), 0xFF) for s in (0, 8, 16)]
+    parts = [p - 256 * (p > 127).to(torch.int32) for p in parts]      # 0..255 -> the int8 of that byte
+    parts.append(torch.bitwise_right_shift(bits, 24))                   # arithmetic shift: already -128..127
+    return torch.cat(parts, -1).to(torch.int8)
+
+
+def _bytes_to_float(b: torch.Tensor) -> torch.Tensor:
+    """(..., 4) int8 -> (..., 1) fp32: the inverse of _float_to_bytes (integer arithmetic, then a
+    same-size bitcast; no int8 -> float view, for the reason given there)."""
+    w = b.to(torch.int32)
+    lo = [torch.bitwise_and(w[..., i:i + 1], 0xFF) for i in range(3)]
+    bits = w[..., 3:4] * 16777216 + lo[2] * 65536 + lo[1] * 256 + lo[0]
+    return bits.view(torch.float32)
 
 
 def split_kv(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., D + 4) int8 -> (codes (..., D) int8, scale (..., 1) fp32), both views."""
+    """(..., D + 4) int8 -> (codes (..., D) int8 (a view), scale (..., 1) fp32)."""
     d = packed.shape[-1] - SCALE_BYTES
-    return packed[..., :d], packed[..., d:].view(torch.float32)
+    return packed[..., :d], _bytes_to_float(packed[..., d:])
 
 
 def dequantize_kv(packed: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
