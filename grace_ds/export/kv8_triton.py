@@ -1,0 +1,163 @@
+"""Decode attention over the packed int8 KV cache as one Triton kernel (split-K flash decoding).
+
+`grace_ds.export.kv8` stores each cached (row, kv head, position) vector as head_dim int8 codes
+followed by the 4 bytes of its fp32 scale. Its portable decode attention (multiply + reduce,
+fused by inductor) is correct but slow on the GPU: on an H200 it doubled LLaVA-1.5-7B's batch-16
+step (docs/benchmarks.md). This kernel reads the cache once, at one byte per value:
+
+- grid (batch x kv heads, splits): each program takes the G = H / H_kv query heads of one kv head
+  (GQA) and one slice of the positions, and walks it in blocks of BLOCK_L positions;
+- per block: codes -> fp16 (exact for |code| <= 127), scores = (q / |q|max . codes) on tensor cores
+  (`tl.dot`; the query heads are padded to 16 rows), times |q|max, the key scale and the softmax
+  scaling, plus the mask bias; online softmax; out += (p * v_scale / block max) . v_codes, again
+  with `tl.dot`, times the block's max scale. Every fp16 operand lies in [-127, 127], so no
+  model's range is lost, and fp16 keeps 3 more mantissa bits than bf16;
+- each program writes its running max, sum and unnormalised output; the splits are merged in
+  PyTorch (`_merge`: a few elementwise ops, fused by inductor under `--mode compile`).
+
+The probabilities are rounded to fp16 before the value product, as in flash attention; the result
+matches a float64 reference to 16-bit accuracy (tests/test_kv8_triton.py, run on the CPU with
+Triton's interpreter and on the GPU).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: kv8 keeps its portable attention
+    triton = None
+
+BLOCK_L = 64
+MIN_ROWS = 16          # tl.dot's smallest M
+
+
+def available(query: torch.Tensor) -> bool:
+    """Whether the kernel can run for this query: Triton importable and a CUDA tensor (or Triton's
+    interpreter, TRITON_INTERPRET=1, for tests). GRACE_KV8_TRITON=0 keeps the portable attention."""
+    import os
+
+    if triton is None or os.environ.get("GRACE_KV8_TRITON", "1") == "0":
+        return False
+    return query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _scale(ptr, mask):
+        """fp32 scale from 4 little-endian int8 bytes at ptr (a block of positions)."""
+        b0 = tl.load(ptr, mask=mask, other=0).to(tl.int32) & 0xFF
+        b1 = tl.load(ptr + 1, mask=mask, other=0).to(tl.int32) & 0xFF
+        b2 = tl.load(ptr + 2, mask=mask, other=0).to(tl.int32) & 0xFF
+        b3 = tl.load(ptr + 3, mask=mask, other=0).to(tl.int32)
+        bits = b3 * 16777216 + b2 * 65536 + b1 * 256 + b0
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _kv8_decode_kernel(Q, K, V, Bias, M_out, L_out, Acc_out,
+                           sq_b, sq_h, sq_d, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sb_b,
+                           H, Hk, L, n_splits, scaling,
+                           G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                           PER_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+        pid_bh = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        b = pid_bh // Hk
+        hk = pid_bh % Hk
+        g = tl.arange(0, GP)
+        gmask = g < G
+        d = tl.arange(0, D)
+        q = tl.load(Q + b * sq_b + (hk * G + g)[:, None] * sq_h + d[None, :] * sq_d, mask=gmask[:, None], other=0.0)
+        q = q.to(tl.float32)
+        # fp16 tensor-core operands, each scaled into [-1, 1] so no range is lost: the query by its
+        # absmax (folded back into the scores), the codes are exact, p * v_scale by the block's max scale
+        qmax = tl.max(tl.abs(q), 1)
+        qmax = tl.where(qmax > 0, qmax, 1.0)
+        qn = (q / qmax[:, None]).to(tl.float16)
+        qs = qmax * scaling
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        start = pid_s * PER_SPLIT
+        for off in range(0, PER_SPLIT, BLOCK):
+            pos = start + off + tl.arange(0, BLOCK)
+            pmask = pos < L
+            kp = K + b * sk_b + hk * sk_h + pos * sk_l
+            # int8 -> fp32 -> fp16, exact (Triton's interpreter gets a direct int8 -> 16-bit cast wrong)
+            kc = tl.load(kp[:, None] + d[None, :], mask=pmask[:, None], other=0).to(tl.float32).to(tl.float16)
+            ks = _scale(kp + D, pmask)
+            s = tl.dot(qn, tl.trans(kc)) * qs[:, None] * ks[None, :]                                # (GP, BLOCK)
+            if HAS_BIAS:
+                s += tl.load(Bias + b * sb_b + pos, mask=pmask, other=float("-inf"))[None, :]
+            s = tl.where(pmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)      # a block with nothing to attend
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vp = V + b * sv_b + hk * sv_h + pos * sv_l
+            vc = tl.load(vp[:, None] + d[None, :], mask=pmask[:, None], other=0).to(tl.float32).to(tl.float16)
+            vs = _scale(vp + D, pmask)
+            vmax = tl.max(vs, 0)
+            vmax = tl.where(vmax > 0, vmax, 1.0)
+            pv = (p * (vs / vmax)[None, :]).to(tl.float16)
+            acc = acc * alpha[:, None] + tl.dot(pv, vc) * vmax
+            m_i = m_new
+        row = (b * H + hk * G + g) * n_splits + pid_s
+        tl.store(M_out + row, m_i, mask=gmask)
+        tl.store(L_out + row, l_i, mask=gmask)
+        tl.store(Acc_out + row[:, None] * D + d[None, :], acc, mask=gmask[:, None])
+
+
+def _merge(m, l, acc):
+    """Combine the splits: m, l (B, H, S); acc (B, H, S, D) -> (B, H, D) fp32."""
+    mx = m.amax(-1, keepdim=True)
+    w = torch.exp(m - torch.where(torch.isinf(mx), torch.zeros_like(mx), mx))
+    return (acc * w.unsqueeze(-1)).sum(2) / (l * w).sum(-1, keepdim=True)
+
+
+def n_splits_for(batch_kv_heads: int, length: int, target_programs: int = 264) -> int:
+    """Splits along the positions so the grid has about target_programs programs (two per SM of an
+    H100/H200), at least one block of positions each."""
+    blocks = max(1, math.ceil(length / BLOCK_L))
+    return max(1, min(blocks, math.ceil(target_programs / max(1, batch_kv_heads))))
+
+
+def kv8_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
+                         scaling: float) -> torch.Tensor:
+    """query (B, H, 1, D) float (read as fp32); key/value (B, Hk, L, D + 4) packed int8 (kv8's layout, last dim
+    contiguous); bias (B, L) fp32 additive (0 or -inf), or None. Returns (B, H, 1, D) fp32."""
+    B, H, q_len, D = query.shape
+    Hk, L = key.shape[1], key.shape[2]
+    if not query.is_floating_point():
+        raise ValueError(f"kv8 triton decode: the query must be floating point, got {query.dtype}")
+    if q_len != 1 or H % Hk or D & (D - 1) or D < 16:
+        raise ValueError(f"kv8 triton decode: needs one query token, H % H_kv == 0 and a power-of-two head_dim >= 16; "
+                         f"got q_len={q_len}, H={H}, H_kv={Hk}, head_dim={D}")
+    if key.stride(-1) != 1 or value.stride(-1) != 1 or key.shape[-1] != D + 4:
+        raise ValueError("kv8 triton decode: key/value must be packed (..., head_dim + 4) int8 with a contiguous last dim")
+    G = H // Hk
+    GP = max(MIN_ROWS, triton.next_power_of_2(G))
+    S = n_splits_for(B * Hk, L)
+    per_split = math.ceil(math.ceil(L / S) / BLOCK_L) * BLOCK_L
+    S = math.ceil(L / per_split)
+    dev = query.device
+    m = torch.empty(B, H, S, device=dev, dtype=torch.float32)
+    lsum = torch.empty(B, H, S, device=dev, dtype=torch.float32)
+    acc = torch.empty(B, H, S, D, device=dev, dtype=torch.float32)
+    q = query[:, :, 0]
+    has_bias = bias is not None
+    if has_bias:
+        bias = bias.to(torch.float32).expand(B, L)
+        if bias.stride(1) != 1:
+            bias = bias.contiguous()
+    _kv8_decode_kernel[(B * Hk, S)](
+        q, key, value, bias if has_bias else m, m, lsum, acc,
+        q.stride(0), q.stride(1), q.stride(2), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), bias.stride(0) if has_bias else 0,
+        H, Hk, L, S, scaling,
+        G=G, GP=GP, D=D, BLOCK=BLOCK_L, PER_SPLIT=per_split, HAS_BIAS=has_bias)
+    return _merge(m, lsum, acc).unsqueeze(2)
