@@ -27,6 +27,8 @@ What one measurement is (per architecture x variant x batch):
   bf16 (QAT does not train it) unless `--int4-lm-head` rounds it too (RTN, after the build);
 - `--kv-int8`: the int4 variant keeps its KV cache in int8 (grace_ds.export.kv8: per-vector scales,
   attention reading the int8 cache; fused by `--mode compile`, slow eagerly);
+- `--kv8-triton`: with `--kv-int8`, the decode attention is one Triton kernel over the int8 cache
+  (grace_ds.export.kv8_triton; opt-in until measured on a GPU: sets GRACE_KV8_TRITON=1);
 - `--pdl`: the int4 variant's W4A16 kernels use programmatic dependent launch (Hopper);
 - `--prefill-chunk N`: both variants run the prompt through the language model N tokens at a time
   (less activation memory at batch 16; the vision tower still sees every image at once);
@@ -311,6 +313,7 @@ def render(results: list[dict], args, command: str) -> str:
              + ("; int4 variant: lm_head rounded to INT4 too (--int4-lm-head)" if args.int4_lm_head else "")
              + ("; q/k/v and gate/up fused into one GEMM each, both variants (--fuse-proj)" if args.fuse_proj else "")
              + ("; int4 variant: KV cache in int8 (--kv-int8)" if args.kv_int8 else "")
+             + (", its decode attention one Triton kernel (--kv8-triton)" if args.kv_int8 and args.kv8_triton else "")
              + (f"; prefill in chunks of {args.prefill_chunk} tokens, both variants" if args.prefill_chunk else "")
              + ("; int4 variant: programmatic dependent launch (--pdl)" if args.pdl else ""),
              "",
@@ -386,6 +389,9 @@ def parse_args(argv=None):
     p.add_argument("--kv-int8", action="store_true",
                    help="int4 variant: KV cache in int8 with per-vector scales (grace_ds.export.kv8); use with "
                         "--mode compile, which fuses the int8 reads into the attention reductions")
+    p.add_argument("--kv8-triton", action="store_true",
+                   help="with --kv-int8: decode attention as one Triton kernel (grace_ds.export.kv8_triton; "
+                        "sets GRACE_KV8_TRITON=1 for the workers)")
     p.add_argument("--smoke", action="store_true", help="tiny configs on the CPU, 8 new tokens, eager")
     p.add_argument("--in-process", action="store_true", help="run the workers in this process (debugging, tests)")
     p.add_argument("--out", default=None, help="also write the markdown table here")
@@ -417,6 +423,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.kv8_triton:   # read by grace_ds.export.kv8_triton.available(), here and in the workers
+        os.environ["GRACE_KV8_TRITON"] = "1"
     if args.worker:
         args.arch = args.arch[0]
         worker(args)

@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader; date -u; git lo
 timeout 240 python3 -m kernels.w4a16.build > "$OUT/build.log" 2>&1; echo "build rc=$? $(( $(date +%s) - T0 ))s"
 gpu_tests() {  # the kernels (every config, PDL), then the serving path (fusion, int8 cache, capture)
   local t=$1
-  timeout "$t" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py tests/test_kv8.py tests/test_fuse.py \
+  timeout "$t" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py tests/test_kv8_triton.py tests/test_kv8.py tests/test_fuse.py \
     tests/test_export.py -k "not (bench and compile)" > "$OUT/pytest.log" 2>&1
   echo "gpu tests rc=$? $(( $(date +%s) - T0 ))s"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/pytest.log" | tail -12
 }

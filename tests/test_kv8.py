@@ -253,8 +253,9 @@ def test_composed_decode_step_compiles_with_inductor():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kv8_triton", [False, True])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_gpu_compiled_step_logits_match_eager(arch):
+def test_gpu_compiled_step_logits_match_eager(arch, kv8_triton, monkeypatch):
     """On the GPU, all serving options at once (W4A16 kernel, INT4 head, fused projections, INT8
     KV cache): the inductor-compiled decode step (Triton) computes the eager step's logits, to bf16
     tolerance. Greedy tokens of random tiny models are too close to ties for token equality to
@@ -269,6 +270,11 @@ def test_gpu_compiled_step_logits_match_eager(arch):
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    if kv8_triton:
+        pytest.importorskip("triton")
+        monkeypatch.setenv("GRACE_KV8_TRITON", "1")   # the attention as one Triton kernel (kv8_triton.py)
+    else:
+        monkeypatch.delenv("GRACE_KV8_TRITON", raising=False)
     bench = load_script("bench")
     cfg = bench_config(arch)
     model = bench.build_int4(cfg, "cuda", torch.bfloat16).eval()

@@ -8,9 +8,10 @@ to int8 with its own scale (absmax / 127, fp32), and the scale's 4 bytes (little
 after the codes: one int8 tensor (B, H_kv, max_len, head_dim + 4). The cache's `update` returns that
 tensor for keys and for values, so the model's attention code passes it through unchanged to the
 attention function registered here ("grace_kv8"), which reads codes and scales from it:
-- one query token (decode), on the GPU: one Triton kernel (split-K flash decoding over the int8
-  cache, `grace_ds/export/kv8_triton.py`);
-- one query token elsewhere (CPU, or no Triton): scores = (q . k_codes) * k_scale, softmax in fp32,
+- one query token (decode), on the GPU with GRACE_KV8_TRITON=1 (`launch/bench.py --kv8-triton`):
+  one Triton kernel, split-K flash decoding over the int8 cache (`grace_ds/export/kv8_triton.py`;
+  opt-in until its speed is measured on a GPU);
+- one query token otherwise: scores = (q . k_codes) * k_scale, softmax in fp32,
   out = sum over positions of (p * v_scale) * v_codes, written as multiply + reduce so that
   torch.compile fuses the int8 -> float conversion into the two reductions and no 16-bit copy of
   the cache is made. On an H200 this form doubled LLaVA-1.5-7B's batch-16 step, hence the kernel.

@@ -12,8 +12,8 @@ step (docs/benchmarks.md). This kernel reads the cache once, at one byte per val
   scaling, plus the mask bias; online softmax; out += (p * v_scale / block max) . v_codes, again
   with `tl.dot`, times the block's max scale. Every fp16 operand lies in [-127, 127], so no
   model's range is lost, and fp16 keeps 3 more mantissa bits than bf16;
-- each program writes its running max, sum and unnormalised output; the splits are merged in
-  PyTorch (`_merge`: a few elementwise ops, fused by inductor under `--mode compile`).
+- each program writes its running max, sum and unnormalised output; a second small kernel merges
+  the splits (one program per row and head).
 
 The probabilities are rounded to fp16 before the value product, as in flash attention; the result
 matches a float64 reference to 16-bit accuracy (tests/test_kv8_triton.py, run on the CPU with
@@ -37,10 +37,11 @@ MIN_ROWS = 16          # tl.dot's smallest M
 
 def available(query: torch.Tensor) -> bool:
     """Whether the kernel can run for this query: Triton importable and a CUDA tensor (or Triton's
-    interpreter, TRITON_INTERPRET=1, for tests). GRACE_KV8_TRITON=0 keeps the portable attention."""
+    interpreter, TRITON_INTERPRET=1, for tests), and GRACE_KV8_TRITON=1: opt-in until the kernel's
+    speed is measured on a GPU (`launch/bench.py --kv8-triton` sets it)."""
     import os
 
-    if triton is None or os.environ.get("GRACE_KV8_TRITON", "1") == "0":
+    if triton is None or os.environ.get("GRACE_KV8_TRITON") != "1":
         return False
     return query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -111,12 +112,20 @@ if triton is not None:
         tl.store(L_out + row, l_i, mask=gmask)
         tl.store(Acc_out + row[:, None] * D + d[None, :], acc, mask=gmask[:, None])
 
-
-def _merge(m, l, acc):
-    """Combine the splits: m, l (B, H, S); acc (B, H, S, D) -> (B, H, D) fp32."""
-    mx = m.amax(-1, keepdim=True)
-    w = torch.exp(m - torch.where(torch.isinf(mx), torch.zeros_like(mx), mx))
-    return (acc * w.unsqueeze(-1)).sum(2) / (l * w).sum(-1, keepdim=True)
+    @triton.jit
+    def _kv8_merge_kernel(M_in, L_in, Acc_in, Out, n_splits, SP: tl.constexpr, D: tl.constexpr):
+        """One (row, head): combine the splits' (max, sum, unnormalised output)."""
+        r = tl.program_id(0)
+        sp = tl.arange(0, SP)
+        smask = sp < n_splits
+        d = tl.arange(0, D)
+        m = tl.load(M_in + r * n_splits + sp, mask=smask, other=float("-inf"))
+        mx = tl.max(m, 0)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        w = tl.exp(m - mx)
+        l = tl.sum(tl.load(L_in + r * n_splits + sp, mask=smask, other=0.0) * w, 0)
+        acc = tl.load(Acc_in + (r * n_splits + sp)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+        tl.store(Out + r * D + d, tl.sum(acc * w[:, None], 0) / l)
 
 
 def n_splits_for(batch_kv_heads: int, length: int, target_programs: int = 264) -> int:
@@ -129,9 +138,13 @@ def n_splits_for(batch_kv_heads: int, length: int, target_programs: int = 264) -
 def kv8_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
                          scaling: float) -> torch.Tensor:
     """query (B, H, 1, D) float (read as fp32); key/value (B, Hk, L, D + 4) packed int8 (kv8's layout, last dim
-    contiguous); bias (B, L) fp32 additive (0 or -inf), or None. Returns (B, H, 1, D) fp32."""
+    contiguous); bias (B, L) fp32 additive (0 or -inf), or None. Returns (B, H, 1, D) fp32.
+
+    The kernel runs inside the custom op `torch.ops.grace_kv8.decode_attention`: torch.compile and
+    CUDA graphs see one opaque call with a known output shape (as for the W4A16 GEMM), instead of
+    tracing the Triton launch and its workspace."""
     B, H, q_len, D = query.shape
-    Hk, L = key.shape[1], key.shape[2]
+    Hk = key.shape[1]
     if not query.is_floating_point():
         raise ValueError(f"kv8 triton decode: the query must be floating point, got {query.dtype}")
     if q_len != 1 or H % Hk or D & (D - 1) or D < 16:
@@ -139,25 +152,39 @@ def kv8_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
                          f"got q_len={q_len}, H={H}, H_kv={Hk}, head_dim={D}")
     if key.stride(-1) != 1 or value.stride(-1) != 1 or key.shape[-1] != D + 4:
         raise ValueError("kv8 triton decode: key/value must be packed (..., head_dim + 4) int8 with a contiguous last dim")
-    G = H // Hk
-    GP = max(MIN_ROWS, triton.next_power_of_2(G))
-    S = n_splits_for(B * Hk, L)
-    per_split = math.ceil(math.ceil(L / S) / BLOCK_L) * BLOCK_L
-    S = math.ceil(L / per_split)
-    dev = query.device
-    m = torch.empty(B, H, S, device=dev, dtype=torch.float32)
-    lsum = torch.empty(B, H, S, device=dev, dtype=torch.float32)
-    acc = torch.empty(B, H, S, D, device=dev, dtype=torch.float32)
-    q = query[:, :, 0]
-    has_bias = bias is not None
-    if has_bias:
-        bias = bias.to(torch.float32).expand(B, L)
-        if bias.stride(1) != 1:
-            bias = bias.contiguous()
-    _kv8_decode_kernel[(B * Hk, S)](
-        q, key, value, bias if has_bias else m, m, lsum, acc,
-        q.stride(0), q.stride(1), q.stride(2), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), bias.stride(0) if has_bias else 0,
-        H, Hk, L, S, scaling,
-        G=G, GP=GP, D=D, BLOCK=BLOCK_L, PER_SPLIT=per_split, HAS_BIAS=has_bias)
-    return _merge(m, lsum, acc).unsqueeze(2)
+    if bias is not None:
+        bias = bias.to(torch.float32).expand(B, key.shape[2]).contiguous()
+    return torch.ops.grace_kv8.decode_attention(query, key, value, bias, float(scaling))
+
+
+if triton is not None:
+
+    @torch.library.custom_op("grace_kv8::decode_attention", mutates_args=())
+    def _decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
+                          scaling: float) -> torch.Tensor:
+        B, H, _, D = query.shape
+        Hk, L = key.shape[1], key.shape[2]
+        G = H // Hk
+        GP = max(MIN_ROWS, triton.next_power_of_2(G))
+        S = n_splits_for(B * Hk, L)
+        per_split = math.ceil(math.ceil(L / S) / BLOCK_L) * BLOCK_L
+        S = math.ceil(L / per_split)
+        dev = query.device
+        m = torch.empty(B, H, S, device=dev, dtype=torch.float32)
+        lsum = torch.empty(B, H, S, device=dev, dtype=torch.float32)
+        acc = torch.empty(B, H, S, D, device=dev, dtype=torch.float32)
+        q = query[:, :, 0]
+        has_bias = bias is not None
+        _kv8_decode_kernel[(B * Hk, S)](
+            q, key, value, bias if has_bias else m, m, lsum, acc,
+            q.stride(0), q.stride(1), q.stride(2), key.stride(0), key.stride(1), key.stride(2),
+            value.stride(0), value.stride(1), value.stride(2), bias.stride(0) if has_bias else 0,
+            H, Hk, L, S, scaling,
+            G=G, GP=GP, D=D, BLOCK=BLOCK_L, PER_SPLIT=per_split, HAS_BIAS=has_bias)
+        out = torch.empty(B, H, 1, D, device=dev, dtype=torch.float32)
+        _kv8_merge_kernel[(B * H,)](m, lsum, acc, out, S, SP=max(2, triton.next_power_of_2(S)), D=D)
+        return out
+
+    @_decode_attention.register_fake
+    def _(query, key, value, bias, scaling):
+        return query.new_empty(query.shape, dtype=torch.float32)
