@@ -11,7 +11,7 @@ from grace_ds.export.arch import bench_config
 from grace_ds.export.decode import StaticDecoder
 from grace_ds.export.kv8 import (Int8StaticCache, dequantize_kv, kv8_attention_forward, quantize_kv,
                                  split_kv)
-from tiny_serving import load_script, tiny_prompt, tiny_vlm
+from tiny_serving import kv8_reference, load_script, tiny_prompt, tiny_vlm
 
 ARCHS = ["tiny-llava", "tiny-qwen2vl"]
 
@@ -31,17 +31,6 @@ def test_quantize_kv_rounds_to_nearest_with_a_per_vector_scale():
     assert dequantize_kv(packed)[0, 0, 0].abs().max() == 0
     with pytest.raises(ValueError, match="multiple of 4"):
         quantize_kv(torch.randn(2, 6))
-
-
-def _reference(q, k, v, mask, scaling):
-    """float64 attention over the dequantised cache, GQA by repeating kv heads."""
-    H, Hk = q.shape[1], k.shape[1]
-    kd = dequantize_kv(k, torch.float64).repeat_interleave(H // Hk, 1)
-    vd = dequantize_kv(v, torch.float64).repeat_interleave(H // Hk, 1)
-    s = q.double() @ kd.transpose(-1, -2) * scaling
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
-    return (torch.softmax(s, -1) @ vd).transpose(1, 2)
 
 
 def test_scale_bytes_are_the_float_bytes_and_round_trip():
@@ -74,7 +63,7 @@ def test_attention_matches_a_float64_reference(q_len, mask_kind):
     mask = {"bool": keep, "additive": torch.where(keep, 0.0, -1e9), "none": None}[mask_kind]
     out, w = kv8_attention_forward(mod, q, k, v, mask, scaling=D ** -0.5)
     assert w is None and out.shape == (B, q_len, H, D)
-    ref = _reference(q, k, v, mask, D ** -0.5)
+    ref = kv8_reference(q, k, v, mask, D ** -0.5)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
 
 
@@ -140,16 +129,19 @@ def test_int8_cache_memory():
     assert b8 * 4 * D == b16 * (D + 4)
 
 
-def test_bench_smoke_kv_int8(tmp_path):
+def test_bench_smoke_kv_int8(tmp_path, monkeypatch):
     import json
+    import os
 
+    monkeypatch.setenv("GRACE_KV8_TRITON", "0")   # restored after the test: --kv8-triton sets it
     bench = load_script("bench")
     rc = bench.main(["--smoke", "--in-process", "--arch", "tiny-llava", "--batch", "1", "--new-tokens", "3",
-                     "--kv-int8", "--json", str(tmp_path / "t.json")])
+                     "--kv-int8", "--kv8-triton", "--json", str(tmp_path / "t.json"), "--out", str(tmp_path / "t.md")])
     res = json.loads((tmp_path / "t.json").read_text())["results"]
     assert rc == 0, res
     kinds = {r["variant"]: {run["kv_cache"] for run in r["runs"]} for r in res}
     assert kinds == {"bf16": {"16-bit"}, "int4": {"int8"}}
+    assert os.environ["GRACE_KV8_TRITON"] == "1" and "(--kv8-triton)" in (tmp_path / "t.md").read_text()
 
 
 def test_bench_smoke_prefill_chunk(tmp_path, capsys):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo
+from tiny_serving import kv8_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,18 +23,6 @@ CASES = [
     (1, 8, 1, 64, 32, None, 64),
     (4, 2, 2, 1000, 64, "bool", 613),
 ]
-
-
-def _reference(q, k, v, bias, scaling):
-    from grace_ds.export.kv8 import dequantize_kv
-
-    H, Hk = q.shape[1], k.shape[1]
-    kd = dequantize_kv(k, torch.float64).repeat_interleave(H // Hk, 1)
-    vd = dequantize_kv(v, torch.float64).repeat_interleave(H // Hk, 1)
-    s = q.double() @ kd.transpose(-1, -2) * scaling          # (B, H, 1, L)
-    if bias is not None:
-        s = s + bias.double()[:, None, None, :]
-    return torch.softmax(s, -1) @ vd                          # (B, H, 1, D)
 
 
 def check(device: str) -> float:
@@ -59,7 +48,8 @@ def check(device: str) -> float:
             mask = bias[:, None, None, :]
         scaling = D ** -0.5
         assert available(q)
-        ref = _reference(q.cpu(), k.cpu(), v.cpu(), None if bias is None else bias.cpu(), scaling)
+        ref = kv8_reference(q.cpu(), k.cpu(), v.cpu(), None if bias is None else bias.cpu()[:, None, None, :],
+                            scaling).transpose(1, 2)
         out = kv8_decode_attention(q, k, v, bias, scaling)
         assert out.shape == (B, H, 1, D) and out.dtype == torch.float32
         err = ((out.cpu().double() - ref).norm() / ref.norm()).item()

@@ -1,7 +1,7 @@
 """Shared by the export/serving tests: the launch scripts as modules, a tiny VLM and its prompt.
 
 Usage (pytest puts tests/ on sys.path, as for `distributed.py`):
-    from tiny_serving import load_script, tiny_prompt, tiny_vlm
+    from tiny_serving import kv8_reference, load_script, tiny_prompt, tiny_vlm
 """
 from __future__ import annotations
 
@@ -36,3 +36,18 @@ def tiny_prompt(cfg):
     """Two rows of 6 text + 16 visual tokens, fp32, and the prompt length."""
     inputs = make_prompt(cfg, 2, 6, 16, dtype=torch.float32)
     return inputs, inputs["input_ids"].shape[1]
+
+
+def kv8_reference(q, k, v, mask, scaling):
+    """float64 attention over a dequantised int8 cache (grace_ds.export.kv8), GQA by repeating kv
+    heads. mask: bool (True = attend) or additive, broadcast to (B, H, q, L); None = all. Returns
+    (B, q, H, D)."""
+    from grace_ds.export.kv8 import dequantize_kv
+
+    H, Hk = q.shape[1], k.shape[1]
+    kd = dequantize_kv(k, torch.float64).repeat_interleave(H // Hk, 1)
+    vd = dequantize_kv(v, torch.float64).repeat_interleave(H // Hk, 1)
+    s = q.double() @ kd.transpose(-1, -2) * scaling
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
+    return (torch.softmax(s, -1) @ vd).transpose(1, 2)
