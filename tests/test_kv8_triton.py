@@ -104,11 +104,12 @@ def test_kernel_is_opt_in_and_needs_a_gpu_or_the_interpreter(monkeypatch):
         monkeypatch.setattr(kv8_triton, "triton", object())
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("GRACE_KV8_TRITON", raising=False)
-    assert not kv8_triton.available(torch.zeros(1))
+    assert not kv8_triton.available(torch.zeros(1, 2, 1, 64))
     monkeypatch.setenv("GRACE_KV8_TRITON", "1")
-    assert kv8_triton.available(torch.zeros(1))
+    assert kv8_triton.available(torch.zeros(1, 2, 1, 64))
+    assert not kv8_triton.available(torch.zeros(1, 2, 1, 80))     # head_dim 80: the portable attention
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert not kv8_triton.available(torch.zeros(1))
+    assert not kv8_triton.available(torch.zeros(1, 2, 1, 64))
 
 
 @pytest.mark.gpu

@@ -38,10 +38,14 @@ MIN_ROWS = 16          # tl.dot's smallest M
 def available(query: torch.Tensor) -> bool:
     """Whether the kernel can run for this query: Triton importable and a CUDA tensor (or Triton's
     interpreter, TRITON_INTERPRET=1, for tests), and GRACE_KV8_TRITON=1: opt-in until the kernel's
-    speed is measured on a GPU (`launch/bench.py --kv8-triton` sets it)."""
+    speed is measured on a GPU (`launch/bench.py --kv8-triton` sets it). Head dims the kernel does
+    not take (not a power of two >= 16, e.g. 80 or 96) keep the portable attention."""
     import os
 
     if triton is None or os.environ.get("GRACE_KV8_TRITON") != "1":
+        return False
+    D = query.shape[-1]
+    if D < 16 or D & (D - 1):
         return False
     return query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
