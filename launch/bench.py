@@ -191,9 +191,9 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
         failed = f"{mode} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
         print(f"[bench] {failed}", file=sys.stderr)
         traceback.print_exc()
-        dec.graph, dec.compiled, mode = None, None, "eager"
+        tried, dec.graph, dec.compiled, mode = mode, None, None, "eager"
         prefill()
-        if failed.startswith("compile"):   # a failed compile still leaves the eager step to graph
+        if tried == "compile":   # a failed compile still leaves the eager step to graph
             try:
                 dec.capture()
                 mode = "graph"

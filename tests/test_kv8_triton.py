@@ -33,6 +33,8 @@ def check(device: str) -> float:
 
     g = torch.Generator().manual_seed(0)
     worst = 0.0
+    splits = {n_splits_for(B * Hk, L) for B, _, Hk, L, *_ in CASES}
+    assert min(splits) == 1 and max(splits) > 1, splits     # the cases cover one split and many
     for B, H, Hk, L, D, kind, valid in CASES:
         q = torch.randn(B, H, 1, D, generator=g).to(device, torch.bfloat16)
         # scales varying over positions and heads, as in a real cache
@@ -54,7 +56,6 @@ def check(device: str) -> float:
         assert out.shape == (B, H, 1, D) and out.dtype == torch.float32
         err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
         assert err < 1e-2, (B, H, Hk, L, D, kind, err)
-        assert n_splits_for(B * Hk, L) >= 1
         module = torch.nn.Module()
         via, _ = kv8_attention_forward(module, q, k, v, mask, scaling=scaling)
         assert via.shape == (B, 1, H, D) and via.dtype == torch.bfloat16
@@ -84,15 +85,21 @@ def _triton_path() -> str | None:
     return str(d) if (d / "triton").is_dir() else None
 
 
-def test_kernel_matches_float64_reference_in_the_interpreter():
+def _run_this_file(args: list[str], **env) -> str:
+    """This file as a script (see __main__) with Triton on its path; returns its stdout."""
     extra = _triton_path()
     if extra is None:
         pytest.skip("triton not installed (scripts/setup.sh puts it in .venv/triton-interp)")
     path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tests"), extra) if p)
-    env = dict(os.environ, TRITON_INTERPRET="1", GRACE_KV8_TRITON="1", PYTHONPATH=path)
-    r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    full = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    full.update(env, PYTHONPATH=path)
+    r = subprocess.run([sys.executable, __file__, *args], env=full, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "worst rel err" in r.stdout
+    return r.stdout
+
+
+def test_kernel_matches_float64_reference_in_the_interpreter():
+    assert "worst rel err" in _run_this_file([], TRITON_INTERPRET="1", GRACE_KV8_TRITON="1")
 
 
 def compile_for_gpus() -> int:
@@ -129,15 +136,8 @@ def compile_for_gpus() -> int:
 
 
 def test_kernels_compile_to_cubin_for_hopper_and_ampere():
-    extra = _triton_path()
-    if extra is None:
-        pytest.skip("triton not installed (scripts/setup.sh puts it in .venv/triton-interp)")
-    path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tests"), extra) if p)
-    env = dict(os.environ, PYTHONPATH=path, TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(ROOT / ".venv" / "triton-cache"))
-    env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, __file__, "aot"], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "compiled 14 kernels" in r.stdout
+    out = _run_this_file(["aot"], TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(ROOT / ".venv" / "triton-cache"))
+    assert "compiled 14 kernels" in out
 
 
 def test_kernel_is_opt_in_and_needs_a_gpu_or_the_interpreter(monkeypatch):

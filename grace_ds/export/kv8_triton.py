@@ -35,6 +35,11 @@ BLOCK_L = 64
 MIN_ROWS = 16          # tl.dot's smallest M
 
 
+def takes_head_dim(d: int) -> bool:
+    """The kernel's head dims: powers of two >= 16 (tl.arange sizes and tl.dot's smallest K)."""
+    return d >= 16 and not d & (d - 1)
+
+
 def available(query: torch.Tensor) -> bool:
     """Whether the kernel can run for this query: Triton importable and a CUDA tensor (or Triton's
     interpreter, TRITON_INTERPRET=1, for tests), and GRACE_KV8_TRITON=1: opt-in until the kernel's
@@ -44,8 +49,7 @@ def available(query: torch.Tensor) -> bool:
 
     if triton is None or os.environ.get("GRACE_KV8_TRITON") != "1":
         return False
-    D = query.shape[-1]
-    if D < 16 or D & (D - 1):
+    if not takes_head_dim(query.shape[-1]):
         return False
     return query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -151,7 +155,7 @@ def kv8_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     Hk = key.shape[1]
     if not query.is_floating_point():
         raise ValueError(f"kv8 triton decode: the query must be floating point, got {query.dtype}")
-    if q_len != 1 or H % Hk or D & (D - 1) or D < 16:
+    if q_len != 1 or H % Hk or not takes_head_dim(D):
         raise ValueError(f"kv8 triton decode: needs one query token, H % H_kv == 0 and a power-of-two head_dim >= 16; "
                          f"got q_len={q_len}, H={H}, H_kv={Hk}, head_dim={D}")
     if key.stride(-1) != 1 or value.stride(-1) != 1 or key.shape[-1] != D + 4:
