@@ -9,8 +9,8 @@ from torch import nn
 
 from grace_ds.export.arch import bench_config
 from grace_ds.export.decode import StaticDecoder
-from grace_ds.export.kv8 import (Int8StaticCache, dequantize_kv, kv8_attention_forward, quantize_kv,
-                                 split_kv)
+from grace_ds.export.kv8 import (Int8StaticCache, _float_to_bytes, dequantize_kv, kv8_attention_forward,
+                                 quantize_kv, split_kv)
 from tiny_serving import kv8_reference, load_script, tiny_prompt, tiny_vlm
 
 ARCHS = ["tiny-llava", "tiny-qwen2vl"]
@@ -21,16 +21,31 @@ def test_quantize_kv_rounds_to_nearest_with_a_per_vector_scale():
     x = torch.randn(2, 3, 5, 64, dtype=torch.float64) * torch.rand(2, 3, 5, 1, dtype=torch.float64) * 10
     x[0, 0, 0] = 0.0                                   # an all-zero vector stays zero
     packed = quantize_kv(x)
-    assert packed.dtype == torch.int8 and packed.shape == (2, 3, 5, 68)
+    assert packed.dtype == torch.int8 and packed.shape == (2, 3, 6, 64)    # 5 rows of codes, 1 of scales
     codes, scale = split_kv(packed)
+    assert codes.shape == (2, 3, 5, 64) and scale.shape == (2, 3, 5, 1)
+    assert torch.equal(packed[:, :, 5, :20], _float_to_bytes(scale.float()).flatten(-2))   # the layout, byte for byte
+    assert (packed[:, :, 5, 20:] == 0).all()
     s = x.abs().amax(-1, keepdim=True) / 127
     torch.testing.assert_close(scale.double(), s.float().double().clamp_min(1e-12 / 127), rtol=1e-6, atol=0)
     assert codes.abs().max() <= 127 and (codes.abs() == 127).any()
     err = (dequantize_kv(packed, torch.float64) - x).abs()
     assert (err <= scale.double() / 2 * (1 + 1e-5) + 1e-12).all()
     assert dequantize_kv(packed)[0, 0, 0].abs().max() == 0
-    with pytest.raises(ValueError, match="multiple of 4"):
-        quantize_kv(torch.randn(2, 6))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        quantize_kv(torch.randn(2, 6, 3, 40))
+
+
+def test_cache_length_inverts_the_row_count():
+    """L + ceil(4 L / D) rows hold L positions, for every L: the attention recovers L from the shape."""
+    from grace_ds.export.kv8 import cache_length, scale_rows
+
+    for D in (16, 64, 128, 256):
+        for L in range(0, 1200):
+            assert cache_length(L + scale_rows(L, D), D) == L
+    assert scale_rows(896, 128) == 28
+    with pytest.raises(ValueError, match="not a packed cache"):
+        cache_length(34, 128)         # 33 rows hold 32 positions, 35 hold 33: 34 is no packed cache
 
 
 def test_scale_bytes_are_the_float_bytes_and_round_trip():
@@ -86,7 +101,8 @@ def test_model_with_int8_cache_decodes_like_the_16_bit_cache(arch):
         l16, l8 = ref_dec.cache.layers[0], dec.cache.layers[0]
         n = tiny_prompt(cfg)[1]
         for a16, a8 in ((l16.keys, l8.keys), (l16.values, l8.values)):
-            codes, scale = split_kv(a8[:, :, :n])
+            codes, scale = split_kv(a8)
+            codes, scale = codes[:, :, :n], scale[:, :, :n]
             err = (codes.float() * scale - a16[:, :, :n]).abs()
             assert (err <= scale / 2 * (1 + 1e-4) + 1e-7).all()
     assert isinstance(dec.cache, Int8StaticCache)
@@ -124,9 +140,13 @@ def test_int8_cache_memory():
         d8, _ = _run(model, cfg, True, n=2)
     b16 = sum(t.numel() * t.element_size() for l in d16.cache.layers for t in (l.keys, l.values))
     b8 = sum(t.numel() * t.element_size() for l in d8.cache.layers for t in (l.keys, l.values))
-    D = d16.cache.layers[0].keys.shape[-1]
-    # fp32 here (4 bytes per value): (D + 4) / (4 D); in bf16 serving it is (D + 4) / (2 D)
-    assert b8 * 4 * D == b16 * (D + 4)
+    from grace_ds.export.kv8 import scale_rows
+
+    B, Hk, L, D = d16.cache.layers[0].keys.shape
+    # fp32 here (4 bytes per value); per position D code bytes, plus the scales' rows
+    assert b16 == 2 * len(d16.cache.layers) * B * Hk * L * D * 4
+    assert b8 == 2 * len(d8.cache.layers) * B * Hk * (L + scale_rows(L, D)) * D
+    assert b8 / b16 <= (D + 4) / (4 * D) + D / (4 * D * L)
 
 
 def test_bench_smoke_kv_int8(tmp_path, monkeypatch):
@@ -288,3 +308,18 @@ def test_gpu_compiled_step_logits_match_eager(arch, kv8_triton, monkeypatch):
         torch._dynamo.reset()
         out = torch.compile(logits, dynamic=False)(dec)
     assert ((out - ref).norm() / ref.norm()).item() < 3e-2
+
+
+def test_attention_benchmark_smoke(capsys):
+    """benchmarks/bench_kv8_attention.py on the CPU (tiny shapes): every method runs and matches its
+    float64 reference (the script exits with an error above 2e-2)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kv8_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_kv8_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--small"])
+    out = capsys.readouterr().out
+    assert out.count("| sdpa16 |") == 4 and out.count("| kv8 |") == 4

@@ -112,15 +112,16 @@ def compile_for_gpus() -> int:
 
     from grace_ds.export import kv8_triton as kt
 
-    ints = ["sq_b", "sq_h", "sq_d", "sk_b", "sk_h", "sk_l", "sv_b", "sv_h", "sv_l", "sb_b", "H", "Hk", "L", "n_splits"]
+    ints = ["sq_b", "sq_h", "sq_d", "sk_b", "sk_h", "sk_l", "sv_b", "sv_h", "sv_l", "sb_b", "H", "Hk", "L", "n_splits",
+            "per_split"]
     n = 0
     for arch in (90, 80):
         for qt in ("*bf16", "*fp16"):
             for G, D, has_bias in ((1, 128, True), (7, 128, False), (4, 64, True)):
                 sig = {"Q": qt, "K": "*i8", "V": "*i8", "Bias": "*fp32", "M_out": "*fp32", "L_out": "*fp32",
                        "Acc_out": "*fp32", **{k: "i32" for k in ints}, "scaling": "fp32"}
-                consts = dict(G=G, GP=max(kt.MIN_ROWS, triton.next_power_of_2(G)), D=D, BLOCK=kt.BLOCK_L,
-                              PER_SPLIT=2 * kt.BLOCK_L, HAS_BIAS=has_bias)
+                consts = dict(G=G, GP=max(kt.MIN_ROWS, triton.next_power_of_2(G)), D=D,
+                              BLOCK=kt.LAUNCH["block"], HAS_BIAS=has_bias, VIA_FP32=False)
                 sig.update({k: "constexpr" for k in consts})
                 k = triton.compile(ASTSource(fn=kt._kv8_decode_kernel, signature=sig, constexprs=consts),
                                    target=GPUTarget("cuda", arch, 32))

@@ -4,13 +4,17 @@ At batch 16 with a 900-token context the bf16 KV cache of LLaVA-1.5-7B is 7.5 GB
 INT4 weights (4.1 GB), and read in full at every decode step. Storing it in 8 bits halves both.
 
 Storage: each cached (row, kv head, position) vector of head_dim values is rounded symmetrically
-to int8 with its own scale (absmax / 127, fp32), and the scale's 4 bytes (little-endian) are stored
-after the codes: one int8 tensor (B, H_kv, max_len, head_dim + 4). The cache's `update` returns that
+to int8 with its own scale (absmax / 127, fp32). Per (row, kv head) the cache is one int8 tensor of
+L + R rows of head_dim bytes (B, H_kv, L + R, head_dim), L = max_len: rows [0, L) hold the codes,
+one position per row, and the R = ceil(4 L / head_dim) rows after them hold the L scales' bytes
+(little-endian fp32, position order). The codes rows stay 16-byte aligned and the scales are one
+contiguous fp32 array, so the GPU kernel reads both with wide loads (with the scale stored at the end
+of each position's row instead, the row length head_dim + 4 broke alignment and the kernel ran at
+under half the speed, measured on an H200: docs/benchmarks.md). The cache's `update` returns that
 tensor for keys and for values, so the model's attention code passes it through unchanged to the
 attention function registered here ("grace_kv8"), which reads codes and scales from it:
 - one query token (decode), on the GPU with GRACE_KV8_TRITON=1 (`launch/bench.py --kv8-triton`):
-  one Triton kernel, split-K flash decoding over the int8 cache (`grace_ds/export/kv8_triton.py`;
-  opt-in until its speed is measured on a GPU);
+  one Triton kernel, split-K flash decoding over the int8 cache (`grace_ds/export/kv8_triton.py`);
 - one query token otherwise: scores = (q . k_codes) * k_scale, softmax in fp32,
   out = sum over positions of (p * v_scale) * v_codes, written as multiply + reduce so that
   torch.compile fuses the int8 -> float conversion into the two reductions and no 16-bit copy of
@@ -35,14 +39,43 @@ NAME = "grace_kv8"
 SCALE_BYTES = 4
 
 
-def quantize_kv(x: torch.Tensor) -> torch.Tensor:
-    """(..., D) float -> (..., D + 4) int8: symmetric int8 codes, then the fp32 scale's bytes."""
-    if x.shape[-1] % SCALE_BYTES:
-        raise ValueError(f"kv int8: head_dim {x.shape[-1]} is not a multiple of 4 (the scale's bytes must stay aligned)")
+def scale_rows(length: int, head_dim: int) -> int:
+    """Rows of head_dim bytes after the codes that hold `length` fp32 scales."""
+    return -(-SCALE_BYTES * length // head_dim)
+
+
+def cache_length(rows: int, head_dim: int) -> int:
+    """The number of positions L of a packed tensor with `rows` = L + scale_rows(L) rows (one L per
+    row count: L + ceil(4 L / D) grows with L)."""
+    n = rows * head_dim // (head_dim + SCALE_BYTES)
+    while n + 1 + scale_rows(n + 1, head_dim) <= rows:
+        n += 1
+    while n > 0 and n + scale_rows(n, head_dim) > rows:
+        n -= 1
+    if n + scale_rows(n, head_dim) != rows:
+        raise ValueError(f"kv int8: {rows} rows of {head_dim} bytes is not a packed cache (L + ceil(4 L / head_dim) rows)")
+    return n
+
+
+def quantize_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., D) float -> (codes (..., D) int8, scale bytes (..., 4) int8): symmetric int8 rounding
+    with one fp32 scale (absmax / 127) per vector."""
+    if x.shape[-1] % 16:
+        raise ValueError(f"kv int8: head_dim {x.shape[-1]} is not a multiple of 16 (the codes rows must stay 16-byte "
+                         "aligned); keep the 16-bit cache for this model")
     xf = x.float()
     scale = xf.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
     codes = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)
-    return torch.cat([codes, _float_to_bytes(scale)], -1)
+    return codes, _float_to_bytes(scale)
+
+
+def quantize_kv(x: torch.Tensor) -> torch.Tensor:
+    """(B, H_kv, L, D) float -> (B, H_kv, L + R, D) int8 in the layout of the module docstring."""
+    codes, sb = quantize_parts(x)
+    L, D = x.shape[-2:]
+    R = scale_rows(L, D)
+    sb = torch.nn.functional.pad(sb.flatten(-2), (0, R * D - SCALE_BYTES * L)).unflatten(-1, (R, D))
+    return torch.cat([codes, sb], -2)
 
 
 def _float_to_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -66,10 +99,17 @@ def _bytes_to_float(b: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
+def _scale_bytes(packed: torch.Tensor, length: int) -> torch.Tensor:
+    """The (..., L, 4) int8 view of the scales' bytes in a packed (..., L + R, D) tensor."""
+    rows = packed[..., length:, :]
+    flat = rows.view(*rows.shape[:-2], rows.shape[-2] * rows.shape[-1])   # a view (raises if it cannot be one)
+    return flat[..., :SCALE_BYTES * length].unflatten(-1, (length, SCALE_BYTES))
+
+
 def split_kv(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., D + 4) int8 -> (codes (..., D) int8 (a view), scale (..., 1) fp32)."""
-    d = packed.shape[-1] - SCALE_BYTES
-    return packed[..., :d], _bytes_to_float(packed[..., d:])
+    """(..., L + R, D) int8 -> (codes (..., L, D) int8 (a view), scale (..., L, 1) fp32)."""
+    length = cache_length(packed.shape[-2], packed.shape[-1])
+    return packed[..., :length, :], _bytes_to_float(_scale_bytes(packed, length))
 
 
 def dequantize_kv(packed: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -79,11 +119,40 @@ def dequantize_kv(packed: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
 
 class Int8StaticLayer(StaticLayer):
     """StaticLayer whose keys/values are the packed int8 tensors described in the module docstring:
-    it quantises what it is given and lets StaticLayer store it (StaticLayer sizes, allocates and
-    marks its buffers from the first tensors it sees, here the packed (..., D + 4) int8 ones)."""
+    (B, H_kv, max_cache_len + R, head_dim) int8, allocated on the first update; `update` writes the
+    new positions' codes and scale bytes in place and returns the whole packed tensors."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """StaticLayer.lazy_initialization with the packed shapes (it sizes its tensors max_cache_len)."""
+        from transformers.cache_utils import is_torchdynamo_compiling
+
+        self.dtype, self.device = torch.int8, key_states.device
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        L = self.max_cache_len
+        self.keys = torch.zeros(self.batch_size, self.num_heads, L + scale_rows(L, self.k_head_dim), self.k_head_dim,
+                                dtype=torch.int8, device=self.device)
+        self.values = torch.zeros(self.batch_size, self.num_heads, L + scale_rows(L, self.v_head_dim), self.v_head_dim,
+                                  dtype=torch.int8, device=self.device)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not is_torchdynamo_compiling():   # fixed addresses: CUDA graphs and compiled steps mutate them in place
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
+            torch._dynamo.mark_static_address(self.cumulative_length)
+        self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        return super().update(quantize_kv(key_states), quantize_kv(value_states), *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        kv_length = key_states.shape[-2]
+        cache_position = torch.arange(kv_length, device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(kv_length)
+        L = self.max_cache_len
+        for packed, states in ((self.keys, key_states), (self.values, value_states)):
+            codes, sb = quantize_parts(states)
+            packed[:, :, :L].index_copy_(2, cache_position, codes)
+            _scale_bytes(packed, L).index_copy_(2, cache_position, sb)
+        return self.keys, self.values
 
 
 class Int8StaticCache(StaticCache):

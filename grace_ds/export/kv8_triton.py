@@ -6,7 +6,7 @@ fused by inductor) is correct but slow on the GPU: on an H200 it doubled LLaVA-1
 step (docs/benchmarks.md). This kernel reads the cache once, at one byte per value:
 
 - grid (batch x kv heads, splits): each program takes the G = H / H_kv query heads of one kv head
-  (GQA) and one slice of the positions, and walks it in blocks of BLOCK_L positions;
+  (GQA) and one slice of the positions, and walks it in blocks of LAUNCH["block"] positions;
 - per block: codes -> fp16 (exact for |code| <= 127), scores = (q / |q|max . codes) on tensor cores
   (`tl.dot`; the query heads are padded to 16 rows), times |q|max, the key scale and the softmax
   scaling, plus the mask bias; online softmax; out += (p * v_scale / block max) . v_codes, again
@@ -22,6 +22,7 @@ Triton's interpreter and on the GPU).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -31,8 +32,11 @@ try:
 except ImportError:  # CPU-only installs: kv8 keeps its portable attention
     triton = None
 
-BLOCK_L = 64
 MIN_ROWS = 16          # tl.dot's smallest M
+# Launch parameters (benchmarks/bench_kv8_attention.py --sweep times the alternatives): positions per
+# block, warps and pipeline stages per program, and the number of programs the splits aim at.
+# Defaults: the fastest on an H200 for LLaVA-1.5-7B and Qwen2-VL-7B at batch 16 (docs/benchmarks.md).
+LAUNCH = {"block": 128, "num_warps": 4, "num_stages": 2, "programs": 264}
 
 
 def takes_head_dim(d: int) -> bool:
@@ -45,8 +49,6 @@ def available(query: torch.Tensor) -> bool:
     interpreter, TRITON_INTERPRET=1, for tests), and GRACE_KV8_TRITON=1: opt-in until the kernel's
     speed is measured on a GPU (`launch/bench.py --kv8-triton` sets it). Head dims the kernel does
     not take (not a power of two >= 16, e.g. 80 or 96) keep the portable attention."""
-    import os
-
     if triton is None or os.environ.get("GRACE_KV8_TRITON") != "1":
         return False
     if not takes_head_dim(query.shape[-1]):
@@ -57,21 +59,11 @@ def available(query: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _scale(ptr, mask):
-        """fp32 scale from 4 little-endian int8 bytes at ptr (a block of positions)."""
-        b0 = tl.load(ptr, mask=mask, other=0).to(tl.int32) & 0xFF
-        b1 = tl.load(ptr + 1, mask=mask, other=0).to(tl.int32) & 0xFF
-        b2 = tl.load(ptr + 2, mask=mask, other=0).to(tl.int32) & 0xFF
-        b3 = tl.load(ptr + 3, mask=mask, other=0).to(tl.int32)
-        bits = b3 * 16777216 + b2 * 65536 + b1 * 256 + b0
-        return bits.to(tl.float32, bitcast=True)
-
-    @triton.jit
     def _kv8_decode_kernel(Q, K, V, Bias, M_out, L_out, Acc_out,
                            sq_b, sq_h, sq_d, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sb_b,
-                           H, Hk, L, n_splits, scaling,
+                           H, Hk, L, n_splits, per_split, scaling,
                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                           PER_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, VIA_FP32: tl.constexpr):
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(1)
         b = pid_bh // Hk
@@ -90,14 +82,18 @@ if triton is not None:
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
-        start = pid_s * PER_SPLIT
-        for off in range(0, PER_SPLIT, BLOCK):
+        k_base = K + b * sk_b + hk * sk_h
+        v_base = V + b * sv_b + hk * sv_h
+        k_scales = (k_base + L * sk_l).to(tl.pointer_type(tl.float32))     # the fp32 scales after the L code rows
+        v_scales = (v_base + L * sv_l).to(tl.pointer_type(tl.float32))
+        start = pid_s * per_split
+        for off in range(0, per_split, BLOCK):
             pos = start + off + tl.arange(0, BLOCK)
             pmask = pos < L
-            kp = K + b * sk_b + hk * sk_h + pos * sk_l
-            # int8 -> fp32 -> fp16, exact (Triton's interpreter gets a direct int8 -> 16-bit cast wrong)
-            kc = tl.load(kp[:, None] + d[None, :], mask=pmask[:, None], other=0).to(tl.float32).to(tl.float16)
-            ks = _scale(kp + D, pmask)
+            kc = tl.load(k_base + pos[:, None] * sk_l + d[None, :], mask=pmask[:, None], other=0)
+            # int8 -> fp16 is exact for |code| <= 127 (through fp32 in Triton's interpreter, whose direct cast is wrong)
+            kc = kc.to(tl.float32).to(tl.float16) if VIA_FP32 else kc.to(tl.float16)
+            ks = tl.load(k_scales + pos, mask=pmask, other=0.0)
             s = tl.dot(qn, tl.trans(kc)) * qs[:, None] * ks[None, :]                                # (GP, BLOCK)
             if HAS_BIAS:
                 s += tl.load(Bias + b * sb_b + pos, mask=pmask, other=float("-inf"))[None, :]
@@ -107,9 +103,9 @@ if triton is not None:
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            vp = V + b * sv_b + hk * sv_h + pos * sv_l
-            vc = tl.load(vp[:, None] + d[None, :], mask=pmask[:, None], other=0).to(tl.float32).to(tl.float16)
-            vs = _scale(vp + D, pmask)
+            vc = tl.load(v_base + pos[:, None] * sv_l + d[None, :], mask=pmask[:, None], other=0)
+            vc = vc.to(tl.float32).to(tl.float16) if VIA_FP32 else vc.to(tl.float16)
+            vs = tl.load(v_scales + pos, mask=pmask, other=0.0)
             vmax = tl.max(vs, 0)
             vmax = tl.where(vmax > 0, vmax, 1.0)
             pv = (p * (vs / vmax)[None, :]).to(tl.float16)
@@ -136,17 +132,24 @@ if triton is not None:
         tl.store(Out + r * D + d, tl.sum(acc * w[:, None], 0) / l)
 
 
-def n_splits_for(batch_kv_heads: int, length: int, target_programs: int = 264) -> int:
-    """Splits along the positions so the grid has about target_programs programs (two per SM of an
-    H100/H200), at least one block of positions each."""
-    blocks = max(1, math.ceil(length / BLOCK_L))
+def n_splits_for(batch_kv_heads: int, length: int, target_programs: int | None = None) -> int:
+    """Splits along the positions so the grid has about target_programs programs (LAUNCH["programs"]
+    by default), at least one block of positions each."""
+    target_programs = LAUNCH["programs"] if target_programs is None else target_programs
+    blocks = max(1, math.ceil(length / LAUNCH["block"]))
     return max(1, min(blocks, math.ceil(target_programs / max(1, batch_kv_heads))))
+
+
+def _cache_length(rows: int, head_dim: int) -> int:
+    from grace_ds.export.kv8 import cache_length   # kv8 imports this module
+
+    return cache_length(rows, head_dim)
 
 
 def kv8_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
                          scaling: float) -> torch.Tensor:
-    """query (B, H, 1, D) float (read as fp32); key/value (B, Hk, L, D + 4) packed int8 (kv8's layout, last dim
-    contiguous); bias (B, L) fp32 additive (0 or -inf), or None. Returns (B, H, 1, D) fp32.
+    """query (B, H, 1, D) float (read as fp32); key/value (B, Hk, L + R, D) packed int8 (kv8's layout: L rows of
+    codes, then the L fp32 scales); bias (B, L) fp32 additive (0 or -inf), or None. Returns (B, H, 1, D) fp32.
 
     The kernel runs inside the custom op `torch.ops.grace_kv8.decode_attention`: torch.compile and
     CUDA graphs see one opaque call with a known output shape (as for the W4A16 GEMM), instead of
@@ -158,10 +161,13 @@ def kv8_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     if q_len != 1 or H % Hk or not takes_head_dim(D):
         raise ValueError(f"kv8 triton decode: needs one query token, H % H_kv == 0 and a power-of-two head_dim >= 16; "
                          f"got q_len={q_len}, H={H}, H_kv={Hk}, head_dim={D}")
-    if key.stride(-1) != 1 or value.stride(-1) != 1 or key.shape[-1] != D + 4:
-        raise ValueError("kv8 triton decode: key/value must be packed (..., head_dim + 4) int8 with a contiguous last dim")
+    if key.dtype != torch.int8 or key.shape != value.shape or key.shape[-1] != D or any(
+            t.stride(-1) != 1 or t.stride(-2) != D for t in (key, value)):
+        raise ValueError(f"kv8 triton decode: key/value must be kv8's packed (B, H_kv, L + R, head_dim) int8 tensors with "
+                         f"contiguous rows; got {tuple(key.shape)} {key.dtype} strides {key.stride()}")
+    length = _cache_length(key.shape[2], D)
     if bias is not None:
-        bias = bias.to(torch.float32).expand(B, key.shape[2]).contiguous()
+        bias = bias.to(torch.float32).expand(B, length).contiguous()
     return torch.ops.grace_kv8.decode_attention(query, key, value, bias, float(scaling))
 
 
@@ -171,11 +177,13 @@ if triton is not None:
     def _decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
                           scaling: float) -> torch.Tensor:
         B, H, _, D = query.shape
-        Hk, L = key.shape[1], key.shape[2]
+        Hk = key.shape[1]
+        L = _cache_length(key.shape[2], D)
         G = H // Hk
         GP = max(MIN_ROWS, triton.next_power_of_2(G))
+        block = LAUNCH["block"]
         S = n_splits_for(B * Hk, L)
-        per_split = math.ceil(math.ceil(L / S) / BLOCK_L) * BLOCK_L
+        per_split = math.ceil(math.ceil(L / S) / block) * block
         S = math.ceil(L / per_split)
         dev = query.device
         m = torch.empty(B, H, S, device=dev, dtype=torch.float32)
@@ -187,8 +195,9 @@ if triton is not None:
             q, key, value, bias if has_bias else m, m, lsum, acc,
             q.stride(0), q.stride(1), q.stride(2), key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2), bias.stride(0) if has_bias else 0,
-            H, Hk, L, S, scaling,
-            G=G, GP=GP, D=D, BLOCK=BLOCK_L, PER_SPLIT=per_split, HAS_BIAS=has_bias)
+            H, Hk, L, S, per_split, scaling,
+            G=G, GP=GP, D=D, BLOCK=block, HAS_BIAS=has_bias, VIA_FP32=os.environ.get("TRITON_INTERPRET") == "1",
+            num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"])
         out = torch.empty(B, H, 1, D, device=dev, dtype=torch.float32)
         _kv8_merge_kernel[(B * H,)](m, lsum, acc, out, S, SP=max(2, triton.next_power_of_2(S)), D=D)
         return out

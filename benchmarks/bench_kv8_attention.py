@@ -1,0 +1,217 @@
+"""Decode attention, one layer, one query token: bf16 cache + SDPA vs the int8 cache (not a test).
+
+Three ways to attend over a static KV cache of L positions (the first `--filled` attended, the rest
+masked, as in a decode step of launch/bench.py):
+
+  sdpa16     bf16 cache, F.scaled_dot_product_attention with a bool mask (what the bf16 and the
+             default INT4 variants of launch/bench.py run; GQA through enable_gqa)
+  kv8        the packed int8 cache (grace_ds.export.kv8), the portable multiply + reduce form,
+             torch.compile'd (what `--kv-int8` runs without the kernel)
+  kv8-triton the same cache, the Triton split-K kernel (grace_ds.export.kv8_triton, `--kv8-triton`)
+
+Each timed call reads a different layer's cache out of `--layers` copies (enough to exceed L2), so
+the cache comes from DRAM as in a real decode step. Reported: median us per call, the cache bytes
+read per call, and the rate (GB/s) against a device-to-device copy measured in the same run.
+Every kernel output is compared with a float64 reference on the same cache first.
+
+    python benchmarks/bench_kv8_attention.py                  # GPU: LLaVA-1.5-7B and Qwen2-VL-7B, batch 1 and 16
+    python benchmarks/bench_kv8_attention.py --small          # CPU smoke run (tiny shapes; sdpa16 and kv8 only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from grace_ds.export import kv8, kv8_triton  # noqa: E402
+
+SHAPES = {  # name: (query heads, kv heads, head dim)
+    "llava-1.5-7b": (32, 32, 128),
+    "qwen2-vl-7b": (28, 4, 128),
+}
+
+
+def portable(q, k, v, mask, scaling):
+    """kv8's portable decode attention (the function registered with transformers), on its own
+    (GRACE_KV8_TRITON is not set here, so it does not dispatch to the kernel)."""
+    return kv8.kv8_attention_forward(None, q, k, v, mask, scaling=scaling)[0]
+
+
+def triton_op(q, k, v, mask, scaling):
+    bias = torch.where(mask[:, 0, -1, :], 0.0, float("-inf"))
+    return kv8_triton.kv8_decode_attention(q, k, v, bias, scaling).to(q.dtype).transpose(1, 2)
+
+
+def sdpa(q, k, v, mask, scaling):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
+                                          enable_gqa=q.shape[1] != k.shape[1]).transpose(1, 2)
+
+
+SWEEP = ([64, 128], [4, 8], [1, 2, 3], [264, 1056])   # block, warps, stages, programs
+SWEEP_SMALL = ([32], [4], [1], [264, 1056])
+
+
+def reference(q, k16, v16, mask, scaling):
+    """float64 attention over the cache values as stored (bf16 here, or dequantised int8)."""
+    B, H, _, D = q.shape
+    G = H // k16.shape[1]
+    k = k16.double().repeat_interleave(G, 1)
+    v = v16.double().repeat_interleave(G, 1)
+    s = (q.double() @ k.transpose(-1, -2)) * scaling
+    s = s.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(s, -1) @ v).transpose(1, 2)
+
+
+def timed(fn, args_per_layer, reps, device):
+    """Median microseconds per call. On the GPU the calls over all layers are captured once in a CUDA
+    graph and the graph is replayed (launch overhead out, as in launch/bench.py's decode step; the GPU
+    stays busy, so the events time the kernels, not the host); on the CPU, wall time per call."""
+    for a in args_per_layer[:3]:
+        fn(*a)
+    if device.type != "cuda":
+        times = []
+        for i in range(reps):
+            t0 = time.perf_counter()
+            fn(*args_per_layer[i % len(args_per_layer)])
+            times.append((time.perf_counter() - t0) * 1e6)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for a in args_per_layer:
+            fn(*a)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for a in args_per_layer:
+            fn(*a)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(max(5, reps // len(args_per_layer))):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3 / len(args_per_layer))
+    return statistics.median(times)
+
+
+def copy_rate(device, nbytes=1 << 30):
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(10):
+        b.copy_(a)
+    e1.record()
+    e1.synchronize()
+    return 2 * nbytes * 10 / (e0.elapsed_time(e1) * 1e-3) / 1e9
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--length", type=int, default=896, help="static cache length (640-token prompt + 256 new)")
+    p.add_argument("--filled", type=int, default=768, help="positions attended (the mean over the 256 decode steps)")
+    p.add_argument("--layers", type=int, default=8, help="cache copies cycled through (defeats L2)")
+    p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--small", action="store_true", help="CPU smoke run: tiny shapes, no Triton")
+    p.add_argument("--out", help="also write the markdown table here")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time the Triton kernel for every launch configuration (block, warps, stages, programs)")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
+    shapes = {a: SHAPES[a] for a in args.arch}
+    if args.small:
+        shapes = {"tiny-mha": (4, 4, 32), "tiny-gqa": (4, 2, 32)}
+        args.length, args.filled, args.layers, args.reps, args.batch = 96, 80, 2, 5, [1, 2]
+    methods = {"sdpa16": sdpa, "kv8": torch.compile(portable, dynamic=False) if device.type == "cuda" else portable}
+    if kv8_triton.triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        methods["kv8-triton"] = triton_op
+    gbps_copy = copy_rate(device)
+    sweep_lines = []
+    torch.manual_seed(0)
+    lines = [f"- card: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}; torch {torch.__version__}; "
+             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+             f"- command: `python benchmarks/bench_kv8_attention.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+             f"- cache length {args.length}, {args.filled} attended; {args.layers} layer copies cycled; "
+             f"median of {args.reps} calls; device copy rate {gbps_copy:.0f} GB/s",
+             "",
+             "| model | batch | method | us | cache MB read | GB/s | % of copy | rel err (norm) vs float64 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, (H, Hk, D) in shapes.items():
+        for B in args.batch:
+            scaling = D ** -0.5
+            mask = torch.zeros(B, 1, 1, args.length, dtype=torch.bool, device=device)
+            mask[..., :args.filled] = True
+            per_layer = {m: [] for m in methods}
+            ref_inputs = None
+            for layer in range(args.layers):
+                q = torch.randn(B, H, 1, D, device=device, dtype=torch.bfloat16)
+                k16 = torch.randn(B, Hk, args.length, D, device=device, dtype=torch.bfloat16)
+                v16 = torch.randn(B, Hk, args.length, D, device=device, dtype=torch.bfloat16)
+                k8, v8 = kv8.quantize_kv(k16), kv8.quantize_kv(v16)
+                for m in methods:
+                    per_layer[m].append((q, k16, v16, mask, scaling) if m == "sdpa16" else (q, k8, v8, mask, scaling))
+                if layer == 0:
+                    ref_inputs = (q, k16, v16, kv8.dequantize_kv(k8), kv8.dequantize_kv(v8))
+            q, k16, v16, kd, vd = ref_inputs
+            def row(label, fn, layers, ref):
+                out = fn(*layers[0]).double()
+                err = ((out - ref).norm() / ref.norm()).item()
+                if err > 2e-2:
+                    raise SystemExit(f"{name} batch {B} {label}: relative error {err:.2e} against float64 (> 2e-2)")
+                us = timed(fn, layers, args.reps, device)
+                nbytes = (layers[0][1].numel() + layers[0][2].numel()) * layers[0][1].element_size()
+                gbps = nbytes / (us * 1e-6) / 1e9
+                return us, f"| {name} | {B} | {label} | {us:.1f} | {nbytes / 1e6:.1f} | {gbps:.0f} | " \
+                           f"{100 * gbps / gbps_copy:.0f}% | {err:.1e} |"
+
+            ref16, ref8 = reference(q, k16, v16, mask, scaling), reference(q, kd, vd, mask, scaling)
+            for m, fn in methods.items():
+                lines.append(row(m, fn, per_layer[m], ref16 if m == "sdpa16" else ref8)[1])
+            if args.sweep and "kv8-triton" in methods:
+                default = dict(kv8_triton.LAUNCH)
+                found = []
+                for block, warps, stages, programs in itertools.product(*(SWEEP_SMALL if args.small else SWEEP)):
+                    kv8_triton.LAUNCH.update(block=block, num_warps=warps, num_stages=stages, programs=programs)
+                    label = f"kv8-triton b{block} w{warps} s{stages} p{programs}"
+                    found.append(row(label, triton_op, per_layer["kv8-triton"], ref8))
+                kv8_triton.LAUNCH.update(default)
+                found.sort()
+                sweep_lines.extend(r for _, r in found[:6])
+            del per_layer, ref_inputs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if sweep_lines:
+        lines += ["", "Sweep of the Triton kernel's launch configuration (the 6 fastest per model and batch):", "",
+                  "| model | batch | configuration | us | cache MB read | GB/s | % of copy | rel err (norm) vs float64 |",
+                  "|---|---|---|---|---|---|---|---|"] + sweep_lines
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
