@@ -323,3 +323,35 @@ def test_attention_benchmark_smoke(capsys):
     bench.main(["--small"])
     out = capsys.readouterr().out
     assert out.count("| sdpa16 |") == 4 and out.count("| kv8 |") == 4
+
+
+def test_compiled_cache_update_writes_in_place():
+    """A compiled decode step must write only the new position into the cache: through views of the
+    packed tensor, inductor copied the whole cache at every step (measured on an H200: LLaVA-7B's
+    batch-1 step 2.7 -> 3.6 ms). No buffer the generated code allocates may be cache-sized."""
+    import re
+    import shutil
+
+    from torch._inductor.utils import run_and_get_code
+
+    from grace_ds.export.kv8 import Int8StaticLayer
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("inductor's CPU backend needs a C++ compiler")
+    B, Hk, L, D = 2, 4, 512, 64
+    layer = Int8StaticLayer(max_cache_len=L)
+    layer.update(torch.randn(B, Hk, 10, D), torch.randn(B, Hk, 10, D))
+    k, v = torch.randn(B, Hk, 1, D), torch.randn(B, Hk, 1, D)
+
+    def step(k, v):
+        layer.update(k, v)
+        return k.sum()
+
+    torch._dynamo.reset()
+    _, code = run_and_get_code(torch.compile(step, fullgraph=True), k, v)
+    sizes = [eval(m) for m in re.findall(r"empty_strided_\w+\((\([\d, ]*\))", "\n".join(code))]
+    largest = max((torch.Size(s).numel() for s in sizes), default=0)
+    assert largest < B * Hk * D * 8, (largest, sizes)
+    codes, scale = split_kv(layer.keys)          # and the step wrote the right values
+    torch.testing.assert_close(codes[:, :, 10].float() * scale[:, :, 10], k[:, :, 0], atol=scale.max().item(), rtol=0)
+    assert (codes[:, :, 11:] == 0).all()

@@ -117,6 +117,12 @@ def dequantize_kv(packed: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return (codes.float() * scale).to(dtype)
 
 
+def _scale_index(length: int, head_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols), each (n, 4): where the 4 scale bytes of each position lie in a packed (L + R, D) slab."""
+    flat = length * head_dim + SCALE_BYTES * positions[:, None] + torch.arange(SCALE_BYTES, device=positions.device)
+    return flat // head_dim, flat % head_dim
+
+
 class Int8StaticLayer(StaticLayer):
     """StaticLayer whose keys/values are the packed int8 tensors described in the module docstring:
     (B, H_kv, max_cache_len + R, head_dim) int8, allocated on the first update; `update` writes the
@@ -147,11 +153,13 @@ class Int8StaticLayer(StaticLayer):
         kv_length = key_states.shape[-2]
         cache_position = torch.arange(kv_length, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(kv_length)
-        L = self.max_cache_len
+        # Both writes index the packed tensor itself, not a view of it: a compiled step then updates the
+        # cache in place (through views, inductor copied the whole cache at every step)
         for packed, states in ((self.keys, key_states), (self.values, value_states)):
             codes, sb = quantize_parts(states)
-            packed[:, :, :L].index_copy_(2, cache_position, codes)
-            _scale_bytes(packed, L).index_copy_(2, cache_position, sb)
+            packed.index_copy_(2, cache_position, codes)            # rows < L: the codes
+            rows, cols = _scale_index(self.max_cache_len, packed.shape[-1], cache_position)
+            packed[:, :, rows, cols] = sb                           # the scales' bytes after them
         return self.keys, self.values
 
 
