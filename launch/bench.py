@@ -25,10 +25,11 @@ What one measurement is (per architecture x variant x batch):
   (QuantConfig's default include/exclude) is first replaced by a W4A16Linear holding random codes +
   scales packed for the kernel - no bf16 copy of those weights is ever allocated. lm_head stays
   bf16 (QAT does not train it) unless `--int4-lm-head` rounds it too (RTN, after the build);
-- `--kv-int8`: the int4 variant keeps its KV cache in int8 (grace_ds.export.kv8: per-vector scales,
-  attention reading the int8 cache; fused by `--mode compile`, slow eagerly);
-- `--kv8-triton`: with `--kv-int8`, the decode attention is one Triton kernel over the int8 cache
-  (grace_ds.export.kv8_triton; opt-in until measured on a GPU: sets GRACE_KV8_TRITON=1);
+- `--kv-int8`: the int4 variant keeps its KV cache in int8 (grace_ds.export.kv8: per-vector scales);
+  on the GPU its decode attention is one Triton kernel over the int8 cache (grace_ds.export.kv8_triton);
+- `--kv8-portable`: with `--kv-int8`, the portable multiply + reduce attention instead of the kernel
+  (sets GRACE_KV8_TRITON=0; fused by `--mode compile`, slow eagerly); `--kv8-triton`, the kernel,
+  is the default and stays accepted;
 - `--pdl`: the int4 variant's W4A16 kernels use programmatic dependent launch (Hopper);
 - `--prefill-chunk N`: both variants run the prompt through the language model N tokens at a time
   (less activation memory at batch 16; the vision tower still sees every image at once);
@@ -212,7 +213,8 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     res = dict(batch=batch, prompt_len=prompt_len, visual_tokens=n_visual, new_tokens=args.new_tokens,
                ttft_s=ttft, decode_s=t_dec, decode_steps=steps, decode_tok_s=batch * steps / t_dec,
                ms_per_step=1000 * t_dec / steps, mode=mode, graph_matches_eager=same, note=note,
-               kv_cache="int8" if kv_int8 else "16-bit")
+               kv_cache="int8" if kv_int8 else "16-bit",
+               kv8_attention=_kv8_attention(model, device) if kv_int8 else None)
     if is_cuda:
         res.update(peak_alloc_gib=torch.cuda.max_memory_allocated() / 2**30,
                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
@@ -291,6 +293,15 @@ def worker(args) -> None:
 
 # ============================================================================ orchestration + report
 
+def _kv8_attention(model, device) -> str:
+    """Which decode attention reads the int8 cache in this worker: "triton" or "portable"."""
+    from grace_ds.export import kv8_triton
+
+    text = model.config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return "triton" if kv8_triton.available(torch.empty(1, 1, 1, head_dim, device=device)) else "portable"
+
+
 def _card(device) -> str:
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
@@ -313,7 +324,8 @@ def render(results: list[dict], args, command: str) -> str:
              + ("; int4 variant: lm_head rounded to INT4 too (--int4-lm-head)" if args.int4_lm_head else "")
              + ("; q/k/v and gate/up fused into one GEMM each, both variants (--fuse-proj)" if args.fuse_proj else "")
              + ("; int4 variant: KV cache in int8 (--kv-int8)" if args.kv_int8 else "")
-             + (", its decode attention one Triton kernel (--kv8-triton)" if args.kv_int8 and args.kv8_triton else "")
+             + (", its decode attention the portable form (--kv8-portable)" if args.kv_int8 and args.kv8_portable else
+                ", its decode attention one Triton kernel (grace_ds.export.kv8_triton)" if args.kv_int8 else "")
              + (f"; prefill in chunks of {args.prefill_chunk} tokens, both variants" if args.prefill_chunk else "")
              + ("; int4 variant: programmatic dependent launch (--pdl)" if args.pdl else ""),
              "",
@@ -389,9 +401,11 @@ def parse_args(argv=None):
     p.add_argument("--kv-int8", action="store_true",
                    help="int4 variant: KV cache in int8 with per-vector scales (grace_ds.export.kv8); use with "
                         "--mode compile, which fuses the int8 reads into the attention reductions")
+    p.add_argument("--kv8-portable", action="store_true",
+                   help="with --kv-int8: the portable decode attention instead of the Triton kernel "
+                        "(sets GRACE_KV8_TRITON=0 for the workers)")
     p.add_argument("--kv8-triton", action="store_true",
-                   help="with --kv-int8: decode attention as one Triton kernel (grace_ds.export.kv8_triton; "
-                        "sets GRACE_KV8_TRITON=1 for the workers)")
+                   help="with --kv-int8: the Triton decode attention (the default; kept for recorded commands)")
     p.add_argument("--smoke", action="store_true", help="tiny configs on the CPU, 8 new tokens, eager")
     p.add_argument("--in-process", action="store_true", help="run the workers in this process (debugging, tests)")
     p.add_argument("--out", default=None, help="also write the markdown table here")
@@ -423,8 +437,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.kv8_triton:   # read by grace_ds.export.kv8_triton.available(), here and in the workers
-        os.environ["GRACE_KV8_TRITON"] = "1"
+    if args.kv8_portable and args.kv8_triton:
+        raise SystemExit("--kv8-portable and --kv8-triton: choose one decode attention for the int8 cache")
+    if args.kv8_portable or args.kv8_triton:   # read by kv8_triton.available(), here and in the workers
+        os.environ["GRACE_KV8_TRITON"] = "0" if args.kv8_portable else "1"
     if args.worker:
         args.arch = args.arch[0]
         worker(args)

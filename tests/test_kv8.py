@@ -153,15 +153,18 @@ def test_bench_smoke_kv_int8(tmp_path, monkeypatch):
     import json
     import os
 
-    monkeypatch.setenv("GRACE_KV8_TRITON", "0")   # restored after the test: --kv8-triton sets it
+    monkeypatch.setenv("GRACE_KV8_TRITON", "1")   # restored after the test: --kv8-portable sets it
     bench = load_script("bench")
     rc = bench.main(["--smoke", "--in-process", "--arch", "tiny-llava", "--batch", "1", "--new-tokens", "3",
-                     "--kv-int8", "--kv8-triton", "--json", str(tmp_path / "t.json"), "--out", str(tmp_path / "t.md")])
+                     "--kv-int8", "--kv8-portable", "--json", str(tmp_path / "t.json"), "--out", str(tmp_path / "t.md")])
     res = json.loads((tmp_path / "t.json").read_text())["results"]
     assert rc == 0, res
     kinds = {r["variant"]: {run["kv_cache"] for run in r["runs"]} for r in res}
     assert kinds == {"bf16": {"16-bit"}, "int4": {"int8"}}
-    assert os.environ["GRACE_KV8_TRITON"] == "1" and "(--kv8-triton)" in (tmp_path / "t.md").read_text()
+    assert {run["kv8_attention"] for r in res if r["variant"] == "int4" for run in r["runs"]} == {"portable"}
+    assert os.environ["GRACE_KV8_TRITON"] == "0" and "(--kv8-portable)" in (tmp_path / "t.md").read_text()
+    with pytest.raises(SystemExit, match="choose one"):
+        bench.main(["--smoke", "--kv-int8", "--kv8-portable", "--kv8-triton"])
 
 
 def test_bench_smoke_prefill_chunk(tmp_path, capsys):
@@ -284,9 +287,8 @@ def test_gpu_compiled_step_logits_match_eager(arch, kv8_triton, monkeypatch):
         pytest.skip("needs a CUDA GPU")
     if kv8_triton:
         pytest.importorskip("triton")
-        monkeypatch.setenv("GRACE_KV8_TRITON", "1")   # the attention as one Triton kernel (kv8_triton.py)
-    else:
-        monkeypatch.delenv("GRACE_KV8_TRITON", raising=False)
+    # the attention as one Triton kernel (kv8_triton.py, the default), or the portable form
+    monkeypatch.setenv("GRACE_KV8_TRITON", "1" if kv8_triton else "0")
     bench = load_script("bench")
     cfg = bench_config(arch)
     model = bench.build_int4(cfg, "cuda", torch.bfloat16).eval()

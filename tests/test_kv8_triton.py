@@ -141,20 +141,25 @@ def test_kernels_compile_to_cubin_for_hopper_and_ampere():
     assert "compiled 14 kernels" in out
 
 
-def test_kernel_is_opt_in_and_needs_a_gpu_or_the_interpreter(monkeypatch):
-    """Without GRACE_KV8_TRITON=1, or on a CPU tensor without the interpreter, the portable
-    attention runs."""
+def test_kernel_is_the_default_on_a_gpu_or_the_interpreter(monkeypatch):
+    """The kernel runs unless GRACE_KV8_TRITON=0; on a CPU tensor only in Triton's interpreter; head
+    dims it cannot take keep the portable attention."""
     from grace_ds.export import kv8_triton
 
     if kv8_triton.triton is None:   # stand in for an installed Triton: only the switches are tested
         monkeypatch.setattr(kv8_triton, "triton", object())
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("GRACE_KV8_TRITON", raising=False)
+    assert kv8_triton.available(torch.zeros(1, 2, 1, 64))
+    monkeypatch.setenv("GRACE_KV8_TRITON", "0")
     assert not kv8_triton.available(torch.zeros(1, 2, 1, 64))
     monkeypatch.setenv("GRACE_KV8_TRITON", "1")
     assert kv8_triton.available(torch.zeros(1, 2, 1, 64))
     assert not kv8_triton.available(torch.zeros(1, 2, 1, 80))     # head_dim 80: the portable attention
     monkeypatch.delenv("TRITON_INTERPRET")
+    assert not kv8_triton.available(torch.zeros(1, 2, 1, 64))
+    monkeypatch.setattr(kv8_triton, "triton", None)                 # no Triton: the portable attention
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not kv8_triton.available(torch.zeros(1, 2, 1, 64))
 
 

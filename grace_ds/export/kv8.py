@@ -13,12 +13,14 @@ of each position's row instead, the row length head_dim + 4 broke alignment and 
 under half the speed, measured on an H200: docs/benchmarks.md). The cache's `update` returns that
 tensor for keys and for values, so the model's attention code passes it through unchanged to the
 attention function registered here ("grace_kv8"), which reads codes and scales from it:
-- one query token (decode), on the GPU with GRACE_KV8_TRITON=1 (`launch/bench.py --kv8-triton`):
-  one Triton kernel, split-K flash decoding over the int8 cache (`grace_ds/export/kv8_triton.py`);
-- one query token otherwise: scores = (q . k_codes) * k_scale, softmax in fp32,
+- one query token (decode) on the GPU: one Triton kernel, split-K flash decoding over the int8 cache
+  (`grace_ds/export/kv8_triton.py`; GRACE_KV8_TRITON=0 or `launch/bench.py --kv8-portable` turns
+  it off);
+- one query token otherwise (the CPU, or the kernel turned off): scores = (q . k_codes) * k_scale, softmax in fp32,
   out = sum over positions of (p * v_scale) * v_codes, written as multiply + reduce so that
   torch.compile fuses the int8 -> float conversion into the two reductions and no 16-bit copy of
-  the cache is made. On an H200 this form doubled LLaVA-1.5-7B's batch-16 step, hence the kernel.
+  the cache is made. On an H200 this form doubled LLaVA-1.5-7B's batch-16 step, hence the kernel
+  (with it the step is 5.1 ms against 10.1, and 4.6 with the 16-bit cache).
 - several query tokens (prefill): the cache is dequantised to the query dtype and handed to SDPA.
 GQA is handled by grouping the query heads of each kv head. The rounding error per element is at
 most scale / 2 = absmax / 254 (tests/test_kv8.py checks the attention against a float64 reference).
