@@ -16,8 +16,8 @@ attention function registered here ("grace_kv8"), which reads codes and scales f
 - one query token (decode) on the GPU: one Triton kernel, split-K flash decoding over the int8 cache
   (`grace_ds/export/kv8_triton.py`; GRACE_KV8_TRITON=0 or `launch/bench.py --kv8-portable` turns
   it off);
-- one query token otherwise (the CPU, or the kernel turned off): scores = (q . k_codes) * k_scale, softmax in fp32,
-  out = sum over positions of (p * v_scale) * v_codes, written as multiply + reduce so that
+- one query token otherwise (the CPU, or the kernel turned off): scores = (q . k_codes) * k_scale,
+  softmax in fp32, out = sum over positions of (p * v_scale) * v_codes, written as multiply + reduce so that
   torch.compile fuses the int8 -> float conversion into the two reductions and no 16-bit copy of
   the cache is made. On an H200 this form doubled LLaVA-1.5-7B's batch-16 step, hence the kernel
   (with it the step is 5.1 ms against 10.1, and 4.6 with the 16-bit cache).
