@@ -86,44 +86,18 @@ def timed(fn, args_per_layer, reps, device):
             fn(*args_per_layer[i % len(args_per_layer)])
             times.append((time.perf_counter() - t0) * 1e6)
         return statistics.median(times)
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for a in args_per_layer:
-            fn(*a)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for a in args_per_layer:
-            fn(*a)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(max(5, reps // len(args_per_layer))):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) * 1e3 / len(args_per_layer))
-    return statistics.median(times)
+    from kernels.w4a16.bench import graph_time   # the kernel bench's CUDA-graph timer (imports only, no build)
+
+    return graph_time([lambda a=a: fn(*a) for a in args_per_layer], reps=max(5, reps // len(args_per_layer)))
 
 
-def copy_rate(device, nbytes=1 << 30):
+def copy_rate(device):
+    """GB/s of a device-to-device copy (bytes read + written), by the kernel bench's measurement."""
     if device.type != "cuda":
         return float("nan")
-    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(10):
-        b.copy_(a)
-    e1.record()
-    e1.synchronize()
-    return 2 * nbytes * 10 / (e0.elapsed_time(e1) * 1e-3) / 1e9
+    from kernels.w4a16.bench import copy_bandwidth
+
+    return copy_bandwidth() * 1000
 
 
 def main(argv=None):
