@@ -49,19 +49,22 @@ def test_cache_length_inverts_the_row_count():
 
 
 def test_scale_bytes_are_the_float_bytes_and_round_trip():
-    """The scale is stored through integer arithmetic (inductor cannot lower every float -> int8
-    view); its 4 bytes must be exactly the little-endian bytes of the fp32 value, and decode back
-    bit for bit, over the whole exponent range, for transposed (non-contiguous) inputs too."""
-    from grace_ds.export.kv8 import _bytes_to_float, _float_to_bytes
+    """The scale's 4 bytes must be exactly the little-endian bytes of the fp32 value, and decode back
+    bit for bit, over the whole exponent range, for transposed (non-contiguous) inputs too: eagerly
+    (dtype views) and in the integer-arithmetic form used inside torch.compile (inductor cannot lower
+    every float -> int8 view)."""
+    from grace_ds.export.kv8 import _bytes_to_float, _bytes_to_float_arith, _float_to_bytes_arith
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4000, 1, generator=g) * torch.pow(2.0, torch.randint(-126, 127, (4000, 1), generator=g).float())
     x = torch.cat([x, torch.tensor([[1e-12], [127.0], [-3.5], [2.0 ** -149], [3.4e38]])])
-    b = _float_to_bytes(x)
-    assert b.dtype == torch.int8 and torch.equal(b, x.view(torch.int8))
-    assert torch.equal(_bytes_to_float(b).view(torch.int32), x.view(torch.int32))
     t = torch.randn(3, 5, 2, 1, generator=g).transpose(0, 2)          # last stride != 1 after the transpose
-    assert torch.equal(_bytes_to_float(_float_to_bytes(t)), t)
+    for to_bytes, to_float in ((_float_to_bytes, _bytes_to_float), (_float_to_bytes_arith, _bytes_to_float_arith)):
+        b = to_bytes(x)
+        assert b.dtype == torch.int8 and torch.equal(b, x.view(torch.int8))
+        assert torch.equal(to_float(b).view(torch.int32), x.view(torch.int32))
+        assert torch.equal(to_float(to_bytes(t)), t)
+        assert torch.equal(to_float(to_bytes(x).t().contiguous().t()), x)   # strided bytes decode too
 
 
 @pytest.mark.parametrize("mask_kind", ["bool", "additive", "none"])

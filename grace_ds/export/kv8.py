@@ -81,10 +81,28 @@ def quantize_kv(x: torch.Tensor) -> torch.Tensor:
 
 
 def _float_to_bytes(x: torch.Tensor) -> torch.Tensor:
-    """(..., 1) fp32 -> (..., 4) int8: its bytes, little-endian (what `x.view(torch.int8)` gives on
-    a contiguous tensor). Done with a same-size bitcast and integer arithmetic: inductor cannot
-    lower a float -> int8 view of a tensor whose last stride is not 1 (on CUDA the scale of a
-    transposed key is such a tensor), and the arithmetic fuses into the quantising kernel."""
+    """(..., 1) fp32 -> (..., 4) int8: its bytes, little-endian. Eagerly a dtype view (no kernel; a
+    prefill calls this for every layer, and the arithmetic below cost about 20 kernel launches each);
+    inside torch.compile the arithmetic form, which inductor lowers and fuses."""
+    if torch.compiler.is_compiling():
+        return _float_to_bytes_arith(x)
+    return x.contiguous().view(torch.int8)
+
+
+def _bytes_to_float(b: torch.Tensor) -> torch.Tensor:
+    """(..., 4) int8 -> (..., 1) fp32: the inverse of _float_to_bytes (a view eagerly where the
+    strides allow one, as for the scale rows of a packed cache; the arithmetic form when compiling)."""
+    if torch.compiler.is_compiling():
+        return _bytes_to_float_arith(b)
+    if b.stride(-1) != 1 or b.storage_offset() % 4 or any(st % 4 for st in b.stride()[:-1]):
+        b = b.contiguous()
+    return b.view(torch.float32)
+
+
+def _float_to_bytes_arith(x: torch.Tensor) -> torch.Tensor:
+    """_float_to_bytes with a same-size bitcast and integer arithmetic: inductor cannot lower a float
+    -> int8 view of a tensor whose last stride is not 1 (on CUDA the scale of a transposed key is such
+    a tensor), and the arithmetic fuses into the quantising kernel."""
     bits = x.view(torch.int32)
     parts = [torch.bitwise_and(torch.bitwise_right_shift(bits, s), 0xFF) for s in (0, 8, 16)]
     parts = [p - 256 * (p > 127).to(torch.int32) for p in parts]      # 0..255 -> the int8 of that byte
@@ -92,9 +110,8 @@ def _float_to_bytes(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, -1).to(torch.int8)
 
 
-def _bytes_to_float(b: torch.Tensor) -> torch.Tensor:
-    """(..., 4) int8 -> (..., 1) fp32: the inverse of _float_to_bytes (integer arithmetic, then a
-    same-size bitcast; no int8 -> float view, for the reason given there)."""
+def _bytes_to_float_arith(b: torch.Tensor) -> torch.Tensor:
+    """_bytes_to_float with integer arithmetic, then a same-size bitcast (no int8 -> float view)."""
     w = b.to(torch.int32)
     lo = [torch.bitwise_and(w[..., i:i + 1], 0xFF) for i in range(3)]
     bits = w[..., 3:4] * 16777216 + lo[2] * 65536 + lo[1] * 256 + lo[0]
