@@ -5,6 +5,7 @@
 #   bash scripts/e2e_device.sh --arch llava-1.5-7b qwen2-vl-7b --mode compile --int4-lm-head
 #   E2E_TESTS=1 bash scripts/e2e_device.sh ... --fuse-proj     # GPU tests of kernels and serving path first
 #   E2E_TESTS=after E2E_TESTS_S=150 bash scripts/e2e_device.sh ... # bench first, tests in the last 150 s
+#   E2E_ATTN=1 bash scripts/e2e_device.sh ... --kv-int8             # + benchmarks/bench_kv8_attention.py first
 # (device call: carry [".whl"], timeout_s 598; the wheels come from ../shared/tools/device-wheels.sh)
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -22,6 +23,10 @@ gpu_tests() {  # the kernels (every config, PDL), then the serving path (fusion,
   echo "gpu tests rc=$? $(( $(date +%s) - T0 ))s"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/pytest.log" | tail -12
 }
 [ "$E2E_TESTS" = 1 ] && gpu_tests 240
+if [ "$E2E_ATTN" = 1 ]; then   # one layer's decode attention: bf16 SDPA vs the int8 cache, portable and Triton
+  timeout 150 python3 benchmarks/bench_kv8_attention.py --out "$OUT/attn.md" > "$OUT/attn.log" 2>&1
+  echo "attention bench rc=$? $(( $(date +%s) - T0 ))s"; tail -16 "$OUT/attn.log"
+fi
 left=$(( LIMIT - ($(date +%s) - T0) ))
 budget=$(( left - 10 )); [ "$E2E_TESTS" = after ] && budget=$(( left - ${E2E_TESTS_S:-150} ))
 python3 launch/bench.py "$@" --budget $budget --out "$OUT/e2e.md" --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | grep -v Warning
