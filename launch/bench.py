@@ -293,6 +293,14 @@ def worker(args) -> None:
 
 # ============================================================================ orchestration + report
 
+def _kv8_attention_used(results: list[dict]) -> str:
+    """What read the int8 cache in the runs, for the table's header."""
+    kinds = sorted({run["kv8_attention"] for r in results for run in r.get("runs", []) if run.get("kv8_attention")})
+    names = {"triton": "one Triton kernel (grace_ds.export.kv8_triton)",
+             "portable": "the portable multiply + reduce form (no GPU or Triton, or --kv8-portable)"}
+    return " / ".join(names[k] for k in kinds) or "-"
+
+
 def _kv8_attention(model, device) -> str:
     """Which decode attention reads the int8 cache in this worker: "triton" or "portable"."""
     from grace_ds.export import kv8_triton
@@ -324,8 +332,7 @@ def render(results: list[dict], args, command: str) -> str:
              + ("; int4 variant: lm_head rounded to INT4 too (--int4-lm-head)" if args.int4_lm_head else "")
              + ("; q/k/v and gate/up fused into one GEMM each, both variants (--fuse-proj)" if args.fuse_proj else "")
              + ("; int4 variant: KV cache in int8 (--kv-int8)" if args.kv_int8 else "")
-             + (", its decode attention the portable form (--kv8-portable)" if args.kv_int8 and args.kv8_portable else
-                ", its decode attention one Triton kernel (grace_ds.export.kv8_triton)" if args.kv_int8 else "")
+             + (f", its decode attention: {_kv8_attention_used(results)}" if args.kv_int8 else "")
              + (f"; prefill in chunks of {args.prefill_chunk} tokens, both variants" if args.prefill_chunk else "")
              + ("; int4 variant: programmatic dependent launch (--pdl)" if args.pdl else ""),
              "",
