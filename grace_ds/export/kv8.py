@@ -216,8 +216,8 @@ def kv8_attention_forward(module, query, key, value, attention_mask, dropout: fl
         if attention_mask is not None:
             m = attention_mask[:, 0, -1, :]                           # (B or 1, L)
             bias = torch.where(m, 0.0, float("-inf")) if m.dtype == torch.bool else m   # additive as is
-        out = kv8_triton.kv8_decode_attention(query, key, value, bias, scaling)
-        return out.to(query.dtype).transpose(1, 2), None
+        out = kv8_triton.kv8_decode_attention(query, key, value, bias, scaling)   # in query.dtype
+        return out.transpose(1, 2), None
     kc, ks = split_kv(key)          # (B, Hk, L, D), (B, Hk, L, 1)
     vc, vs = split_kv(value)
     qf = query.float().view(B, Hk, G, 1, D)

@@ -1,7 +1,7 @@
 """Decode attention over the packed int8 KV cache as one Triton kernel (split-K flash decoding).
 
-`grace_ds.export.kv8` stores each cached (row, kv head, position) vector as head_dim int8 codes
-followed by the 4 bytes of its fp32 scale. Its portable decode attention (multiply + reduce,
+`grace_ds.export.kv8` stores, per (row, kv head), the cached vectors as rows of head_dim int8 codes
+followed by one contiguous array of their fp32 scales. Its portable decode attention (multiply + reduce,
 fused by inductor) is correct but slow on the GPU: on an H200 it doubled LLaVA-1.5-7B's batch-16
 step (docs/benchmarks.md). This kernel reads the cache once, at one byte per value
 (on an H200, one layer of LLaVA-1.5-7B at batch 16: 75 us against 187 us for the portable form and
@@ -9,13 +9,14 @@ step (docs/benchmarks.md). This kernel reads the cache once, at one byte per val
 
 - grid (batch x kv heads, splits): each program takes the G = H / H_kv query heads of one kv head
   (GQA) and one slice of the positions, and walks it in blocks of LAUNCH["block"] positions;
-- per block: codes -> fp16 (exact for |code| <= 127), scores = (q / |q|max . codes) on tensor cores
+- per block: the block's key and value codes and scales are loaded first (all in flight at once),
+  then codes -> fp16 (exact for |code| <= 127), scores = (q / |q|max . codes) on tensor cores
   (`tl.dot`; the query heads are padded to 16 rows), times |q|max, the key scale and the softmax
   scaling, plus the mask bias; online softmax; out += (p * v_scale / block max) . v_codes, again
   with `tl.dot`, times the block's max scale. Every fp16 operand lies in [-127, 127], so no
   model's range is lost, and fp16 keeps 3 more mantissa bits than bf16;
 - each program writes its running max, sum and unnormalised output; a second small kernel merges
-  the splits (one program per row and head).
+  the splits (one program per row and head) and writes the result in the query's dtype.
 
 The probabilities are rounded to fp16 before the value product, as in flash attention; the result
 matches a float64 reference to 16-bit accuracy (tests/test_kv8_triton.py, run on the CPU with
@@ -93,10 +94,14 @@ if triton is not None:
         for off in range(0, per_split, BLOCK):
             pos = start + off + tl.arange(0, BLOCK)
             pmask = pos < L
+            # keys and values are loaded before any use, so that both are in flight at once (a program at
+            # batch 1 walks a single block: loading the values after the softmax doubled its DRAM wait)
             kc = tl.load(k_base + pos[:, None] * sk_l + d[None, :], mask=pmask[:, None], other=0)
+            ks = tl.load(k_scales + pos, mask=pmask, other=0.0)
+            vc = tl.load(v_base + pos[:, None] * sv_l + d[None, :], mask=pmask[:, None], other=0)
+            vs = tl.load(v_scales + pos, mask=pmask, other=0.0)
             # int8 -> fp16 is exact for |code| <= 127 (through fp32 in Triton's interpreter, whose direct cast is wrong)
             kc = kc.to(tl.float32).to(tl.float16) if VIA_FP32 else kc.to(tl.float16)
-            ks = tl.load(k_scales + pos, mask=pmask, other=0.0)
             s = tl.dot(qn, tl.trans(kc)) * qs[:, None] * ks[None, :]                                # (GP, BLOCK)
             if HAS_BIAS:
                 s += tl.load(Bias + b * sb_b + pos, mask=pmask, other=float("-inf"))[None, :]
@@ -106,9 +111,7 @@ if triton is not None:
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            vc = tl.load(v_base + pos[:, None] * sv_l + d[None, :], mask=pmask[:, None], other=0)
             vc = vc.to(tl.float32).to(tl.float16) if VIA_FP32 else vc.to(tl.float16)
-            vs = tl.load(v_scales + pos, mask=pmask, other=0.0)
             vmax = tl.max(vs, 0)
             vmax = tl.where(vmax > 0, vmax, 1.0)
             pv = (p * (vs / vmax)[None, :]).to(tl.float16)
@@ -132,7 +135,7 @@ if triton is not None:
         w = tl.exp(m - mx)
         l = tl.sum(tl.load(L_in + r * n_splits + sp, mask=smask, other=0.0) * w, 0)
         acc = tl.load(Acc_in + (r * n_splits + sp)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
-        tl.store(Out + r * D + d, tl.sum(acc * w[:, None], 0) / l)
+        tl.store(Out + r * D + d, (tl.sum(acc * w[:, None], 0) / l).to(Out.dtype.element_ty))
 
 
 def n_splits_for(batch_kv_heads: int, length: int, target_programs: int | None = None) -> int:
@@ -152,7 +155,8 @@ def _cache_length(rows: int, head_dim: int) -> int:
 def kv8_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
                          scaling: float) -> torch.Tensor:
     """query (B, H, 1, D) float (read as fp32); key/value (B, Hk, L + R, D) packed int8 (kv8's layout: L rows of
-    codes, then the L fp32 scales); bias (B, L) fp32 additive (0 or -inf), or None. Returns (B, H, 1, D) fp32.
+    codes, then the L fp32 scales); bias (B, L) fp32 additive (0 or -inf), or None. Returns (B, H, 1, D) in the
+    query's dtype (accumulated in fp32, rounded once by the merge kernel: no separate conversion kernel).
 
     The kernel runs inside the custom op `torch.ops.grace_kv8.decode_attention`: torch.compile and
     CUDA graphs see one opaque call with a known output shape (as for the W4A16 GEMM), instead of
@@ -201,10 +205,10 @@ if triton is not None:
             H, Hk, L, S, per_split, scaling,
             G=G, GP=GP, D=D, BLOCK=block, HAS_BIAS=has_bias, VIA_FP32=os.environ.get("TRITON_INTERPRET") == "1",
             num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"])
-        out = torch.empty(B, H, 1, D, device=dev, dtype=torch.float32)
+        out = torch.empty(B, H, 1, D, device=dev, dtype=query.dtype)   # the merge writes the query's dtype
         _kv8_merge_kernel[(B * H,)](m, lsum, acc, out, S, SP=max(2, triton.next_power_of_2(S)), D=D)
         return out
 
     @_decode_attention.register_fake
     def _(query, key, value, bias, scaling):
-        return query.new_empty(query.shape, dtype=torch.float32)
+        return query.new_empty(query.shape)
