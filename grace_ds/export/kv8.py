@@ -197,7 +197,7 @@ class Int8StaticCache(StaticCache):
 def kv8_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                           scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """The attention function for packed int8 keys/values (16-bit ones go to SDPA unchanged).
-    query (B, H, q, D); key/value (B, Hk, L, D + 4) int8; mask bool (B, 1, q, L) (True = attend),
+    query (B, H, q, D); key/value (B, Hk, L + ceil(4L/D), D) packed int8; mask bool (B, 1, q, L) (True = attend),
     additive float, or None. Returns ((B, q, H, D), None) like transformers' SDPA function."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
