@@ -32,6 +32,9 @@ def test_quantize_kv_rounds_to_nearest_with_a_per_vector_scale():
     err = (dequantize_kv(packed, torch.float64) - x).abs()
     assert (err <= scale.double() / 2 * (1 + 1e-5) + 1e-12).all()
     assert dequantize_kv(packed)[0, 0, 0].abs().max() == 0
+    # 16-bit results are the fp32 product rounded once (the prefill's path: no fp32 copy of the cache)
+    for dt in (torch.bfloat16, torch.float16):
+        assert torch.equal(dequantize_kv(packed, dt), (codes.float() * scale).to(dt))
     with pytest.raises(ValueError, match="multiple of 16"):
         quantize_kv(torch.randn(2, 6, 3, 40))
 

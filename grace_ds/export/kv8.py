@@ -132,8 +132,12 @@ def split_kv(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_kv(packed: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """codes * scale in `dtype`, computed in fp32 and rounded once. One multiply with an `out` of the
+    target dtype: on the GPU the int8 -> fp32 promotion and the rounding happen inside the kernel, so
+    no fp32 copy of the cache exists (at batch 16 the prefill dequantises LLaVA-7B's whole cache for
+    every layer: 235 MB per fp32 copy of keys or values, on top of the 117 MB result)."""
     codes, scale = split_kv(packed)
-    return (codes.float() * scale).to(dtype)
+    return torch.mul(codes, scale, out=torch.empty(codes.shape, dtype=dtype, device=codes.device))
 
 
 def _scale_index(length: int, head_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
