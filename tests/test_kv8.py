@@ -363,3 +363,33 @@ def test_compiled_cache_update_writes_in_place():
     codes, scale = split_kv(layer.keys)          # and the step wrote the right values
     torch.testing.assert_close(codes[:, :, 10].float() * scale[:, :, 10], k[:, :, 0], atol=scale.max().item(), rtol=0)
     assert (codes[:, :, 11:] == 0).all()
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_prefill_attends_to_the_written_prefix_only(chunk, monkeypatch):
+    """A prompt pass after a reset gets the positions written so far, dequantised (not the whole static
+    cache): the same first token and cache as the whole-cache path, in one pass or in chunks; a decode
+    step ends the host-side count, so later multi-token passes take the whole-cache path again."""
+    import grace_ds.export.kv8 as kv8
+
+    cfg, model = tiny_vlm("tiny-qwen2vl")
+    inputs, s = tiny_prompt(cfg)
+    seen = []
+    orig = kv8._dequantize_prefix
+    monkeypatch.setattr(kv8, "_dequantize_prefix", lambda t, L, n, dt: seen.append(n) or orig(t, L, n, dt))
+    with torch.no_grad():
+        fast = StaticDecoder(model, cfg, 2, s + 6, "cpu", kv_int8=True)
+        fast.prefill(inputs, chunk=chunk)
+        n_layers = len(fast.cache.layers)
+        steps = [s] if chunk is None else [min(s, a + chunk) for a in range(0, s, chunk)]
+        assert seen == [n for n in steps for _ in range(n_layers) for _ in range(2)]
+        monkeypatch.setattr(kv8.Int8StaticLayer, "reset", lambda self: (kv8.StaticLayer.reset(self),
+                                                                         setattr(self, "written", None)))
+        slow = StaticDecoder(model, cfg, 2, s + 6, "cpu", kv_int8=True)
+        slow.prefill(inputs, chunk=chunk)
+        assert torch.equal(fast.out[:, 0], slow.out[:, 0])
+        for a, b in zip(fast.cache.layers, slow.cache.layers):
+            (ca, sa), (cb, sb) = split_kv(a.keys), split_kv(b.keys)
+            torch.testing.assert_close(ca.float() * sa, cb.float() * sb, rtol=0, atol=2 * sa.max().item())
+        fast.run_steps(2)
+        assert all(layer.written is None for layer in fast.cache.layers)

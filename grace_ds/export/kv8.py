@@ -146,10 +146,25 @@ def _scale_index(length: int, head_dim: int, positions: torch.Tensor) -> tuple[t
     return flat // head_dim, flat % head_dim
 
 
+def _dequantize_prefix(packed: torch.Tensor, length: int, n: int, dtype) -> torch.Tensor:
+    """The first n positions of a packed (..., L + R, D) cache, dequantised to dtype (..., n, D)."""
+    codes = packed[..., :n, :]
+    scale = _bytes_to_float(_scale_bytes(packed, length)[..., :n, :])
+    return torch.mul(codes, scale, out=torch.empty(codes.shape, dtype=dtype, device=codes.device))
+
+
 class Int8StaticLayer(StaticLayer):
     """StaticLayer whose keys/values are the packed int8 tensors described in the module docstring:
     (B, H_kv, max_cache_len + R, head_dim) int8, allocated on the first update; `update` writes the
-    new positions' codes and scale bytes in place and returns the whole packed tensors."""
+    new positions' codes and scale bytes in place and returns the whole packed tensors, except for
+    the prompt passes right after a reset (eager, several tokens): those get the positions written
+    so far, dequantised to the states' dtype, which the attention hands to SDPA with the mask cut to
+    that length. `written` counts those positions on the host (None once a decode step has run: a
+    compiled or replayed step cannot keep a Python count)."""
+
+    def __init__(self, max_cache_len: int, **kwargs):
+        super().__init__(max_cache_len=max_cache_len, **kwargs)
+        self.written = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """StaticLayer.lazy_initialization with the packed shapes (it sizes its tensors max_cache_len)."""
@@ -183,7 +198,18 @@ class Int8StaticLayer(StaticLayer):
             packed.index_copy_(2, cache_position, codes)            # rows < L: the codes
             rows, cols = _scale_index(self.max_cache_len, packed.shape[-1], cache_position)
             packed[:, :, rows, cols] = sb                           # the scales' bytes after them
+        if kv_length > 1 and self.written is not None and not torch.compiler.is_compiling():
+            # an eager prompt pass (a prefill, or one chunk of it) since the reset: the attention needs
+            # only the positions written so far, dequantised once here (not the whole static cache)
+            self.written += kv_length
+            n = self.written
+            return tuple(_dequantize_prefix(t, self.max_cache_len, n, key_states.dtype) for t in (self.keys, self.values))
+        self.written = None    # a decode step (possibly compiled or replayed): no host-side count from here on
         return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self.written = 0
 
 
 class Int8StaticCache(StaticCache):
@@ -205,7 +231,9 @@ def kv8_attention_forward(module, query, key, value, attention_mask, dropout: fl
     additive float, or None. Returns ((B, q, H, D), None) like transformers' SDPA function."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if key.dtype != torch.int8:
+    if key.dtype != torch.int8:   # a 16-bit cache, or the dequantised prefix of a prompt pass (Int8StaticLayer)
+        if attention_mask is not None and attention_mask.shape[-1] > key.shape[-2]:
+            attention_mask = attention_mask[..., :key.shape[-2]]   # the columns after it are not written yet
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     B, H, q_len, D = query.shape
