@@ -21,7 +21,10 @@ attention function registered here ("grace_kv8"), which reads codes and scales f
   torch.compile fuses the int8 -> float conversion into the two reductions and no 16-bit copy of
   the cache is made. On an H200 this form doubled LLaVA-1.5-7B's batch-16 step, hence the kernel
   (with it the step is 5.1 ms against 10.1, and 4.6 with the 16-bit cache).
-- several query tokens (prefill): the cache is dequantised to the query dtype and handed to SDPA.
+- several query tokens (a prompt pass, or one chunk of it, after a reset): the cache's `update`
+  returns the positions written so far dequantised to the states' dtype (16-bit tensors), and the
+  attention hands them to SDPA with the mask cut to their length; after a decode step has run,
+  multi-token passes get the whole packed cache, dequantised here.
 GQA is handled by grouping the query heads of each kv head. The rounding error per element is at
 most scale / 2 = absmax / 254 (tests/test_kv8.py checks the attention against a float64 reference).
 
