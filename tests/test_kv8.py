@@ -393,3 +393,19 @@ def test_prefill_attends_to_the_written_prefix_only(chunk, monkeypatch):
             torch.testing.assert_close(ca.float() * sa, cb.float() * sb, rtol=0, atol=2 * sa.max().item())
         fast.run_steps(2)
         assert all(layer.written is None for layer in fast.cache.layers)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_int8_cache_works_with_generate(arch):
+    """The cache and its attention outside StaticDecoder: transformers' own `generate` with an
+    Int8StaticCache gives StaticDecoder's greedy tokens."""
+    from grace_ds.export.kv8 import enable_kv_int8
+
+    cfg, model = tiny_vlm(arch)
+    inputs, s = tiny_prompt(cfg)
+    with torch.no_grad():
+        dec, ref = _run(model, cfg, True, n=6)
+        enable_kv_int8(model)
+        cache = Int8StaticCache(config=model.config, max_cache_len=s + 7)
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=7, do_sample=False)
+    assert torch.equal(out[:, s:], ref)
