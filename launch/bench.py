@@ -30,6 +30,8 @@ What one measurement is (per architecture x variant x batch):
 - `--kv8-portable`: with `--kv-int8`, the portable multiply + reduce attention instead of the kernel
   (sets GRACE_KV8_TRITON=0; fused by `--mode compile`, slow eagerly); `--kv8-triton`, the kernel,
   is the default and stays accepted;
+- `--int8-embed`: the int4 variant's token embeddings in int8, one scale per row
+  (grace_ds.export.load.quantize_embeddings_; a memory option);
 - `--pdl`: the int4 variant's W4A16 kernels use programmatic dependent launch (Hopper);
 - `--prefill-chunk N`: both variants run the prompt through the language model N tokens at a time
   (less activation memory at batch 16; the vision tower still sees every image at once);
@@ -265,6 +267,11 @@ def worker(args) -> None:
 
             quantize_lm_head_(model)
             result["lm_head"] = "int4 (RTN)"
+        if args.variant == "int4" and args.int8_embed:
+            from grace_ds.export.load import quantize_embeddings_
+
+            quantize_embeddings_(model)
+            result["embed_tokens"] = "int8"
         if args.variant == "int4" and args.pdl and torch.device(device).type == "cuda":
             import kernels.w4a16 as kw
 
@@ -330,6 +337,7 @@ def render(results: list[dict], args, command: str) -> str:
              f"- prompt: 1 image + {args.text_tokens} text tokens; {args.new_tokens} new tokens, greedy; static KV cache; "
              f"decode step mode requested: {args.mode}; random weights"
              + ("; int4 variant: lm_head rounded to INT4 too (--int4-lm-head)" if args.int4_lm_head else "")
+             + ("; int4 variant: token embeddings in int8 (--int8-embed)" if args.int8_embed else "")
              + ("; q/k/v and gate/up fused into one GEMM each, both variants (--fuse-proj)" if args.fuse_proj else "")
              + ("; int4 variant: KV cache in int8 (--kv-int8)" if args.kv_int8 else "")
              + (f", its decode attention: {_kv8_attention_used(results)}" if args.kv_int8 else "")
@@ -397,6 +405,9 @@ def parse_args(argv=None):
     p.add_argument("--int4-lm-head", action="store_true",
                    help="int4 variant: also round lm_head to INT4 (RTN, group 128; not trained by QAT, so its "
                         "accuracy cost is the user's to check). It is read in full at every decode step")
+    p.add_argument("--int8-embed", action="store_true",
+                   help="int4 variant: token embeddings in int8 with one scale per row (memory: Qwen2-VL-7B's "
+                        "table is 1.09 GB in bf16; not trained by QAT, rounding error <= row absmax / 254)")
     p.add_argument("--fuse-proj", action="store_true",
                    help="both variants: fuse each layer's q/k/v and gate/up projections into one GEMM each "
                         "(grace_ds.export.fuse)")
@@ -478,7 +489,7 @@ def main(argv=None) -> int:
             wargs = ["--worker", "--arch", arch, "--variant", variant, "--json-out", str(out),
                      "--batch", *map(str, args.batch), "--dtype", args.dtype, "--new-tokens", str(args.new_tokens),
                      "--text-tokens", str(args.text_tokens), "--visual-tokens", str(args.visual_tokens),
-                     "--mode", args.mode, "--device", args.device] + (["--int4-lm-head"] if args.int4_lm_head else []) \
+                     "--mode", args.mode, "--device", args.device] + (["--int4-lm-head"] if args.int4_lm_head else []) + (["--int8-embed"] if args.int8_embed else []) \
                 + (["--fuse-proj"] if args.fuse_proj else []) + (["--kv-int8"] if args.kv_int8 else []) + (["--pdl"] if args.pdl else []) \
                 + (["--prefill-chunk", str(args.prefill_chunk)] if args.prefill_chunk else [])
             print(f"[bench] {arch} {variant} ... ({left():.0f} s of the budget left)", file=sys.stderr, flush=True)

@@ -492,6 +492,69 @@ def test_bench_smoke_int4_lm_head(tmp_path):
     assert "--int4-lm-head" in (tmp_path / "t.md").read_text()
 
 
+@pytest.mark.parametrize("arch", ["tiny-llava", "tiny-qwen2vl"])
+def test_int8_embeddings_match_a_float64_reference_and_decode(arch):
+    """--int8-embed: codes = round(W / s) with s = row absmax / 127 (float64 check), a lookup returns
+    the bf16 rounding of codes * s, the table takes 1 byte per value, the decode step still traces as
+    one graph and greedy decoding follows the 16-bit model."""
+    import torch._dynamo
+
+    from grace_ds.export.decode import StaticDecoder
+    from grace_ds.export.load import Int8Embedding, quantize_embeddings_
+
+    cfg, model = tiny_vlm(arch)
+    model = model.to(torch.bfloat16)
+    w = model.get_input_embeddings().weight.detach().double().clone()
+    inputs, s = tiny_prompt(cfg)
+    inputs = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in inputs.items()}
+    with torch.no_grad():
+        ref = StaticDecoder(model, cfg, 2, s + 8, "cpu")
+        ref.prefill(inputs)
+        ref.run_steps(6)
+        emb = quantize_embeddings_(model)
+    assert model.get_input_embeddings() is emb and isinstance(emb, Int8Embedding)
+    assert emb.codes.dtype == torch.int8 and emb.codes.shape == w.shape and emb.scale.shape == (w.shape[0], 1)
+    scale = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127      # an all-zero row (padding) keeps a tiny scale
+    torch.testing.assert_close(emb.scale.double(), scale, rtol=1e-6, atol=0)
+    assert ((w / emb.scale.double() - emb.codes.double()).abs() <= 0.5 + 1e-4).all()
+    ids = torch.randint(0, w.shape[0], (3, 5))
+    with torch.no_grad():
+        got = emb(ids)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, (emb.codes[ids].float() * emb.scale[ids]).to(torch.bfloat16))
+    assert ((got.double() - w[ids]).abs() <= scale[ids] / 2 * 1.01 + w[ids].abs() / 128).all()
+    with torch.no_grad():
+        dec = StaticDecoder(model, cfg, 2, s + 8, "cpu")
+        dec.prefill(inputs)
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(dec.step)()
+        assert (ex.graph_count, ex.graph_break_count) == (1, 0), [str(b.reason) for b in ex.break_reasons]
+        dec.prefill(inputs)
+        dec.run_steps(6)
+    assert (dec.out[:, :7] == ref.out[:, :7]).float().mean() >= 0.9
+    with pytest.raises(ValueError, match="already int8"):
+        quantize_embeddings_(model)
+
+
+def test_int8_embeddings_refuse_a_tied_table():
+    from grace_ds.export.load import quantize_embeddings_
+
+    cfg, model = tiny_vlm("tiny-llava")
+    model.lm_head.weight = model.get_input_embeddings().weight
+    with pytest.raises(ValueError, match="tied to lm_head"):
+        quantize_embeddings_(model)
+
+
+def test_bench_smoke_int8_embed(tmp_path):
+    bench = load_script("bench")
+    rc = bench.main(["--smoke", "--in-process", "--arch", "tiny-qwen2vl", "--batch", "1", "--new-tokens", "3",
+                     "--int4-lm-head", "--int8-embed", "--out", str(tmp_path / "t.md"), "--json", str(tmp_path / "t.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert "embed_tokens" not in res[0] and res[1]["embed_tokens"] == "int8"
+    assert "--int8-embed" in (tmp_path / "t.md").read_text()
+
+
 # ----------------------------------------------------------------------------- GPU (skipped without CUDA)
 
 @pytest.mark.gpu

@@ -277,8 +277,8 @@ def test_composed_decode_step_compiles_with_inductor():
 @pytest.mark.parametrize("kv8_triton", [False, True])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gpu_compiled_step_logits_match_eager(arch, kv8_triton, monkeypatch):
-    """On the GPU, all serving options at once (W4A16 kernel, INT4 head, fused projections, INT8
-    KV cache): the inductor-compiled decode step (Triton) computes the eager step's logits, to bf16
+    """On the GPU, all serving options at once (W4A16 kernel, INT4 head, int8 embeddings, fused
+    projections, INT8 KV cache): the inductor-compiled decode step (Triton) computes the eager step's logits, to bf16
     tolerance. Greedy tokens of random tiny models are too close to ties for token equality to
     judge a compiled step (its fusions round differently), so the bench tests check tokens in graph
     mode only and this test checks the compiled numbers."""
@@ -287,7 +287,7 @@ def test_gpu_compiled_step_logits_match_eager(arch, kv8_triton, monkeypatch):
     from grace_ds.export.arch import make_prompt
     from grace_ds.export.decode import StaticDecoder
     from grace_ds.export.fuse import fuse_projections_
-    from grace_ds.export.load import quantize_lm_head_
+    from grace_ds.export.load import quantize_embeddings_, quantize_lm_head_
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -305,6 +305,7 @@ def test_gpu_compiled_step_logits_match_eager(arch, kv8_triton, monkeypatch):
 
     with torch.no_grad():
         quantize_lm_head_(model)
+        quantize_embeddings_(model)
         assert fuse_projections_(model) > 0
         inputs = make_prompt(cfg, 4, 8, 16, device="cuda", dtype=torch.bfloat16)
         dec = StaticDecoder(model, cfg, 4, inputs["input_ids"].shape[1] + 8, "cuda", kv_int8=True)
