@@ -95,7 +95,7 @@ if triton is not None:
             pos = start + off + tl.arange(0, BLOCK)
             pmask = pos < L
             # keys and values are loaded before any use, so that both are in flight at once (a program at
-            # batch 1 walks a single block: loading the values after the softmax doubled its DRAM wait)
+            # batch 1 walks a single block, and a value load placed after the softmax would wait for it)
             kc = tl.load(k_base + pos[:, None] * sk_l + d[None, :], mask=pmask[:, None], other=0)
             ks = tl.load(k_scales + pos, mask=pmask, other=0.0)
             vc = tl.load(v_base + pos[:, None] * sv_l + d[None, :], mask=pmask[:, None], other=0)
