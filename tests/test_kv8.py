@@ -376,8 +376,8 @@ def test_prefill_attends_to_the_written_prefix_only(chunk, monkeypatch):
     cfg, model = tiny_vlm("tiny-qwen2vl")
     inputs, s = tiny_prompt(cfg)
     seen = []
-    orig = kv8._dequantize_prefix
-    monkeypatch.setattr(kv8, "_dequantize_prefix", lambda t, L, n, dt: seen.append(n) or orig(t, L, n, dt))
+    orig = kv8.dequantize_kv
+    monkeypatch.setattr(kv8, "dequantize_kv", lambda t, dt, n=None: seen.append(n) or orig(t, dt, n))
     with torch.no_grad():
         fast = StaticDecoder(model, cfg, 2, s + 6, "cpu", kv_int8=True)
         fast.prefill(inputs, chunk=chunk)

@@ -39,6 +39,7 @@ from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
 from grace_ds.export import kv8_triton
+from grace_ds.export.int8 import dequantize, round_int8
 
 NAME = "grace_kv8"
 SCALE_BYTES = 4
@@ -68,9 +69,7 @@ def quantize_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.shape[-1] % 16:
         raise ValueError(f"kv int8: head_dim {x.shape[-1]} is not a multiple of 16 (the codes rows must stay 16-byte "
                          "aligned); keep the 16-bit cache for this model")
-    xf = x.float()
-    scale = xf.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
-    codes = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)
+    codes, scale = round_int8(x)
     return codes, _float_to_bytes(scale)
 
 
@@ -134,26 +133,17 @@ def split_kv(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed[..., :length, :], _bytes_to_float(_scale_bytes(packed, length))
 
 
-def dequantize_kv(packed: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """codes * scale in `dtype`, computed in fp32 and rounded once. One multiply with an `out` of the
-    target dtype: on the GPU the int8 -> fp32 promotion and the rounding happen inside the kernel, so
-    no fp32 copy of the cache exists (at batch 16 the prefill dequantises LLaVA-7B's whole cache for
-    every layer: 235 MB per fp32 copy of keys or values, on top of the 117 MB result)."""
+def dequantize_kv(packed: torch.Tensor, dtype=torch.float32, n: int | None = None) -> torch.Tensor:
+    """(..., L + R, D) packed -> (..., n, D) in `dtype`: the first n positions (all L by default),
+    codes * scale rounded once (int8.dequantize: no fp32 copy of the cache)."""
     codes, scale = split_kv(packed)
-    return torch.mul(codes, scale, out=torch.empty(codes.shape, dtype=dtype, device=codes.device))
+    return dequantize(codes[..., :n, :], scale[..., :n, :], dtype)
 
 
 def _scale_index(length: int, head_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols), each (n, 4): where the 4 scale bytes of each position lie in a packed (L + R, D) slab."""
     flat = length * head_dim + SCALE_BYTES * positions[:, None] + torch.arange(SCALE_BYTES, device=positions.device)
     return flat // head_dim, flat % head_dim
-
-
-def _dequantize_prefix(packed: torch.Tensor, length: int, n: int, dtype) -> torch.Tensor:
-    """The first n positions of a packed (..., L + R, D) cache, dequantised to dtype (..., n, D)."""
-    codes = packed[..., :n, :]
-    scale = _bytes_to_float(_scale_bytes(packed, length)[..., :n, :])
-    return torch.mul(codes, scale, out=torch.empty(codes.shape, dtype=dtype, device=codes.device))
 
 
 class Int8StaticLayer(StaticLayer):
@@ -205,8 +195,7 @@ class Int8StaticLayer(StaticLayer):
             # an eager prompt pass (a prefill, or one chunk of it) since the reset: the attention needs
             # only the positions written so far, dequantised once here (not the whole static cache)
             self.written += kv_length
-            n = self.written
-            return tuple(_dequantize_prefix(t, self.max_cache_len, n, key_states.dtype) for t in (self.keys, self.values))
+            return tuple(dequantize_kv(t, key_states.dtype, self.written) for t in (self.keys, self.values))
         self.written = None    # a decode step (possibly compiled or replayed): no host-side count from here on
         return self.keys, self.values
 

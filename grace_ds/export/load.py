@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grace_ds.export.convert import PACKED_KEY
+from grace_ds.export.int8 import dequantize, round_int8
 from grace_ds.export.io import SafetensorsDir
 from grace_ds.export.pack import from_awq, kernel_rejection, unpack_grace
 
@@ -369,14 +370,11 @@ class Int8Embedding(nn.Module):
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding) -> "Int8Embedding":
-        w = emb.weight.detach().float()
-        scale = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127.0
-        codes = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
+        codes, scale = round_int8(emb.weight.detach())
         return cls(codes, scale, emb.weight.dtype, emb.padding_idx)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows, scale = F.embedding(ids, self.codes), F.embedding(ids, self.scale)
-        return torch.mul(rows, scale, out=torch.empty(rows.shape, dtype=self.dtype, device=rows.device))
+        return dequantize(F.embedding(ids, self.codes), F.embedding(ids, self.scale), self.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 codes + fp32 row scales -> {self.dtype}"
