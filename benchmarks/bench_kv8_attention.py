@@ -16,6 +16,11 @@ Every kernel output is compared with a float64 reference on the same cache first
 
     python benchmarks/bench_kv8_attention.py                  # GPU: LLaVA-1.5-7B and Qwen2-VL-7B, batch 1 and 16
     python benchmarks/bench_kv8_attention.py --small          # CPU smoke run (tiny shapes; sdpa16 and kv8 only)
+    python benchmarks/bench_kv8_attention.py --count-prefill  # host cost of a prefill: aten calls per layer (CPU)
+
+--count-prefill counts, rather than times, the aten calls of one prompt pass of a tiny LLaVA through
+grace_ds.export.decode.StaticDecoder with the 16-bit and with the int8 cache (each call is a kernel
+launch on a GPU, and a batch-1 prefill is launch-bound), with count_host_ops.Tally.
 """
 
 from __future__ import annotations
@@ -100,6 +105,33 @@ def copy_rate(device):
     return copy_bandwidth() * 1000
 
 
+def count_prefill() -> list[tuple[str, int]]:
+    """Aten calls per decoder layer of one prefill (2 rows, tiny LLaVA), 16-bit vs int8 cache."""
+    import transformers
+
+    from benchmarks.count_host_ops import Tally
+    from grace_ds.export.arch import bench_config, make_prompt
+    from grace_ds.export.decode import StaticDecoder
+
+    cfg = bench_config("tiny-llava")
+    torch.manual_seed(0)
+    model = getattr(transformers, cfg.architectures[0])._from_config(cfg, dtype=torch.float32).eval()
+    inputs = make_prompt(cfg, 2, 6, 16, dtype=torch.float32)
+    layers = cfg.text_config.num_hidden_layers
+    rows = []
+    for kv_int8 in (False, True):
+        dec = StaticDecoder(model, cfg, 2, inputs["input_ids"].shape[1] + 8, "cpu", kv_int8=kv_int8)
+        with torch.no_grad():
+            dec.prefill(inputs)                   # warm: lazy allocations out of the count
+            with Tally() as tally:
+                dec.prefill(inputs)
+        rows.append(("int8" if kv_int8 else "16-bit", sum(tally.ops.values())))
+    print(f"| cache | aten calls per prefill ({layers} layers) | extra per layer over 16-bit |\n|---|---|---|")
+    for name, n in rows:
+        print(f"| {name} | {n} | {(n - rows[0][1]) / layers:.0f} |")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -110,9 +142,13 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny shapes, no Triton")
     p.add_argument("--out", help="also write the markdown table here")
+    p.add_argument("--count-prefill", action="store_true",
+                   help="instead: aten calls of one tiny-LLaVA prefill, 16-bit vs int8 cache (CPU)")
     p.add_argument("--sweep", action="store_true",
                    help="also time the Triton kernel for every launch configuration (block, warps, stages, programs)")
     args = p.parse_args(argv)
+    if args.count_prefill:
+        return count_prefill()
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
     shapes = {a: SHAPES[a] for a in args.arch}

@@ -332,6 +332,10 @@ def test_attention_benchmark_smoke(capsys):
     bench.main(["--small"])
     out = capsys.readouterr().out
     assert out.count("| sdpa16 |") == 4 and out.count("| kv8 |") == 4
+    # a prefill's host cost, counted: the int8 cache adds 56 aten calls per layer (124 when its eager
+    # scale conversions were integer arithmetic, as compiled steps still do)
+    (_, n16), (_, n8) = bench.main(["--count-prefill"])
+    assert 0 < n8 - n16 <= 2 * 64, (n16, n8)
 
 
 def test_compiled_cache_update_writes_in_place():
