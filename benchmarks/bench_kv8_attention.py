@@ -3,11 +3,14 @@
 Three ways to attend over a static KV cache of L positions (the first `--filled` attended, the rest
 masked, as in a decode step of launch/bench.py):
 
-  sdpa16     bf16 cache, F.scaled_dot_product_attention with a bool mask (what the bf16 and the
-             default INT4 variants of launch/bench.py run; GQA through enable_gqa)
-  kv8        the packed int8 cache (grace_ds.export.kv8), the portable multiply + reduce form,
-             torch.compile'd (what `--kv-int8` runs without the kernel)
-  kv8-triton the same cache, the Triton split-K kernel (grace_ds.export.kv8_triton, `--kv8-triton`)
+  sdpa16        bf16 cache, F.scaled_dot_product_attention with a bool mask (what the bf16 and the
+                default INT4 variants of launch/bench.py run; GQA through enable_gqa)
+  kv8-portable  the packed int8 cache (grace_ds.export.kv8), the portable multiply + reduce form,
+                torch.compile'd (what `--kv-int8 --kv8-portable` runs)
+  kv8           the same cache through the registered attention function, torch.compile'd: what
+                `--kv-int8` runs (on the GPU the Triton split-K kernel, grace_ds.export.kv8_triton;
+                the launch sweep and the options are timed this way)
+  kv8-triton    the kernel called directly, its mask -> bias conversion an eager kernel of its own
 
 Each timed call reads a different layer's cache out of `--layers` copies (enough to exceed L2), so
 the cache comes from DRAM as in a real decode step. Reported: median us per call, the cache bytes
@@ -48,12 +51,19 @@ SHAPES = {  # name: (query heads, kv heads, head dim)
 
 
 def portable(q, k, v, mask, scaling):
-    """kv8's portable decode attention (the function registered with transformers), on its own
-    (GRACE_KV8_TRITON is not set here, so it does not dispatch to the kernel)."""
+    """kv8's portable decode attention, the form used where the kernel is not."""
+    return kv8.portable_decode_attention(q, k, v, mask, scaling)
+
+
+def registered(q, k, v, mask, scaling):
+    """The attention function registered with transformers, as a compiled decode step runs it: on the
+    GPU the Triton kernel (kv8_triton.LAUNCH is read at each call), with the mask -> bias conversion
+    fused by inductor."""
     return kv8.kv8_attention_forward(None, q, k, v, mask, scaling=scaling)[0]
 
 
 def triton_op(q, k, v, mask, scaling):
+    """The kernel called directly, with its mask -> bias conversion as a separate eager kernel."""
     bias = torch.where(mask[:, 0, -1, :], 0.0, float("-inf"))
     return kv8_triton.kv8_decode_attention(q, k, v, bias, scaling).to(q.dtype).transpose(1, 2)
 
@@ -65,6 +75,10 @@ def sdpa(q, k, v, mask, scaling):
 
 SWEEP = ([64, 128], [4, 8], [1, 2, 3], [264, 1056])   # block, warps, stages, programs
 SWEEP_SMALL = ([32], [4], [1], [264, 1056])
+# kernel options (kv8_triton.LAUNCH) timed at the fastest launch configuration, each switched on its own
+# ("none": all off, the kernel as first measured, with plain int8 -> fp16 casts)
+OPTIONS = {"skip": {"skip": True}, "no qk_int8": {"qk_int8": False}, "no vwords": {"vwords": False},
+           "no asm": {"asm": False}, "none": {"skip": False, "asm": False, "vwords": False, "qk_int8": False}}
 
 
 def reference(q, k16, v16, mask, scaling):
@@ -155,8 +169,10 @@ def main(argv=None):
     if args.small:
         shapes = {"tiny-mha": (4, 4, 32), "tiny-gqa": (4, 2, 32)}
         args.length, args.filled, args.layers, args.reps, args.batch = 96, 80, 2, 5, [1, 2]
-    methods = {"sdpa16": sdpa, "kv8": torch.compile(portable, dynamic=False) if device.type == "cuda" else portable}
+    compiled = (lambda f: torch.compile(f, dynamic=False)) if device.type == "cuda" else (lambda f: f)
+    methods = {"sdpa16": sdpa, "kv8-portable": compiled(portable)}
     if kv8_triton.triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        methods["kv8"] = compiled(registered)
         methods["kv8-triton"] = triton_op
     gbps_copy = copy_rate(device)
     sweep_lines = []
@@ -200,21 +216,27 @@ def main(argv=None):
             ref16, ref8 = reference(q, k16, v16, mask, scaling), reference(q, kd, vd, mask, scaling)
             for m, fn in methods.items():
                 lines.append(row(m, fn, per_layer[m], ref16 if m == "sdpa16" else ref8)[1])
-            if args.sweep and "kv8-triton" in methods:
+            if args.sweep and "kv8" in methods:
                 default = dict(kv8_triton.LAUNCH)
                 found = []
                 for block, warps, stages, programs in itertools.product(*(SWEEP_SMALL if args.small else SWEEP)):
-                    kv8_triton.LAUNCH.update(block=block, num_warps=warps, num_stages=stages, programs=programs)
-                    label = f"kv8-triton b{block} w{warps} s{stages} p{programs}"
-                    found.append(row(label, triton_op, per_layer["kv8-triton"], ref8))
+                    launch = dict(block=block, num_warps=warps, num_stages=stages, programs=programs)
+                    kv8_triton.LAUNCH.update(default, **launch)
+                    label = f"kv8 b{block} w{warps} s{stages} p{programs}"
+                    found.append((*row(label, methods["kv8"], per_layer["kv8"], ref8), launch))
+                found.sort(key=lambda f: f[0])
+                sweep_lines.extend(r for _, r, _ in found[:6])
+                for name_off, off in OPTIONS.items():   # the options, at the fastest launch
+                    kv8_triton.LAUNCH.update(default, **found[0][2], **off)
+                    sweep_lines.append(row(f"{found[0][1].split(' | ')[2]}, {name_off}", methods["kv8"],
+                                           per_layer["kv8"], ref8)[1])
                 kv8_triton.LAUNCH.update(default)
-                found.sort()
-                sweep_lines.extend(r for _, r in found[:6])
             del per_layer, ref_inputs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if sweep_lines:
-        lines += ["", "Sweep of the Triton kernel's launch configuration (the 6 fastest per model and batch):", "",
+        lines += ["", "Sweep of the Triton kernel's launch configuration (the 6 fastest per model and batch), then the "
+                      "kernel options (kv8_triton.LAUNCH) switched one at a time at the fastest:", "",
                   "| model | batch | configuration | us | cache MB read | GB/s | % of copy | rel err (norm) vs float64 |",
                   "|---|---|---|---|---|---|---|---|"] + sweep_lines
     text = "\n".join(lines)

@@ -331,7 +331,7 @@ def test_attention_benchmark_smoke(capsys):
     spec.loader.exec_module(bench)
     bench.main(["--small"])
     out = capsys.readouterr().out
-    assert out.count("| sdpa16 |") == 4 and out.count("| kv8 |") == 4
+    assert out.count("| sdpa16 |") == 4 and out.count("| kv8-portable |") == 4
     # a prefill's host cost, counted: the int8 cache adds 56 aten calls per layer (124 when its eager
     # scale conversions were integer arithmetic, as compiled steps still do)
     (_, n16), (_, n8) = bench.main(["--count-prefill"])

@@ -22,17 +22,37 @@ CASES = [
     (3, 14, 2, 200, 128, "additive", 200),
     (1, 8, 1, 64, 32, None, 64),
     (4, 2, 2, 1000, 64, "bool", 613),
+    (2, 4, 4, 256, 64, "bool", 170),      # a multiple of the block (the unmasked loads), masked tail skipped
 ]
+# kernel options (kv8_triton.LAUNCH) each case runs under: the defaults, then each option switched
+VARIANTS = [{}, {"skip": True}, {"qk_int8": False}, {"vwords": False, "asm": False, "qk_int8": False},
+            {"block": 64, "num_warps": 8}]
 
 
 def check(device: str) -> float:
+    """check_launch under every VARIANTS entry; returns the worst relative error."""
+    from grace_ds.export.kv8_triton import LAUNCH
+
+    default = dict(LAUNCH)
+    try:
+        worst = 0.0
+        for variant in VARIANTS:
+            LAUNCH.update(default, **variant)
+            worst = max(worst, check_launch(device))
+        return worst
+    finally:
+        LAUNCH.update(default)
+
+
+def check_launch(device: str) -> float:
     """Every case: the kernel (and the attention function that dispatches to it) against the
     reference; returns the worst relative error."""
     from grace_ds.export.kv8 import kv8_attention_forward, quantize_kv
-    from grace_ds.export.kv8_triton import available, kv8_decode_attention, n_splits_for
+    from grace_ds.export.kv8_triton import LAUNCH, available, kv8_decode_attention, n_splits_for
 
     g = torch.Generator().manual_seed(0)
     worst = 0.0
+    assert {L % LAUNCH["block"] == 0 for *_, L, _, _, _ in CASES} == {True, False}   # EVEN and not
     splits = {n_splits_for(B * Hk, L) for B, _, Hk, L, *_ in CASES}
     assert min(splits) == 1 and max(splits) > 1, splits     # the cases cover one split and many
     for B, H, Hk, L, D, kind, valid in CASES:
@@ -55,7 +75,7 @@ def check(device: str) -> float:
         out = kv8_decode_attention(q, k, v, bias, scaling)
         assert out.shape == (B, H, 1, D) and out.dtype == q.dtype
         err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
-        assert err < 1e-2, (B, H, Hk, L, D, kind, err)
+        assert err < 1e-2, (B, H, Hk, L, D, kind, err, LAUNCH)
         module = torch.nn.Module()
         via, _ = kv8_attention_forward(module, q, k, v, mask, scaling=scaling)
         assert via.shape == (B, 1, H, D) and via.dtype == torch.bfloat16
@@ -121,9 +141,16 @@ def compile_for_gpus() -> int:
                 sig = {"Q": qt, "K": "*i8", "V": "*i8", "Bias": "*fp32", "M_out": "*fp32", "L_out": "*fp32",
                        "Acc_out": "*fp32", **{k: "i32" for k in ints}, "scaling": "fp32"}
                 consts = dict(G=G, GP=max(kt.MIN_ROWS, triton.next_power_of_2(G)), D=D,
-                              BLOCK=kt.LAUNCH["block"], HAS_BIAS=has_bias, VIA_FP32=False)
+                              BLOCK=kt.LAUNCH["block"], HAS_BIAS=has_bias, VIA_FP32=False, EVEN=has_bias,
+                              SKIP=kt.LAUNCH["skip"], ASM=kt.LAUNCH["asm"], VWORDS=kt.LAUNCH["vwords"],
+                              QK_INT8=kt.LAUNCH["qk_int8"] and D >= 32)
                 sig.update({k: "constexpr" for k in consts})
-                k = triton.compile(ASTSource(fn=kt._kv8_decode_kernel, signature=sig, constexprs=consts),
+                # pointers and strides divisible by 16, as the launcher specialises them on the GPU
+                # (without it the codes are loaded byte by byte: a different kernel)
+                div = ("Q", "K", "V", "Bias", "M_out", "L_out", "Acc_out", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l", "sv_b",
+                       "sv_h", "sv_l", "sb_b")
+                attrs = {(kt._kv8_decode_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
+                k = triton.compile(ASTSource(fn=kt._kv8_decode_kernel, signature=sig, constexprs=consts, attrs=attrs),
                                    target=GPUTarget("cuda", arch, 32))
                 assert "mma" in k.asm["ptx"] and len(k.asm["cubin"]) > 0, (arch, qt, G, D)
                 n += 1

@@ -242,6 +242,16 @@ def kv8_attention_forward(module, query, key, value, attention_mask, dropout: fl
             bias = torch.where(m, 0.0, float("-inf")) if m.dtype == torch.bool else m   # additive as is
         out = kv8_triton.kv8_decode_attention(query, key, value, bias, scaling)   # in query.dtype
         return out.transpose(1, 2), None
+    return portable_decode_attention(query, key, value, attention_mask, scaling), None
+
+
+def portable_decode_attention(query, key, value, attention_mask, scaling: float) -> torch.Tensor:
+    """One query token over the packed cache without the kernel (any device): multiply + reduce, which
+    torch.compile fuses with the int8 reads. query (B, H, 1, D); mask as for kv8_attention_forward.
+    Returns (B, 1, H, D) in the query's dtype."""
+    B, H, _, D = query.shape
+    Hk = key.shape[1]
+    G = H // Hk
     kc, ks = split_kv(key)          # (B, Hk, L, D), (B, Hk, L, 1)
     vc, vs = split_kv(value)
     qf = query.float().view(B, Hk, G, 1, D)
@@ -255,7 +265,7 @@ def kv8_attention_forward(module, query, key, value, attention_mask, dropout: fl
             scores = scores + m.float()
     p = torch.softmax(scores, dim=-1) * vs.squeeze(-1).unsqueeze(2)   # (B, Hk, G, L)
     out = (p.unsqueeze(-1) * vc.unsqueeze(2).float()).sum(-2)         # (B, Hk, G, D)
-    return out.to(query.dtype).view(B, H, 1, D).transpose(1, 2), None
+    return out.to(query.dtype).view(B, H, 1, D).transpose(1, 2)
 
 
 def register() -> None:

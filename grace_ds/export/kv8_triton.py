@@ -2,25 +2,29 @@
 
 `grace_ds.export.kv8` stores, per (row, kv head), the cached vectors as rows of head_dim int8 codes
 followed by one contiguous array of their fp32 scales. Its portable decode attention (multiply + reduce,
-fused by inductor) is correct but slow on the GPU: on an H200 it doubled LLaVA-1.5-7B's batch-16
-step (docs/benchmarks.md). This kernel reads the cache once, at one byte per value
-(on an H200, one layer of LLaVA-1.5-7B at batch 16: 75 us against 187 us for the portable form and
-66 us for SDPA over the bf16 cache; benchmarks/bench_kv8_attention.py):
+fused by inductor) is correct but slow on the GPU: on an H200 it tripled the attention time of
+LLaVA-1.5-7B at batch 16 (docs/benchmarks.md). This kernel reads the cache once, at one byte per
+value (on an H200, one layer of LLaVA-1.5-7B at batch 16: 52 us against 187 us for the portable form
+and 65 us for SDPA over the bf16 cache; benchmarks/bench_kv8_attention.py):
 
 - grid (batch x kv heads, splits): each program takes the G = H / H_kv query heads of one kv head
   (GQA) and one slice of the positions, and walks it in blocks of LAUNCH["block"] positions;
-- per block: the block's key and value codes and scales are loaded first (all in flight at once),
-  then codes -> fp16 (exact for |code| <= 127), scores = (q / |q|max . codes) on tensor cores
-  (`tl.dot`; the query heads are padded to 16 rows), times |q|max, the key scale and the softmax
-  scaling, plus the mask bias; online softmax; out += (p * v_scale / block max) . v_codes, again
-  with `tl.dot`, times the block's max scale. Every fp16 operand lies in [-127, 127], so no
-  model's range is lost, and fp16 keeps 3 more mantissa bits than bf16;
+- scores: the query (padded to 16 rows for tl.dot) is split into two int8 parts, q * 127 / |q|max
+  ~ hi + lo / 254, and multiplied with the key codes as stored on int8 tensor cores (exact int32
+  sums), then times |q|max / 127, the key scale, the softmax scaling, plus the mask bias (SageAttention
+  uses int8 scores the same way; the second part keeps the query finer than fp16);
+- online softmax; out += (p * v_scale / block max) . v_codes on fp16 tensor cores, times the block's
+  max scale. The value codes are loaded as int32 words and turned into fp16 in registers by byte
+  arithmetic (exact for |code| <= 127; inline PTX, five instructions per four codes), before tl.dot's
+  layout change: as int8, Triton read them back from shared memory one byte at a time;
+- a block's keys and values are loaded before either is used, so both are in flight at once;
 - each program writes its running max, sum and unnormalised output; a second small kernel merges
   the splits (one program per row and head) and writes the result in the query's dtype.
 
 The probabilities are rounded to fp16 before the value product, as in flash attention; the result
 matches a float64 reference to 16-bit accuracy (tests/test_kv8_triton.py, run on the CPU with
-Triton's interpreter and on the GPU).
+Triton's interpreter and on the GPU). Every option in LAUNCH can be switched off, back to plain
+int8 -> fp16 casts and fp16 dots (the kernel as first measured).
 """
 from __future__ import annotations
 
@@ -36,10 +40,16 @@ except ImportError:  # CPU-only installs: kv8 keeps its portable attention
     triton = None
 
 MIN_ROWS = 16          # tl.dot's smallest M
-# Launch parameters (benchmarks/bench_kv8_attention.py --sweep times the alternatives): positions per
-# block, warps and pipeline stages per program, and the number of programs the splits aim at.
-# Defaults: the fastest on an H200 for LLaVA-1.5-7B and Qwen2-VL-7B at batch 16 (docs/benchmarks.md).
-LAUNCH = {"block": 128, "num_warps": 4, "num_stages": 2, "programs": 264}
+# Launch parameters and kernel options (benchmarks/bench_kv8_attention.py --sweep times the alternatives):
+# positions per block, warps and pipeline stages per program, the number of programs the splits aim at;
+# skip: masked positions' codes are not loaded (slower on an H200: the loads wait for the mask);
+# asm: int8 -> fp16 by byte arithmetic in inline PTX, not one I2F per value; vwords: the value codes
+# loaded as int32 words and converted before tl.dot's transposed layout (fp16 takes ldmatrix.trans;
+# int8 came back from shared memory one byte per load); qk_int8: scores by int8 tensor-core dots
+# (a two-part int8 query; no conversion of the keys). Defaults: the fastest on an H200 for LLaVA-1.5-7B
+# at batch 16 and within 0.3 us of it for the other cases (2026-11-29 10:58 UTC, docs/benchmarks.md).
+LAUNCH = {"block": 128, "num_warps": 4, "num_stages": 3, "programs": 264, "skip": False, "asm": True, "vwords": True,
+          "qk_int8": True}
 
 
 def takes_head_dim(d: int) -> bool:
@@ -63,11 +73,67 @@ def available(query: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _i8_to_f16(x, VIA_FP32: tl.constexpr, ASM: tl.constexpr = True):
+        """int8 codes -> fp16, exact. On the GPU four at a time from one 32-bit register: the bytes are
+        offset to c + 128 (xor 0x80), placed under the fp16 exponent of 1024 (prmt with 0x64: the half
+        0x64XX is 1024 + XX), and 1152 is subtracted (sub.f16x2) - five instructions per four values,
+        where a plain cast is one I2F per value at a quarter of the ALU rate (and the SASS showed it
+        reading the codes from shared memory byte by byte). Triton's interpreter runs no PTX: there,
+        through fp32 (its direct int8 -> fp16 cast is wrong)."""
+        if VIA_FP32:
+            return x.to(tl.float32).to(tl.float16)
+        if not ASM:
+            return x.to(tl.float16)
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, m;
+            xor.b32 t, $2, 0x80808080;
+            mov.b32 m, 0x64806480;
+            prmt.b32 $0, t, 0x64646464, 0x4140;
+            prmt.b32 $1, t, 0x64646464, 0x4342;
+            sub.f16x2 $0, $0, m;
+            sub.f16x2 $1, $1, m;
+            }""",
+            constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
+
+    @triton.jit
+    def _words_to_f16(w, BLOCK: tl.constexpr, D: tl.constexpr, VIA_FP32: tl.constexpr, ASM: tl.constexpr):
+        """(BLOCK, D // 4) int32 words, four int8 codes each (little-endian) -> (BLOCK, D) fp16, exact,
+        converted where they were loaded (a blocked layout). Loaded as int8 and cast, the value codes
+        go to shared memory as bytes and come back one byte per load in the transposed order tl.dot
+        wants (the positions are the reduction axis); as fp16 they take ldmatrix. Same arithmetic as
+        _i8_to_f16: each byte offset by 128 (xor) under the exponent of 1024 (0x64XX = 1024 + XX),
+        minus 1152."""
+        if VIA_FP32 or not ASM:   # integer arithmetic and bitcasts (Triton's interpreter runs no PTX)
+            e0 = ((w & 0xFF) ^ 0x6480).to(tl.int16).to(tl.float16, bitcast=True)   # (x ^ 0x80) | 0x6400 for a byte x
+            e1 = (((w >> 8) & 0xFF) ^ 0x6480).to(tl.int16).to(tl.float16, bitcast=True)
+            e2 = (((w >> 16) & 0xFF) ^ 0x6480).to(tl.int16).to(tl.float16, bitcast=True)
+            e3 = (((w >> 24) & 0xFF) ^ 0x6480).to(tl.int16).to(tl.float16, bitcast=True)
+            return tl.join(tl.join(e0, e2), tl.join(e1, e3)).reshape(BLOCK, D) - 1152.0
+        e0, e1, e2, e3 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, m, lo, hi;
+            xor.b32 t, $4, 0x80808080;
+            mov.b32 m, 0x64806480;
+            prmt.b32 lo, t, 0x64646464, 0x4140;
+            prmt.b32 hi, t, 0x64646464, 0x4342;
+            sub.f16x2 lo, lo, m;
+            sub.f16x2 hi, hi, m;
+            mov.b32 {$0, $1}, lo;
+            mov.b32 {$2, $3}, hi;
+            }""",
+            constraints="=h,=h,=h,=h,r", args=[w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+            is_pure=True, pack=1)
+        return tl.join(tl.join(e0, e2), tl.join(e1, e3)).reshape(BLOCK, D)
+
+    @triton.jit
     def _kv8_decode_kernel(Q, K, V, Bias, M_out, L_out, Acc_out,
                            sq_b, sq_h, sq_d, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sb_b,
                            H, Hk, L, n_splits, per_split, scaling,
                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, VIA_FP32: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, VIA_FP32: tl.constexpr, EVEN: tl.constexpr = False,
+                           SKIP: tl.constexpr = False, ASM: tl.constexpr = True,
+                           VWORDS: tl.constexpr = False, QK_INT8: tl.constexpr = False):
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(1)
         b = pid_bh // Hk
@@ -81,42 +147,86 @@ if triton is not None:
         # absmax (folded back into the scores), the codes are exact, p * v_scale by the block's max scale
         qmax = tl.max(tl.abs(q), 1)
         qmax = tl.where(qmax > 0, qmax, 1.0)
-        qn = (q / qmax[:, None]).to(tl.float16)
-        qs = qmax * scaling
+        if QK_INT8:
+            # the query as two int8 parts, x = q * 127 / |q|max ~ hi + lo / 254 (error <= 1 / 508 of a step:
+            # finer than fp16), so the scores are two int8 x int8 dots (IMMA, exact in int32) with the key
+            # codes as they are stored: no conversion of the keys. One part alone costs ~1% of the output
+            # (tests/test_kv8_triton.py)
+            x = q * (127.0 / qmax[:, None])
+            qn = (x + tl.where(x >= 0, 0.5, -0.5)).to(tl.int8)
+            r = (x - qn.to(tl.float32)) * 254.0
+            qlo = (r + tl.where(r >= 0, 0.5, -0.5)).to(tl.int8)
+            qs = qmax * (scaling / 127.0)
+        else:
+            qn = (q / qmax[:, None]).to(tl.float16)
+            qs = qmax * scaling
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
+        start = pid_s * per_split
+        hi = tl.minimum(per_split, L - start)          # the last split may end at L
+        offs = start + tl.arange(0, BLOCK)
         k_base = K + b * sk_b + hk * sk_h
         v_base = V + b * sv_b + hk * sv_h
-        k_scales = (k_base + L * sk_l).to(tl.pointer_type(tl.float32))     # the fp32 scales after the L code rows
-        v_scales = (v_base + L * sv_l).to(tl.pointer_type(tl.float32))
-        start = pid_s * per_split
-        for off in range(0, per_split, BLOCK):
-            pos = start + off + tl.arange(0, BLOCK)
-            pmask = pos < L
+        # pointers advanced by one block per iteration (not recomputed from the positions)
+        k_ptrs = k_base + offs[:, None] * sk_l + d[None, :]
+        if VWORDS:   # the value codes as int32 words (4 codes each; rows are 16-byte aligned)
+            v_ptrs = v_base.to(tl.pointer_type(tl.int32)) + offs[:, None] * (sv_l // 4) + tl.arange(0, D // 4)[None, :]
+        else:
+            v_ptrs = v_base + offs[:, None] * sv_l + d[None, :]
+        ks_ptrs = (k_base + L * sk_l).to(tl.pointer_type(tl.float32)) + offs   # the fp32 scales after the L code rows
+        vs_ptrs = (v_base + L * sv_l).to(tl.pointer_type(tl.float32)) + offs
+        b_ptrs = Bias + b * sb_b + offs
+        for off in range(0, hi, BLOCK):
+            pos = offs + off
+            # EVEN (L a multiple of BLOCK): every block the loop reaches is whole, no bounds masks
+            pmask = (pos < L) | EVEN
+            if HAS_BIAS:
+                bias = tl.load(b_ptrs, mask=pmask, other=float("-inf"))
+            # SKIP: the codes of masked positions (not written yet, or padding) are not read at all
+            live = (pmask & (bias > float("-inf"))) if SKIP and HAS_BIAS else pmask
             # keys and values are loaded before any use, so that both are in flight at once (a program at
             # batch 1 walks a single block, and a value load placed after the softmax would wait for it)
-            kc = tl.load(k_base + pos[:, None] * sk_l + d[None, :], mask=pmask[:, None], other=0)
-            ks = tl.load(k_scales + pos, mask=pmask, other=0.0)
-            vc = tl.load(v_base + pos[:, None] * sv_l + d[None, :], mask=pmask[:, None], other=0)
-            vs = tl.load(v_scales + pos, mask=pmask, other=0.0)
-            # int8 -> fp16 is exact for |code| <= 127 (through fp32 in Triton's interpreter, whose direct cast is wrong)
-            kc = kc.to(tl.float32).to(tl.float16) if VIA_FP32 else kc.to(tl.float16)
-            s = tl.dot(qn, tl.trans(kc)) * qs[:, None] * ks[None, :]                                # (GP, BLOCK)
+            if EVEN and not (SKIP and HAS_BIAS):
+                kc = tl.load(k_ptrs)
+                ks = tl.load(ks_ptrs)
+                vc = tl.load(v_ptrs)
+                vs = tl.load(vs_ptrs)
+            else:
+                kc = tl.load(k_ptrs, mask=live[:, None], other=0)
+                ks = tl.load(ks_ptrs, mask=live, other=0.0)
+                vc = tl.load(v_ptrs, mask=live[:, None], other=0)
+                vs = tl.load(vs_ptrs, mask=live, other=0.0)
+            if QK_INT8:
+                kt = tl.trans(kc)
+                s = tl.dot(qn, kt, out_dtype=tl.int32).to(tl.float32) + \
+                    tl.dot(qlo, kt, out_dtype=tl.int32).to(tl.float32) * (1.0 / 254.0)
+            else:
+                s = tl.dot(qn, tl.trans(_i8_to_f16(kc, VIA_FP32, ASM)))
+            s = s * qs[:, None] * ks[None, :]                                                      # (GP, BLOCK)
             if HAS_BIAS:
-                s += tl.load(Bias + b * sb_b + pos, mask=pmask, other=float("-inf"))[None, :]
-            s = tl.where(pmask[None, :], s, float("-inf"))
+                s += bias[None, :]
+            if not EVEN:
+                s = tl.where(pmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)      # a block with nothing to attend
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            vc = vc.to(tl.float32).to(tl.float16) if VIA_FP32 else vc.to(tl.float16)
+            if VWORDS:
+                vc = _words_to_f16(vc, BLOCK, D, VIA_FP32, ASM)
+            else:
+                vc = _i8_to_f16(vc, VIA_FP32, ASM)
             vmax = tl.max(vs, 0)
             vmax = tl.where(vmax > 0, vmax, 1.0)
             pv = (p * (vs / vmax)[None, :]).to(tl.float16)
             acc = acc * alpha[:, None] + tl.dot(pv, vc) * vmax
             m_i = m_new
+            k_ptrs += BLOCK * sk_l
+            v_ptrs += BLOCK * sv_l // 4 if VWORDS else BLOCK * sv_l
+            ks_ptrs += BLOCK
+            vs_ptrs += BLOCK
+            b_ptrs += BLOCK
         row = (b * H + hk * G + g) * n_splits + pid_s
         tl.store(M_out + row, m_i, mask=gmask)
         tl.store(L_out + row, l_i, mask=gmask)
@@ -204,6 +314,8 @@ if triton is not None:
             value.stride(0), value.stride(1), value.stride(2), bias.stride(0) if has_bias else 0,
             H, Hk, L, S, per_split, scaling,
             G=G, GP=GP, D=D, BLOCK=block, HAS_BIAS=has_bias, VIA_FP32=os.environ.get("TRITON_INTERPRET") == "1",
+            EVEN=L % block == 0, SKIP=LAUNCH["skip"], ASM=LAUNCH["asm"], VWORDS=LAUNCH["vwords"],
+            QK_INT8=LAUNCH["qk_int8"] and D >= 32,
             num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"])
         out = torch.empty(B, H, 1, D, device=dev, dtype=query.dtype)   # the merge writes the query's dtype
         _kv8_merge_kernel[(B * H,)](m, lsum, acc, out, S, SP=max(2, triton.next_power_of_2(S)), D=D)
