@@ -6,6 +6,7 @@
 #   E2E_TESTS=1 bash scripts/e2e_device.sh ... --fuse-proj     # GPU tests of kernels and serving path first
 #   E2E_TESTS=after E2E_TESTS_S=150 bash scripts/e2e_device.sh ... # bench first, tests in the last 150 s
 #   E2E_ATTN=1 bash scripts/e2e_device.sh ... --kv-int8             # + benchmarks/bench_kv8_attention.py first
+#   E2E_TEST_FILES="tests/test_kv8.py" E2E_TESTS=after ...          # only these files' GPU tests
 # (device call: carry [".whl"], timeout_s 598; the wheels come from ../shared/tools/device-wheels.sh)
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -18,8 +19,8 @@ nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader; date -u; git lo
 timeout 240 python3 -m kernels.w4a16.build > "$OUT/build.log" 2>&1; echo "build rc=$? $(( $(date +%s) - T0 ))s"
 gpu_tests() {  # the kernels (every config, PDL), then the serving path (fusion, int8 cache, capture)
   local t=$1
-  timeout "$t" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py tests/test_kv8_triton.py tests/test_kv8.py tests/test_fuse.py \
-    tests/test_export.py -k "not (bench and compile)" > "$OUT/pytest.log" 2>&1
+  timeout "$t" python3 -m pytest -m gpu -q -p no:cacheprovider ${E2E_TEST_FILES:-tests/test_kernels.py tests/test_kv8_triton.py \
+    tests/test_kv8.py tests/test_fuse.py tests/test_export.py} -k "not (bench and compile)" > "$OUT/pytest.log" 2>&1
   echo "gpu tests rc=$? $(( $(date +%s) - T0 ))s"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/pytest.log" | tail -12
 }
 [ "$E2E_TESTS" = 1 ] && gpu_tests 240
