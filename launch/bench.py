@@ -32,6 +32,8 @@ What one measurement is (per architecture x variant x batch):
   is the default and stays accepted;
 - `--int8-embed`: the int4 variant's token embeddings in int8, one scale per row
   (grace_ds.export.load.quantize_embeddings_; a memory option);
+- `--int8-vision`: the int4 variant's vision encoder and projector linears in int8, one scale per
+  output row, dequantised at each call (grace_ds.export.load.quantize_vision_; a memory option);
 - `--pdl`: the int4 variant's W4A16 kernels use programmatic dependent launch (Hopper);
 - `--prefill-chunk N`: both variants run the prompt through the language model N tokens at a time
   (less activation memory at batch 16; the vision tower still sees every image at once);
@@ -272,6 +274,10 @@ def worker(args) -> None:
 
             quantize_embeddings_(model)
             result["embed_tokens"] = "int8"
+        if args.variant == "int4" and args.int8_vision:
+            from grace_ds.export.load import quantize_vision_
+
+            result["vision"] = f"int8 ({quantize_vision_(model)} linears)"
         if args.variant == "int4" and args.pdl and torch.device(device).type == "cuda":
             import kernels.w4a16 as kw
 
@@ -338,6 +344,7 @@ def render(results: list[dict], args, command: str) -> str:
              f"decode step mode requested: {args.mode}; random weights"
              + ("; int4 variant: lm_head rounded to INT4 too (--int4-lm-head)" if args.int4_lm_head else "")
              + ("; int4 variant: token embeddings in int8 (--int8-embed)" if args.int8_embed else "")
+             + ("; int4 variant: vision encoder and projector linears in int8 (--int8-vision)" if args.int8_vision else "")
              + ("; q/k/v and gate/up fused into one GEMM each, both variants (--fuse-proj)" if args.fuse_proj else "")
              + ("; int4 variant: KV cache in int8 (--kv-int8)" if args.kv_int8 else "")
              + (f", its decode attention: {_kv8_attention_used(results)}" if args.kv_int8 else "")
@@ -408,6 +415,10 @@ def parse_args(argv=None):
     p.add_argument("--int8-embed", action="store_true",
                    help="int4 variant: token embeddings in int8 with one scale per row (memory: Qwen2-VL-7B's "
                         "table is 1.09 GB in bf16; not trained by QAT, rounding error <= row absmax / 254)")
+    p.add_argument("--int8-vision", action="store_true",
+                   help="int4 variant: vision encoder and projector linears in int8 with one scale per output row "
+                        "(memory: Qwen2-VL-7B's vision tower is 1.3 GB in bf16; not trained by QAT, rounding "
+                        "error <= row absmax / 254)")
     p.add_argument("--fuse-proj", action="store_true",
                    help="both variants: fuse each layer's q/k/v and gate/up projections into one GEMM each "
                         "(grace_ds.export.fuse)")
@@ -490,6 +501,7 @@ def main(argv=None) -> int:
                      "--batch", *map(str, args.batch), "--dtype", args.dtype, "--new-tokens", str(args.new_tokens),
                      "--text-tokens", str(args.text_tokens), "--visual-tokens", str(args.visual_tokens),
                      "--mode", args.mode, "--device", args.device] + (["--int4-lm-head"] if args.int4_lm_head else []) + (["--int8-embed"] if args.int8_embed else []) \
+                + (["--int8-vision"] if args.int8_vision else []) \
                 + (["--fuse-proj"] if args.fuse_proj else []) + (["--kv-int8"] if args.kv_int8 else []) + (["--pdl"] if args.pdl else []) \
                 + (["--prefill-chunk", str(args.prefill_chunk)] if args.prefill_chunk else [])
             print(f"[bench] {arch} {variant} ... ({left():.0f} s of the budget left)", file=sys.stderr, flush=True)

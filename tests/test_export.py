@@ -7,11 +7,13 @@ export_int_weights) from a tiny LLaVA with QAT, so these tests do not depend on 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -548,11 +550,72 @@ def test_int8_embeddings_refuse_a_tied_table():
 def test_bench_smoke_int8_embed(tmp_path):
     bench = load_script("bench")
     rc = bench.main(["--smoke", "--in-process", "--arch", "tiny-qwen2vl", "--batch", "1", "--new-tokens", "3",
-                     "--int4-lm-head", "--int8-embed", "--out", str(tmp_path / "t.md"), "--json", str(tmp_path / "t.json")])
+                     "--int4-lm-head", "--int8-embed", "--int8-vision", "--out", str(tmp_path / "t.md"),
+                     "--json", str(tmp_path / "t.json")])
     assert rc == 0
     res = json.loads((tmp_path / "t.json").read_text())["results"]
     assert "embed_tokens" not in res[0] and res[1]["embed_tokens"] == "int8"
-    assert "--int8-embed" in (tmp_path / "t.md").read_text()
+    assert "vision" not in res[0] and res[1]["vision"] == "int8 (10 linears)"   # 2 blocks x (qkv, proj, fc1, fc2) + merger 2
+    text = (tmp_path / "t.md").read_text()
+    assert "--int8-embed" in text and "--int8-vision" in text
+
+
+@pytest.mark.parametrize("arch", ["tiny-llava", "tiny-qwen2vl"])
+def test_int8_vision_matches_a_float64_reference_and_decode(arch):
+    """--int8-vision: every linear of the vision encoder and projector (none of the language model's)
+    becomes Int8Linear, whose output is F.linear with codes * scale (s = row absmax / 127, checked in
+    float64); the image features stay within the rounding's bound of the 16-bit ones, and greedy
+    decoding follows the 16-bit model."""
+    from grace_ds.export.decode import StaticDecoder
+    from grace_ds.export.load import VISION_PATTERNS, Int8Linear, quantize_vision_
+
+    cfg, model = tiny_vlm(arch)
+    model = model.to(torch.bfloat16)
+    inputs, s = tiny_prompt(cfg)
+    inputs = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in inputs.items()}
+    vision = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(re.search(p, n) for p in VISION_PATTERNS)]
+    text = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in vision]
+    weights = {n: model.get_submodule(n).weight.detach().double().clone() for n in vision}
+    feats = image_features(model, inputs)
+    with torch.no_grad():
+        ref = StaticDecoder(model, cfg, 2, s + 8, "cpu")
+        ref.prefill(inputs)
+        ref.run_steps(6)
+        assert quantize_vision_(model) == len(vision) > 0
+    assert all(isinstance(model.get_submodule(n), Int8Linear) for n in vision)
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in text)          # the language model untouched
+    lin = model.get_submodule(vision[0])
+    w = weights[vision[0]]
+    scale = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+    torch.testing.assert_close(lin.scale.double(), scale, rtol=1e-6, atol=0)
+    assert ((w / lin.scale.double() - lin.codes.double()).abs() <= 0.5 + 1e-4).all()
+    x = torch.randn(3, lin.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = lin(x)
+    deq = (lin.codes.double() * lin.scale.double()).to(torch.bfloat16).double()    # the weight as F.linear sees it
+    want = x.double() @ deq.T + (0 if lin.bias is None else lin.bias.double())
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
+    q_feats = image_features(model, inputs)
+    assert ((q_feats - feats).norm() / feats.norm()).item() < 3e-2, "int8 vision features drift"
+    with torch.no_grad():
+        dec = StaticDecoder(model, cfg, 2, s + 8, "cpu")
+        dec.prefill(inputs)
+        dec.run_steps(6)
+    assert (dec.out[:, :7] == ref.out[:, :7]).float().mean() >= 0.9
+    with pytest.raises(ValueError, match="already int8"):
+        quantize_vision_(model)
+
+
+def image_features(model, inputs) -> torch.Tensor:
+    """The projected image features the language model receives (float64)."""
+    with torch.no_grad():
+        if "image_grid_thw" in inputs:
+            out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        else:
+            out = model.model.get_image_features(inputs["pixel_values"])
+    out = getattr(out, "pooler_output", out)
+    out = torch.cat(list(out)) if isinstance(out, (list, tuple)) else out
+    return out.double()
 
 
 # ----------------------------------------------------------------------------- GPU (skipped without CUDA)

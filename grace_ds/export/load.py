@@ -403,6 +403,61 @@ def quantize_embeddings_(model: nn.Module) -> Int8Embedding:
     return new
 
 
+class Int8Linear(nn.Module):
+    """A linear layer whose weight is stored as int8 codes with one fp32 scale per output row
+    (symmetric, absmax / 127); each call dequantises the weight to the input's dtype (rounding the
+    fp32 product once) and runs F.linear. Weight-only, for layers that run once per prompt (the
+    vision tower): the per-call dequantisation costs a weight-sized temporary, not kernel speed."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.out_features, self.in_features = codes.shape
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
+        codes, scale = round_int8(lin.weight.detach())
+        return cls(codes, scale, None if lin.bias is None else lin.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize(self.codes, self.scale, x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, int8 codes + fp32 row scales, bias={self.bias is not None}"
+
+
+# the vision encoder and its projector into the language model (LLaVA: vision_tower, multi_modal_projector;
+# Qwen2/2.5/3-VL: visual, whose merger is the projector); QuantConfig leaves all of them in 16 bits
+VISION_PATTERNS = (r"(^|\.)vision_tower(\.|$)", r"(^|\.)multi_modal_projector(\.|$)", r"(^|\.)visual(\.|$)")
+
+
+def quantize_vision_(model: nn.Module) -> int:
+    """Store every nn.Linear of the vision encoder and projector (VISION_PATTERNS) as Int8Linear, in
+    place; returns how many were replaced.
+
+    A serving option for memory, not part of GRACE (QAT trains the language model's linears only):
+    the vision tower runs once per prompt but stays resident. Qwen2-VL-7B's is 0.67 B parameters,
+    1.3 GB in bf16; LLaVA-1.5-7B's CLIP ViT-L and projector 0.6 GB. int8 halves them. The rounding
+    error per weight is at most absmax(row) / 254, as for the int8 embeddings; its effect on accuracy
+    is the user's to check (launch/eval.py)."""
+    names = [n for n, m in model.named_modules()
+             if type(m) is nn.Linear and any(re.search(p, n) for p in VISION_PATTERNS)]
+    if not names:
+        done = [n for n, m in model.named_modules() if isinstance(m, Int8Linear)]
+        raise ValueError("the vision linears are already int8" if done else
+                         f"no nn.Linear under {', '.join(VISION_PATTERNS)} in {type(model).__name__}: no vision tower "
+                         "to quantise")
+    with torch.no_grad():
+        for name in names:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            lin = getattr(parent, attr)
+            setattr(parent, attr, Int8Linear.from_linear(lin).to(lin.weight.device))
+    return len(names)
+
+
 def quantized_backends(model: nn.Module) -> dict[str, int]:
     """How many layers run on each path, e.g. {"kernels.w4a16": 196, "dequant": 0}."""
     out: dict[str, int] = {}
