@@ -298,6 +298,9 @@ def worker(args) -> None:
                 torch.cuda.empty_cache()
             print(f"[bench] {args.arch} {args.variant} batch {b}: {json.dumps(r)}", file=sys.stderr)
             result["runs"].append(r)
+            # each finished batch is on disk at once: a worker the parent kills for time keeps its rows
+            unfinished = args.batch[len(result["runs"]):]
+            atomic_write_text(Path(args.json_out), json.dumps(dict(result, unfinished=unfinished), indent=2))
     except Exception as exc:  # noqa: BLE001 - the parent prints it in the table
         traceback.print_exc()
         result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
@@ -305,6 +308,18 @@ def worker(args) -> None:
 
 
 # ============================================================================ orchestration + report
+
+def after_timeout(out: Path, arch: str, variant: str, args) -> dict:
+    """The result of a worker stopped for time: the batches it finished (it writes its JSON after
+    each one) and an error row for each batch it did not."""
+    res = json.loads(out.read_text()) if out.exists() else dict(arch=arch, variant=variant, runs=[])
+    todo = res.pop("unfinished", args.batch)
+    res["runs"] += [dict(batch=b, error=f"timed out: the worker was stopped (--timeout {args.timeout} / --budget); "
+                                        f"run it alone with a longer --timeout") for b in todo]
+    if not any("error" not in r for r in res["runs"]):
+        res["error"] = "timed out (--timeout / --budget)"
+    return res
+
 
 def _kv8_attention_used(results: list[dict]) -> str:
     """What read the int8 cache in the runs, for the table's header."""
@@ -519,8 +534,7 @@ def main(argv=None) -> int:
                                    timeout=int(min(args.timeout, left() - 10)),
                                    env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"))
                 except subprocess.TimeoutExpired:
-                    out.write_text(json.dumps(dict(arch=arch, variant=variant, runs=[],
-                                                   error="timed out (--timeout / --budget)")))
+                    atomic_write_text(out, json.dumps(after_timeout(out, arch, variant, args)))
             if out.exists():
                 results.append(json.loads(out.read_text()))
             else:

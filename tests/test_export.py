@@ -560,6 +560,32 @@ def test_bench_smoke_int8_embed(tmp_path):
     assert "--int8-embed" in text and "--int8-vision" in text
 
 
+def test_bench_keeps_the_batches_a_timed_out_worker_finished(tmp_path):
+    """A worker writes its JSON after every batch; when the parent stops it for time, the finished
+    batches stay in the table and each unfinished one gets an error row (an H200 run lost a measured
+    batch-1 row this way). Exercised through the real worker: it runs batch 1, then the file is
+    treated as a timeout's leftover."""
+    bench = load_script("bench")
+    out = tmp_path / "w.json"
+    args = bench.parse_args(["--smoke", "--worker", "--arch", "tiny-llava", "--variant", "bf16", "--batch", "1",
+                             "--new-tokens", "3", "--json-out", str(out)])
+    args.arch = "tiny-llava"
+    bench.worker(args)
+    done = json.loads(out.read_text())
+    assert [r["batch"] for r in done["runs"]] == [1] and "unfinished" not in done    # a finished worker
+    done["unfinished"] = [16]                                                      # as if stopped before batch 16
+    out.write_text(json.dumps(done))
+    args.batch = [1, 16]
+    res = bench.after_timeout(out, "tiny-llava", "bf16", args)
+    assert [r["batch"] for r in res["runs"]] == [1, 16] and "error" not in res["runs"][0]
+    assert "timed out" in res["runs"][1]["error"] and not res.get("error") and "unfinished" not in res
+    table = bench.render([res], args, "cmd")
+    assert "| tiny-llava | bf16 | 1 |" in table and "timed out" in table
+    out.unlink()                                                                   # stopped before any batch
+    res = bench.after_timeout(out, "tiny-llava", "bf16", args)
+    assert [r["batch"] for r in res["runs"]] == [1, 16] and "timed out" in res["error"]
+
+
 @pytest.mark.parametrize("arch", ["tiny-llava", "tiny-qwen2vl"])
 def test_int8_vision_matches_a_float64_reference_and_decode(arch):
     """--int8-vision: every linear of the vision encoder and projector (none of the language model's)
