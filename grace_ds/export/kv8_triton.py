@@ -60,7 +60,7 @@ def takes_head_dim(d: int) -> bool:
 def available(query: torch.Tensor) -> bool:
     """Whether the kernel runs for this query: Triton importable and a CUDA tensor (or Triton's
     interpreter, TRITON_INTERPRET=1, for tests), unless GRACE_KV8_TRITON=0 (`launch/bench.py
-    --kv8-portable` sets it). On by default since its H200 measurement: twice as fast as the portable
+    --kv8-portable` sets it). On by default since its H200 measurement: 3.6x as fast as the portable
     attention (docs/benchmarks.md). Head dims the kernel does not take (not a power of two >= 16,
     e.g. 80 or 96) keep the portable attention."""
     if triton is None or os.environ.get("GRACE_KV8_TRITON", "1") == "0":
