@@ -11,6 +11,8 @@ masked, as in a decode step of launch/bench.py):
                 `--kv-int8` runs (on the GPU the Triton split-K kernel, grace_ds.export.kv8_triton;
                 the launch sweep and the options are timed this way)
   kv8-triton    the kernel called directly, its mask -> bias conversion an eager kernel of its own
+  kernel16      the bf16 cache through the same split-K kernel's 16-bit form (`--attn16-kernel`,
+                kv8.decode16_attention_forward), compiled: each kv head read once for its query heads
 
 Each timed call reads a different layer's cache out of `--layers` copies (enough to exceed L2), so
 the cache comes from DRAM as in a real decode step. Reported: median us per call, the cache bytes
@@ -62,6 +64,11 @@ def registered(q, k, v, mask, scaling):
     return kv8.kv8_attention_forward(None, q, k, v, mask, scaling=scaling)[0]
 
 
+def kernel16(q, k, v, mask, scaling):
+    """The same split-K kernel over the bf16 cache (`--attn16-kernel`), through its registered function."""
+    return kv8.decode16_attention_forward(None, q, k, v, mask, scaling=scaling)[0]
+
+
 def triton_op(q, k, v, mask, scaling):
     """The kernel called directly, with its mask -> bias conversion as a separate eager kernel."""
     bias = torch.where(mask[:, 0, -1, :], 0.0, float("-inf"))
@@ -73,6 +80,7 @@ def sdpa(q, k, v, mask, scaling):
                                           enable_gqa=q.shape[1] != k.shape[1]).transpose(1, 2)
 
 
+SIXTEEN = ("sdpa16", "kernel16")   # the methods over the bf16 cache
 SWEEP = ([64, 128], [4, 8], [1, 2, 3], [264, 1056])   # block, warps, stages, programs
 SWEEP_SMALL = ([32], [4], [1], [264, 1056])
 # kernel options (kv8_triton.LAUNCH) timed at the fastest launch configuration, each switched on its own
@@ -172,6 +180,7 @@ def main(argv=None):
     compiled = (lambda f: torch.compile(f, dynamic=False)) if device.type == "cuda" else (lambda f: f)
     methods = {"sdpa16": sdpa, "kv8-portable": compiled(portable)}
     if kv8_triton.triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        methods["kernel16"] = compiled(kernel16)
         methods["kv8"] = compiled(registered)
         methods["kv8-triton"] = triton_op
     gbps_copy = copy_rate(device)
@@ -198,7 +207,7 @@ def main(argv=None):
                 v16 = torch.randn(B, Hk, args.length, D, device=device, dtype=torch.bfloat16)
                 k8, v8 = kv8.quantize_kv(k16), kv8.quantize_kv(v16)
                 for m in methods:
-                    per_layer[m].append((q, k16, v16, mask, scaling) if m == "sdpa16" else (q, k8, v8, mask, scaling))
+                    per_layer[m].append((q, k16, v16, mask, scaling) if m in SIXTEEN else (q, k8, v8, mask, scaling))
                 if layer == 0:
                     ref_inputs = (q, k16, v16, kv8.dequantize_kv(k8), kv8.dequantize_kv(v8))
             q, k16, v16, kd, vd = ref_inputs
@@ -215,7 +224,7 @@ def main(argv=None):
 
             ref16, ref8 = reference(q, k16, v16, mask, scaling), reference(q, kd, vd, mask, scaling)
             for m, fn in methods.items():
-                lines.append(row(m, fn, per_layer[m], ref16 if m == "sdpa16" else ref8)[1])
+                lines.append(row(m, fn, per_layer[m], ref16 if m in SIXTEEN else ref8)[1])
             if args.sweep and "kv8" in methods:
                 default = dict(kv8_triton.LAUNCH)
                 found = []

@@ -34,6 +34,9 @@ What one measurement is (per architecture x variant x batch):
   (grace_ds.export.load.quantize_embeddings_; a memory option);
 - `--int8-vision`: the int4 variant's vision encoder and projector linears in int8, one scale per
   output row, dequantised at each call (grace_ds.export.load.quantize_vision_; a memory option);
+- `--attn16-kernel`: both variants decode over their 16-bit caches with the Triton split-K kernel
+  (GQA-aware) instead of transformers' SDPA path, which repeats the kv heads at every step: the
+  baseline then gets the same attention as the int8 cache's;
 - `--pdl`: the int4 variant's W4A16 kernels use programmatic dependent launch (Hopper);
 - `--prefill-chunk N`: both variants run the prompt through the language model N tokens at a time
   (less activation memory at batch 16; the vision tower still sees every image at once);
@@ -156,7 +159,9 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
                                              else config.image_token_id)).sum()) // batch
     steps = args.new_tokens - 1  # the first new token comes from the prefill
     kv_int8 = bool(args.kv_int8 and args.variant == "int4")
-    dec = StaticDecoder(model, config, batch, prompt_len + args.new_tokens, device, kv_int8=kv_int8)
+    kernel16 = bool(args.attn16_kernel and not kv_int8)
+    dec = StaticDecoder(model, config, batch, prompt_len + args.new_tokens, device, kv_int8=kv_int8,
+                        decode_kernel16=kernel16)
     is_cuda = torch.device(device).type == "cuda"
 
     def prefill():
@@ -218,7 +223,9 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
                ttft_s=ttft, decode_s=t_dec, decode_steps=steps, decode_tok_s=batch * steps / t_dec,
                ms_per_step=1000 * t_dec / steps, mode=mode, graph_matches_eager=same, note=note,
                kv_cache="int8" if kv_int8 else "16-bit",
-               kv8_attention=_kv8_attention(model, device) if kv_int8 else None)
+               kv8_attention=_kv8_attention(model, device) if kv_int8 else None,
+               decode_attention=("kv8: " + _kv8_attention(model, device)) if kv_int8 else
+               ("triton16" if kernel16 and _kv8_attention(model, device) == "triton" else "sdpa"))
     if is_cuda:
         res.update(peak_alloc_gib=torch.cuda.max_memory_allocated() / 2**30,
                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
@@ -329,6 +336,14 @@ def _kv8_attention_used(results: list[dict]) -> str:
     return " / ".join(names[k] for k in kinds) or "-"
 
 
+def _decode16_used(results: list[dict]) -> str:
+    """What attended over 16-bit caches with --attn16-kernel, for the table's header."""
+    kinds = sorted({run["decode_attention"] for r in results for run in r.get("runs", [])
+                    if run.get("decode_attention") in ("triton16", "sdpa")})
+    names = {"triton16": "the Triton split-K kernel (--attn16-kernel)", "sdpa": "transformers' SDPA (no GPU or Triton)"}
+    return " / ".join(names[k] for k in kinds) or "-"
+
+
 def _kv8_attention(model, device) -> str:
     """Which decode attention reads the int8 cache in this worker: "triton" or "portable"."""
     from grace_ds.export import kv8_triton
@@ -363,6 +378,7 @@ def render(results: list[dict], args, command: str) -> str:
              + ("; q/k/v and gate/up fused into one GEMM each, both variants (--fuse-proj)" if args.fuse_proj else "")
              + ("; int4 variant: KV cache in int8 (--kv-int8)" if args.kv_int8 else "")
              + (f", its decode attention: {_kv8_attention_used(results)}" if args.kv_int8 else "")
+             + ("; decode attention over 16-bit caches: " + _decode16_used(results) if args.attn16_kernel else "")
              + (f"; prefill in chunks of {args.prefill_chunk} tokens, both variants" if args.prefill_chunk else "")
              + ("; int4 variant: programmatic dependent launch (--pdl)" if args.pdl else ""),
              "",
@@ -445,6 +461,10 @@ def parse_args(argv=None):
     p.add_argument("--kv-int8", action="store_true",
                    help="int4 variant: KV cache in int8 with per-vector scales (grace_ds.export.kv8); use with "
                         "--mode compile, which fuses the int8 reads into the attention reductions")
+    p.add_argument("--attn16-kernel", action="store_true",
+                   help="both variants: decode steps over a 16-bit KV cache use the Triton split-K kernel "
+                        "(grace_ds.export.kv8.enable_decode16; each kv head read once for its query heads) instead "
+                        "of transformers' SDPA path, which repeats the kv heads (GQA) at every step when given a mask")
     p.add_argument("--kv8-portable", action="store_true",
                    help="with --kv-int8: the portable decode attention instead of the Triton kernel "
                         "(sets GRACE_KV8_TRITON=0 for the workers)")
@@ -516,7 +536,7 @@ def main(argv=None) -> int:
                      "--batch", *map(str, args.batch), "--dtype", args.dtype, "--new-tokens", str(args.new_tokens),
                      "--text-tokens", str(args.text_tokens), "--visual-tokens", str(args.visual_tokens),
                      "--mode", args.mode, "--device", args.device] + (["--int4-lm-head"] if args.int4_lm_head else []) + (["--int8-embed"] if args.int8_embed else []) \
-                + (["--int8-vision"] if args.int8_vision else []) \
+                + (["--int8-vision"] if args.int8_vision else []) + (["--attn16-kernel"] if args.attn16_kernel else []) \
                 + (["--fuse-proj"] if args.fuse_proj else []) + (["--kv-int8"] if args.kv_int8 else []) + (["--pdl"] if args.pdl else []) \
                 + (["--prefill-chunk", str(args.prefill_chunk)] if args.prefill_chunk else [])
             print(f"[bench] {arch} {variant} ... ({left():.0f} s of the budget left)", file=sys.stderr, flush=True)

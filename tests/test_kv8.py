@@ -414,3 +414,83 @@ def test_int8_cache_works_with_generate(arch):
         cache = Int8StaticCache(config=model.config, max_cache_len=s + 7)
         out = model.generate(**inputs, past_key_values=cache, max_new_tokens=7, do_sample=False)
     assert torch.equal(out[:, s:], ref)
+
+
+def test_decode16_falls_back_to_sdpa_without_the_kernel():
+    """--attn16-kernel's attention function: where the kernel cannot run (here a CPU tensor, no
+    Triton interpreter) it is transformers' SDPA function exactly, for decode and prompt passes, and a
+    decoder built with it gives the default decoder's tokens."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from grace_ds.export.decode import StaticDecoder
+    from grace_ds.export.kv8 import NAME16, decode16_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    for q_len in (1, 5):
+        q = torch.randn(2, 4, q_len, 32, generator=g)
+        k, v = torch.randn(2, 2, 9, 32, generator=g), torch.randn(2, 2, 9, 32, generator=g)
+        mask = torch.rand(2, 1, q_len, 9, generator=g) > 0.3
+        mask[..., 0] = True
+        got, _ = decode16_attention_forward(module, q, k, v, mask, scaling=0.2)
+        want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.2)
+        assert torch.equal(got, want)
+    cfg, model = tiny_vlm("tiny-qwen2vl")
+    inputs, s = tiny_prompt(cfg)
+    with torch.no_grad():
+        ref = StaticDecoder(model, cfg, 2, s + 6, "cpu")
+        ref.prefill(inputs)
+        ref.run_steps(4)
+        dec = StaticDecoder(model, cfg, 2, s + 6, "cpu", decode_kernel16=True)
+        assert model.config.get_text_config(decoder=True)._attn_implementation == NAME16
+        dec.prefill(inputs)
+        dec.run_steps(4)
+    assert torch.equal(dec.out[:, :5], ref.out[:, :5])
+
+
+def test_bench_smoke_attn16_kernel(tmp_path):
+    import json
+
+    bench = load_script("bench")
+    rc = bench.main(["--smoke", "--in-process", "--arch", "tiny-llava", "--batch", "1", "--new-tokens", "3",
+                     "--attn16-kernel", "--json", str(tmp_path / "t.json"), "--out", str(tmp_path / "t.md")])
+    res = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert rc == 0, res
+    # both variants asked for the kernel; on the CPU without Triton both fell back to SDPA, and say so
+    assert {run["decode_attention"] for r in res for run in r["runs"]} == {"sdpa"}
+    assert "decode attention over 16-bit caches: transformers' SDPA" in (tmp_path / "t.md").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gpu_decode16_compiled_step_matches_sdpa(arch):
+    """On the GPU the 16-bit decode kernel (--attn16-kernel) inside an inductor-compiled step gives the
+    logits of the eager step with transformers' SDPA, for MHA (LLaVA) and GQA (Qwen2-VL)."""
+    import torch._dynamo
+
+    from grace_ds.export.arch import make_prompt
+    from grace_ds.export.decode import StaticDecoder
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("triton")
+    bench = load_script("bench")
+    cfg = bench_config(arch)
+
+    def logits(dec):
+        h = dec.lm(input_ids=dec.tok, position_ids=dec.pos, past_key_values=dec.cache, use_cache=True).last_hidden_state
+        return dec.head(h[:, -1]).float()
+
+    outs = []
+    for kernel in (False, True):
+        torch.manual_seed(0)
+        model = bench.build_bf16(cfg, "cuda", torch.bfloat16).eval()
+        with torch.no_grad():
+            inputs = make_prompt(cfg, 4, 8, 16, device="cuda", dtype=torch.bfloat16, seed=0)
+            dec = StaticDecoder(model, cfg, 4, inputs["input_ids"].shape[1] + 8, "cuda", decode_kernel16=kernel)
+            dec.prefill(inputs)           # the prompt pass is SDPA in both: the same cache for the first step
+            torch._dynamo.reset()
+            outs.append(torch.compile(logits, dynamic=False)(dec) if kernel else logits(dec))
+    ref, out = outs
+    assert ((out - ref).norm() / ref.norm()).item() < 3e-2

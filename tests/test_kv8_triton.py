@@ -47,8 +47,8 @@ def check(device: str) -> float:
 def check_launch(device: str) -> float:
     """Every case: the kernel (and the attention function that dispatches to it) against the
     reference; returns the worst relative error."""
-    from grace_ds.export.kv8 import kv8_attention_forward, quantize_kv
-    from grace_ds.export.kv8_triton import LAUNCH, available, kv8_decode_attention, n_splits_for
+    from grace_ds.export.kv8 import decode16_attention_forward, dequantize_kv, kv8_attention_forward, quantize_kv
+    from grace_ds.export.kv8_triton import LAUNCH, available, decode_attention16, kv8_decode_attention, n_splits_for
 
     g = torch.Generator().manual_seed(0)
     worst = 0.0
@@ -81,7 +81,17 @@ def check_launch(device: str) -> float:
         assert via.shape == (B, 1, H, D) and via.dtype == torch.bfloat16
         err2 = ((via.transpose(1, 2).cpu().double() - ref).norm() / ref.norm()).item()
         assert err2 < 1e-2, (B, H, Hk, L, D, kind, err2)
-        worst = max(worst, err, err2)
+        # the 16-bit kernel over the same cache in bf16 (transformers' StaticCache layout), directly and
+        # through the attention function that dispatches to it
+        k16, v16 = dequantize_kv(k, torch.bfloat16), dequantize_kv(v, torch.bfloat16)
+        ref16 = attention_reference(q.cpu(), k16.cpu(), v16.cpu(), None if bias is None else bias.cpu(), scaling)
+        out16 = decode_attention16(q, k16, v16, bias, scaling)
+        via16, _ = decode16_attention_forward(module, q, k16, v16, mask, scaling=scaling)
+        assert out16.shape == (B, H, 1, D) and out16.dtype == q.dtype and via16.shape == (B, 1, H, D)
+        err3 = ((out16.cpu().double() - ref16).norm() / ref16.norm()).item()
+        err4 = ((via16.transpose(1, 2).cpu().double() - ref16).norm() / ref16.norm()).item()
+        assert err3 < 1e-2 and err4 < 1e-2, (B, H, Hk, L, D, kind, err3, err4, LAUNCH)
+        worst = max(worst, err, err2, err3, err4)
     # torch.compile sees the kernel as one opaque custom op, whatever the backend
     torch._dynamo.reset()
     fn = torch.compile(lambda q, k, v, m: kv8_attention_forward(torch.nn.Module(), q, k, v, m, scaling=scaling)[0] * 2,
@@ -90,6 +100,17 @@ def check_launch(device: str) -> float:
     with pytest.raises(ValueError, match="one query token"):
         kv8_decode_attention(torch.zeros(1, 2, 3, 64, device=device, dtype=torch.bfloat16), k[:1, :1], v[:1, :1], None, 1.0)
     return worst
+
+
+def attention_reference(q, k, v, bias, scaling) -> torch.Tensor:
+    """float64 decode attention over a 16-bit cache: q (B, H, 1, D), k/v (B, H_kv, L, D), bias (B, L)
+    additive or None; returns (B, H, 1, D)."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    s = (q.double() @ k.transpose(-1, -2)) * scaling
+    if bias is not None:
+        s = s + bias.double()[:, None, None, :]
+    return torch.softmax(s, -1) @ v
 
 
 def _triton_path() -> str | None:
@@ -154,6 +175,16 @@ def compile_for_gpus() -> int:
                                    target=GPUTarget("cuda", arch, 32))
                 assert "mma" in k.asm["ptx"] and len(k.asm["cubin"]) > 0, (arch, qt, G, D)
                 n += 1
+            for G, has_bias in ((1, True), (7, False)):     # the 16-bit kernel, over a cache of the query's dtype
+                sig = {"Q": qt, "K": qt, "V": qt, "Bias": "*fp32", "M_out": "*fp32", "L_out": "*fp32",
+                       "Acc_out": "*fp32", **{k: "i32" for k in ints}, "scaling": "fp32"}
+                consts = dict(G=G, GP=max(kt.MIN_ROWS, triton.next_power_of_2(G)), D=128, BLOCK=kt.LAUNCH["block"],
+                              HAS_BIAS=has_bias, VIA_FP32=False, EVEN=has_bias)
+                sig.update({k: "constexpr" for k in consts})
+                k = triton.compile(ASTSource(fn=kt._kv16_decode_kernel, signature=sig, constexprs=consts, attrs=attrs),
+                                   target=GPUTarget("cuda", arch, 32))
+                assert "mma" in k.asm["ptx"] and len(k.asm["cubin"]) > 0, (arch, qt, G, "16-bit")
+                n += 1
         for out_t in ("*bf16", "*fp16"):   # the merge writes the query's dtype
             sig = {"M_in": "*fp32", "L_in": "*fp32", "Acc_in": "*fp32", "Out": out_t, "n_splits": "i32",
                    "SP": "constexpr", "D": "constexpr"}
@@ -166,7 +197,7 @@ def compile_for_gpus() -> int:
 
 def test_kernels_compile_to_cubin_for_hopper_and_ampere():
     out = _run_this_file(["aot"], TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(ROOT / ".venv" / "triton-cache"))
-    assert "compiled 16 kernels" in out
+    assert "compiled 24 kernels" in out
 
 
 def test_kernel_is_the_default_on_a_gpu_or_the_interpreter(monkeypatch):

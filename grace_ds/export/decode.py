@@ -54,9 +54,10 @@ class StaticDecoder:
     the output buffer: all state lives in device tensors, so a CUDA graph of it can be replayed.
     """
 
-    def __init__(self, model, config, batch, max_len, device, kv_int8: bool = False):
+    def __init__(self, model, config, batch, max_len, device, kv_int8: bool = False, decode_kernel16: bool = False):
         """kv_int8: keep the KV cache in int8 (grace_ds.export.kv8; switches the language model's
-        attention to the function that reads it)."""
+        attention to the function that reads it). decode_kernel16: with the 16-bit cache, decode
+        steps use the same Triton split-K kernel (kv8.enable_decode16) instead of transformers' SDPA."""
         from transformers import StaticCache
 
         self.model, self.config, self.device = model, config, device
@@ -67,6 +68,10 @@ class StaticDecoder:
             enable_kv_int8(model)
             self.cache = Int8StaticCache(config=model.config, max_cache_len=max_len)
         else:
+            if decode_kernel16:
+                from grace_ds.export.kv8 import enable_decode16
+
+                enable_decode16(model)
             self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.lm = model.model.language_model
         self.head = model.lm_head

@@ -43,6 +43,7 @@ from grace_ds.export import kv8_triton
 from grace_ds.export.int8 import dequantize, round_int8
 
 NAME = "grace_kv8"
+NAME16 = "grace_decode16"
 SCALE_BYTES = 4
 
 
@@ -269,13 +270,42 @@ def portable_decode_attention(query, key, value, attention_mask, scaling: float)
     return out.to(query.dtype).view(B, H, 1, D).transpose(1, 2)
 
 
+def decode16_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                               scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """For a 16-bit cache: a decode step (one query token) on the GPU runs the Triton split-K kernel
+    (kv8_triton.decode_attention16: each kv head read once for its query heads); everything else, and
+    every pass where the kernel is unavailable, goes to transformers' SDPA function unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    B, H, q_len, D = query.shape
+    if q_len == 1 and key.dtype in (torch.bfloat16, torch.float16) and kv8_triton.available(query):
+        bias = None
+        if attention_mask is not None:
+            m = attention_mask[:, 0, -1, :]
+            bias = torch.where(m, 0.0, float("-inf")) if m.dtype == torch.bool else m
+        scaling = D ** -0.5 if scaling is None else scaling
+        return kv8_triton.decode_attention16(query, key, value, bias, scaling).transpose(1, 2), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
 def register() -> None:
-    """Register "grace_kv8" with transformers' attention and mask interfaces (SDPA's mask format)."""
+    """Register "grace_kv8" and "grace_decode16" with transformers' attention and mask interfaces (SDPA's
+    mask format)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(NAME, kv8_attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    for name, fn in ((NAME, kv8_attention_forward), (NAME16, decode16_attention_forward)):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def enable_decode16(model) -> None:
+    """Route the language model's attention through decode16_attention_forward: the Triton decode
+    kernel over the model's 16-bit static cache (a 16-bit counterpart of the int8 cache's kernel, so
+    that bf16 and INT4 can be compared with the same attention)."""
+    register()
+    model.config.get_text_config(decoder=True)._attn_implementation = NAME16
 
 
 def enable_kv_int8(model) -> None:

@@ -233,6 +233,65 @@ if triton is not None:
         tl.store(Acc_out + row[:, None] * D + d[None, :], acc, mask=gmask[:, None])
 
     @triton.jit
+    def _kv16_decode_kernel(Q, K, V, Bias, M_out, L_out, Acc_out,
+                            sq_b, sq_h, sq_d, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sb_b,
+                            H, Hk, L, n_splits, per_split, scaling,
+                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, VIA_FP32: tl.constexpr, EVEN: tl.constexpr):
+        """_kv8_decode_kernel over a 16-bit cache (transformers' StaticCache: (B, H_kv, L, D) bf16 or fp16):
+        the same split-K walk and GQA grouping, the dots on 16-bit tensor cores with no conversion
+        (VIA_FP32: in fp32, for Triton's interpreter, whose bf16 dot is wrong)."""
+        pid_bh = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        b = pid_bh // Hk
+        hk = pid_bh % Hk
+        g = tl.arange(0, GP)
+        gmask = g < G
+        d = tl.arange(0, D)
+        q = tl.load(Q + b * sq_b + (hk * G + g)[:, None] * sq_h + d[None, :] * sq_d, mask=gmask[:, None], other=0.0)
+        q = q.to(tl.float32).to(K.dtype.element_ty) if not VIA_FP32 else q.to(tl.float32)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        start = pid_s * per_split
+        hi = tl.minimum(per_split, L - start)
+        offs = start + tl.arange(0, BLOCK)
+        k_ptrs = K + b * sk_b + hk * sk_h + offs[:, None] * sk_l + d[None, :]
+        v_ptrs = V + b * sv_b + hk * sv_h + offs[:, None] * sv_l + d[None, :]
+        b_ptrs = Bias + b * sb_b + offs
+        for off in range(0, hi, BLOCK):
+            pos = offs + off
+            pmask = (pos < L) | EVEN
+            if EVEN:
+                kb = tl.load(k_ptrs)
+                vb = tl.load(v_ptrs)
+            else:
+                kb = tl.load(k_ptrs, mask=pmask[:, None], other=0.0)
+                vb = tl.load(v_ptrs, mask=pmask[:, None], other=0.0)
+            if VIA_FP32:
+                kb = kb.to(tl.float32)
+                vb = vb.to(tl.float32)
+            s = tl.dot(q, tl.trans(kb)) * scaling                                                    # (GP, BLOCK)
+            if HAS_BIAS:
+                s += tl.load(b_ptrs, mask=pmask, other=float("-inf"))[None, :]
+            if not EVEN:
+                s = tl.where(pmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+            m_i = m_new
+            k_ptrs += BLOCK * sk_l
+            v_ptrs += BLOCK * sv_l
+            b_ptrs += BLOCK
+        row = (b * H + hk * G + g) * n_splits + pid_s
+        tl.store(M_out + row, m_i, mask=gmask)
+        tl.store(L_out + row, l_i, mask=gmask)
+        tl.store(Acc_out + row[:, None] * D + d[None, :], acc, mask=gmask[:, None])
+
+    @triton.jit
     def _kv8_merge_kernel(M_in, L_in, Acc_in, Out, n_splits, SP: tl.constexpr, D: tl.constexpr):
         """One (row, head): combine the splits' (max, sum, unnormalised output)."""
         r = tl.program_id(0)
@@ -260,6 +319,27 @@ def _cache_length(rows: int, head_dim: int) -> int:
     from grace_ds.export.kv8 import cache_length   # kv8 imports this module
 
     return cache_length(rows, head_dim)
+
+
+def decode_attention16(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
+                       scaling: float) -> torch.Tensor:
+    """The same split-K decode attention over a 16-bit cache: key/value (B, H_kv, L, D) bf16 or fp16 with
+    contiguous rows (transformers' StaticCache), each kv head read once for its H / H_kv query heads.
+    transformers' SDPA path, given a mask (every static-cache decode step has one), first repeats the
+    kv heads to H (`repeat_kv`): 7x the cache's bytes for Qwen2-VL-7B. Returns (B, H, 1, D) in the
+    query's dtype."""
+    B, H, q_len, D = query.shape
+    Hk = key.shape[1]
+    if q_len != 1 or H % Hk or not takes_head_dim(D):
+        raise ValueError(f"triton decode attention: needs one query token, H % H_kv == 0 and a power-of-two head_dim "
+                         f">= 16; got q_len={q_len}, H={H}, H_kv={Hk}, head_dim={D}")
+    if key.dtype not in (torch.bfloat16, torch.float16) or key.shape != value.shape or key.dtype != value.dtype \
+            or key.shape[-1] != D or any(t.stride(-1) != 1 or t.stride(-2) != D for t in (key, value)):
+        raise ValueError(f"triton decode attention: key/value must be (B, H_kv, L, head_dim) bf16/fp16 tensors with "
+                         f"contiguous rows; got {tuple(key.shape)} {key.dtype} strides {key.stride()}")
+    if bias is not None:
+        bias = bias.to(torch.float32).expand(B, key.shape[2]).contiguous()
+    return torch.ops.grace_kv8.decode_attention(query, key, value, bias, float(scaling))
 
 
 def kv8_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
@@ -295,7 +375,8 @@ if triton is not None:
                           scaling: float) -> torch.Tensor:
         B, H, _, D = query.shape
         Hk = key.shape[1]
-        L = _cache_length(key.shape[2], D)
+        packed = key.dtype == torch.int8          # kv8's packed cache, or a 16-bit one (decode_attention16)
+        L = _cache_length(key.shape[2], D) if packed else key.shape[2]
         G = H // Hk
         GP = max(MIN_ROWS, triton.next_power_of_2(G))
         block = LAUNCH["block"]
@@ -308,15 +389,17 @@ if triton is not None:
         acc = torch.empty(B, H, S, D, device=dev, dtype=torch.float32)
         q = query[:, :, 0]
         has_bias = bias is not None
-        _kv8_decode_kernel[(B * Hk, S)](
-            q, key, value, bias if has_bias else m, m, lsum, acc,
-            q.stride(0), q.stride(1), q.stride(2), key.stride(0), key.stride(1), key.stride(2),
-            value.stride(0), value.stride(1), value.stride(2), bias.stride(0) if has_bias else 0,
-            H, Hk, L, S, per_split, scaling,
-            G=G, GP=GP, D=D, BLOCK=block, HAS_BIAS=has_bias, VIA_FP32=os.environ.get("TRITON_INTERPRET") == "1",
-            EVEN=L % block == 0, SKIP=LAUNCH["skip"], ASM=LAUNCH["asm"], VWORDS=LAUNCH["vwords"],
-            QK_INT8=LAUNCH["qk_int8"] and D >= 32,
-            num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"])
+        args = (q, key, value, bias if has_bias else m, m, lsum, acc,
+                q.stride(0), q.stride(1), q.stride(2), key.stride(0), key.stride(1), key.stride(2),
+                value.stride(0), value.stride(1), value.stride(2), bias.stride(0) if has_bias else 0,
+                H, Hk, L, S, per_split, scaling)
+        common = dict(G=G, GP=GP, D=D, BLOCK=block, HAS_BIAS=has_bias, VIA_FP32=os.environ.get("TRITON_INTERPRET") == "1",
+                      EVEN=L % block == 0, num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"])
+        if packed:
+            _kv8_decode_kernel[(B * Hk, S)](*args, **common, SKIP=LAUNCH["skip"], ASM=LAUNCH["asm"],
+                                            VWORDS=LAUNCH["vwords"], QK_INT8=LAUNCH["qk_int8"] and D >= 32)
+        else:
+            _kv16_decode_kernel[(B * Hk, S)](*args, **common)
         out = torch.empty(B, H, 1, D, device=dev, dtype=query.dtype)   # the merge writes the query's dtype
         _kv8_merge_kernel[(B * H,)](m, lsum, acc, out, S, SP=max(2, triton.next_power_of_2(S)), D=D)
         return out
