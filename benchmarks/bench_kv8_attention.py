@@ -83,6 +83,7 @@ def sdpa(q, k, v, mask, scaling):
 SIXTEEN = ("sdpa16", "kernel16")   # the methods over the bf16 cache
 SWEEP = ([64, 128], [4, 8], [1, 2, 3], [264, 1056])   # block, warps, stages, programs
 SWEEP_SMALL = ([32], [4], [1], [264, 1056])
+SWEEP16 = ([32, 64, 128], [4, 8], [2, 3], [264, 1056])
 # kernel options (kv8_triton.LAUNCH) timed at the fastest launch configuration, each switched on its own
 # ("none": all off, the kernel as first measured, with plain int8 -> fp16 casts)
 OPTIONS = {"skip": {"skip": True}, "no qk_int8": {"qk_int8": False}, "no vwords": {"vwords": False},
@@ -225,6 +226,17 @@ def main(argv=None):
             ref16, ref8 = reference(q, k16, v16, mask, scaling), reference(q, kd, vd, mask, scaling)
             for m, fn in methods.items():
                 lines.append(row(m, fn, per_layer[m], ref16 if m in SIXTEEN else ref8)[1])
+            if args.sweep and "kernel16" in methods:   # the 16-bit kernel's launch (LAUNCH16)
+                default16 = dict(kv8_triton.LAUNCH16)
+                found = []
+                for block, warps, stages, programs in itertools.product(*(SWEEP_SMALL if args.small else SWEEP16)):
+                    launch = dict(block=block, num_warps=warps, num_stages=stages, programs=programs)
+                    kv8_triton.LAUNCH16.update(launch)
+                    label = f"kernel16 b{block} w{warps} s{stages} p{programs}"
+                    found.append(row(label, methods["kernel16"], per_layer["kernel16"], ref16))
+                kv8_triton.LAUNCH16.update(default16)
+                found.sort(key=lambda f: f[0])
+                sweep_lines.extend(r for _, r in found[:3])
             if args.sweep and "kv8" in methods:
                 default = dict(kv8_triton.LAUNCH)
                 found = []
@@ -244,8 +256,9 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if sweep_lines:
-        lines += ["", "Sweep of the Triton kernel's launch configuration (the 6 fastest per model and batch), then the "
-                      "kernel options (kv8_triton.LAUNCH) switched one at a time at the fastest:", "",
+        lines += ["", "Sweep of the Triton kernels' launch configurations (per model and batch: the 16-bit kernel's 3 "
+                      "fastest, the int8 kernel's 6 fastest), then the int8 kernel's options (kv8_triton.LAUNCH) switched "
+                      "one at a time at its fastest:", "",
                   "| model | batch | configuration | us | cache MB read | GB/s | % of copy | rel err (norm) vs float64 |",
                   "|---|---|---|---|---|---|---|---|"] + sweep_lines
     text = "\n".join(lines)

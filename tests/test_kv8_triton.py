@@ -178,7 +178,7 @@ def compile_for_gpus() -> int:
             for G, has_bias in ((1, True), (7, False)):     # the 16-bit kernel, over a cache of the query's dtype
                 sig = {"Q": qt, "K": qt, "V": qt, "Bias": "*fp32", "M_out": "*fp32", "L_out": "*fp32",
                        "Acc_out": "*fp32", **{k: "i32" for k in ints}, "scaling": "fp32"}
-                consts = dict(G=G, GP=max(kt.MIN_ROWS, triton.next_power_of_2(G)), D=128, BLOCK=kt.LAUNCH["block"],
+                consts = dict(G=G, GP=max(kt.MIN_ROWS, triton.next_power_of_2(G)), D=128, BLOCK=kt.LAUNCH16["block"],
                               HAS_BIAS=has_bias, VIA_FP32=False, EVEN=has_bias)
                 sig.update({k: "constexpr" for k in consts})
                 k = triton.compile(ASTSource(fn=kt._kv16_decode_kernel, signature=sig, constexprs=consts, attrs=attrs),

@@ -50,6 +50,10 @@ MIN_ROWS = 16          # tl.dot's smallest M
 # at batch 16 and within 0.3 us of it for the other cases (2026-11-29 10:58 UTC, docs/benchmarks.md).
 LAUNCH = {"block": 128, "num_warps": 4, "num_stages": 3, "programs": 264, "skip": False, "asm": True, "vwords": True,
           "qk_int8": True}
+# The 16-bit kernel's (decode_attention16): twice the bytes per position, so half the block for the same
+# shared memory per stage (at 128 positions and 3 stages the SASS needs 140 KB: one program per SM).
+# Not yet timed on a GPU: `bench_kv8_attention.py --sweep` sweeps it too.
+LAUNCH16 = {"block": 64, "num_warps": 4, "num_stages": 3, "programs": 264}
 
 
 def takes_head_dim(d: int) -> bool:
@@ -307,11 +311,12 @@ if triton is not None:
         tl.store(Out + r * D + d, (tl.sum(acc * w[:, None], 0) / l).to(Out.dtype.element_ty))
 
 
-def n_splits_for(batch_kv_heads: int, length: int, target_programs: int | None = None) -> int:
-    """Splits along the positions so the grid has about target_programs programs (LAUNCH["programs"]
-    by default), at least one block of positions each."""
-    target_programs = LAUNCH["programs"] if target_programs is None else target_programs
-    blocks = max(1, math.ceil(length / LAUNCH["block"]))
+def n_splits_for(batch_kv_heads: int, length: int, target_programs: int | None = None, launch: dict | None = None) -> int:
+    """Splits along the positions so the grid has about target_programs programs (launch["programs"]
+    by default; launch: LAUNCH or LAUNCH16), at least one block of positions each."""
+    launch = LAUNCH if launch is None else launch
+    target_programs = launch["programs"] if target_programs is None else target_programs
+    blocks = max(1, math.ceil(length / launch["block"]))
     return max(1, min(blocks, math.ceil(target_programs / max(1, batch_kv_heads))))
 
 
@@ -379,8 +384,9 @@ if triton is not None:
         L = _cache_length(key.shape[2], D) if packed else key.shape[2]
         G = H // Hk
         GP = max(MIN_ROWS, triton.next_power_of_2(G))
-        block = LAUNCH["block"]
-        S = n_splits_for(B * Hk, L)
+        launch = LAUNCH if packed else LAUNCH16
+        block = launch["block"]
+        S = n_splits_for(B * Hk, L, launch=launch)
         per_split = math.ceil(math.ceil(L / S) / block) * block
         S = math.ceil(L / per_split)
         dev = query.device
@@ -394,7 +400,7 @@ if triton is not None:
                 value.stride(0), value.stride(1), value.stride(2), bias.stride(0) if has_bias else 0,
                 H, Hk, L, S, per_split, scaling)
         common = dict(G=G, GP=GP, D=D, BLOCK=block, HAS_BIAS=has_bias, VIA_FP32=os.environ.get("TRITON_INTERPRET") == "1",
-                      EVEN=L % block == 0, num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"])
+                      EVEN=L % block == 0, num_warps=launch["num_warps"], num_stages=launch["num_stages"])
         if packed:
             _kv8_decode_kernel[(B * Hk, S)](*args, **common, SKIP=LAUNCH["skip"], ASM=LAUNCH["asm"],
                                             VWORDS=LAUNCH["vwords"], QK_INT8=LAUNCH["qk_int8"] and D >= 32)
