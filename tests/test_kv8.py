@@ -449,12 +449,18 @@ def test_decode16_falls_back_to_sdpa_without_the_kernel():
     assert torch.equal(dec.out[:, :5], ref.out[:, :5])
 
 
-def test_bench_smoke_attn16_kernel(tmp_path):
+def test_bench_smoke_attn16_kernel(tmp_path, monkeypatch):
     import json
+    import os
 
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512,expandable_segments:False")
     bench = load_script("bench")
     rc = bench.main(["--smoke", "--in-process", "--arch", "tiny-llava", "--batch", "1", "--new-tokens", "3",
-                     "--attn16-kernel", "--json", str(tmp_path / "t.json"), "--out", str(tmp_path / "t.md")])
+                     "--attn16-kernel", "--expandable-segments", "--json", str(tmp_path / "t.json"),
+                     "--out", str(tmp_path / "t.md")])
+    # the workers' allocator setting: the user's other options kept, expandable segments turned on
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512,expandable_segments:True"
+    assert "--expandable-segments" in (tmp_path / "t.md").read_text()
     res = json.loads((tmp_path / "t.json").read_text())["results"]
     assert rc == 0, res
     # both variants asked for the kernel; on the CPU without Triton both fell back to SDPA, and say so
