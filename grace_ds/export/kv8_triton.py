@@ -131,6 +131,38 @@ if triton is not None:
         return tl.join(tl.join(e0, e2), tl.join(e1, e3)).reshape(BLOCK, D)
 
     @triton.jit
+    def _program_query(Q, sq_b, sq_h, sq_d, Hk, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+        """This program's (row b, kv head hk), its G query heads padded to GP rows (g, gmask), the
+        head-dim range d, and the query (GP, D) as stored (padding rows 0)."""
+        pid_bh = tl.program_id(0)
+        b = pid_bh // Hk
+        hk = pid_bh % Hk
+        g = tl.arange(0, GP)
+        gmask = g < G
+        d = tl.arange(0, D)
+        q = tl.load(Q + b * sq_b + (hk * G + g)[:, None] * sq_h + d[None, :] * sq_d, mask=gmask[:, None], other=0.0)
+        return b, hk, g, gmask, d, q
+
+    @triton.jit
+    def _online_softmax(m_i, l_i, s):
+        """One block's scores s (GP, BLOCK) into the running max m_i and sum l_i: returns (new max, the
+        factor alpha for the old accumulator, the block's unnormalised probabilities p, new sum)."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)      # a block with nothing to attend
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
+
+    @triton.jit
+    def _store_split(M_out, L_out, Acc_out, m_i, l_i, acc, b, hk, g, gmask, d, H, G: tl.constexpr, D: tl.constexpr,
+                     n_splits, pid_s):
+        """This split's running max, sum and unnormalised output, for the merge kernel."""
+        row = (b * H + hk * G + g) * n_splits + pid_s
+        tl.store(M_out + row, m_i, mask=gmask)
+        tl.store(L_out + row, l_i, mask=gmask)
+        tl.store(Acc_out + row[:, None] * D + d[None, :], acc, mask=gmask[:, None])
+
+    @triton.jit
     def _kv8_decode_kernel(Q, K, V, Bias, M_out, L_out, Acc_out,
                            sq_b, sq_h, sq_d, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sb_b,
                            H, Hk, L, n_splits, per_split, scaling,
@@ -138,14 +170,8 @@ if triton is not None:
                            HAS_BIAS: tl.constexpr, VIA_FP32: tl.constexpr, EVEN: tl.constexpr = False,
                            SKIP: tl.constexpr = False, ASM: tl.constexpr = True,
                            VWORDS: tl.constexpr = False, QK_INT8: tl.constexpr = False):
-        pid_bh = tl.program_id(0)
         pid_s = tl.program_id(1)
-        b = pid_bh // Hk
-        hk = pid_bh % Hk
-        g = tl.arange(0, GP)
-        gmask = g < G
-        d = tl.arange(0, D)
-        q = tl.load(Q + b * sq_b + (hk * G + g)[:, None] * sq_h + d[None, :] * sq_d, mask=gmask[:, None], other=0.0)
+        b, hk, g, gmask, d, q = _program_query(Q, sq_b, sq_h, sq_d, Hk, G, GP, D)
         q = q.to(tl.float32)
         # fp16 tensor-core operands, each scaled into [-1, 1] so no range is lost: the query by its
         # absmax (folded back into the scores), the codes are exact, p * v_scale by the block's max scale
@@ -212,11 +238,7 @@ if triton is not None:
                 s += bias[None, :]
             if not EVEN:
                 s = tl.where(pmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)      # a block with nothing to attend
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            m_new, alpha, p, l_i = _online_softmax(m_i, l_i, s)
             if VWORDS:
                 vc = _words_to_f16(vc, BLOCK, D, VIA_FP32, ASM)
             else:
@@ -231,10 +253,7 @@ if triton is not None:
             ks_ptrs += BLOCK
             vs_ptrs += BLOCK
             b_ptrs += BLOCK
-        row = (b * H + hk * G + g) * n_splits + pid_s
-        tl.store(M_out + row, m_i, mask=gmask)
-        tl.store(L_out + row, l_i, mask=gmask)
-        tl.store(Acc_out + row[:, None] * D + d[None, :], acc, mask=gmask[:, None])
+        _store_split(M_out, L_out, Acc_out, m_i, l_i, acc, b, hk, g, gmask, d, H, G, D, n_splits, pid_s)
 
     @triton.jit
     def _kv16_decode_kernel(Q, K, V, Bias, M_out, L_out, Acc_out,
@@ -245,14 +264,8 @@ if triton is not None:
         """_kv8_decode_kernel over a 16-bit cache (transformers' StaticCache: (B, H_kv, L, D) bf16 or fp16):
         the same split-K walk and GQA grouping, the dots on 16-bit tensor cores with no conversion
         (VIA_FP32: in fp32, for Triton's interpreter, whose bf16 dot is wrong)."""
-        pid_bh = tl.program_id(0)
         pid_s = tl.program_id(1)
-        b = pid_bh // Hk
-        hk = pid_bh % Hk
-        g = tl.arange(0, GP)
-        gmask = g < G
-        d = tl.arange(0, D)
-        q = tl.load(Q + b * sq_b + (hk * G + g)[:, None] * sq_h + d[None, :] * sq_d, mask=gmask[:, None], other=0.0)
+        b, hk, g, gmask, d, q = _program_query(Q, sq_b, sq_h, sq_d, Hk, G, GP, D)
         q = q.to(tl.float32).to(K.dtype.element_ty) if not VIA_FP32 else q.to(tl.float32)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
@@ -280,20 +293,13 @@ if triton is not None:
                 s += tl.load(b_ptrs, mask=pmask, other=float("-inf"))[None, :]
             if not EVEN:
                 s = tl.where(pmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            m_new, alpha, p, l_i = _online_softmax(m_i, l_i, s)
             acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
             m_i = m_new
             k_ptrs += BLOCK * sk_l
             v_ptrs += BLOCK * sv_l
             b_ptrs += BLOCK
-        row = (b * H + hk * G + g) * n_splits + pid_s
-        tl.store(M_out + row, m_i, mask=gmask)
-        tl.store(L_out + row, l_i, mask=gmask)
-        tl.store(Acc_out + row[:, None] * D + d[None, :], acc, mask=gmask[:, None])
+        _store_split(M_out, L_out, Acc_out, m_i, l_i, acc, b, hk, g, gmask, d, H, G, D, n_splits, pid_s)
 
     @triton.jit
     def _kv8_merge_kernel(M_in, L_in, Acc_in, Out, n_splits, SP: tl.constexpr, D: tl.constexpr):
