@@ -37,6 +37,8 @@ What one measurement is (per architecture x variant x batch):
 - `--attn16-kernel`: both variants decode over their 16-bit caches with the Triton split-K kernel
   (GQA-aware) instead of transformers' SDPA path, which repeats the kv heads at every step: the
   baseline then gets the same attention as the int8 cache's;
+- `--profile-steps N`: also profile N decode steps and report the step's kernel time by kind
+  (W4A16 GEMM, attention, bf16 GEMM, inductor-fused, copies) and its top kernels;
 - `--expandable-segments`: both variants' workers run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   (peak reserved memory nearer peak allocated);
 - `--pdl`: the int4 variant's W4A16 kernels use programmatic dependent launch (Hopper);
@@ -54,6 +56,7 @@ import argparse
 import datetime as _dt
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -150,6 +153,61 @@ def build_packed(directory, device, dtype):
 
 # ============================================================================ generation
 
+# what each decode-step kernel is, by name (first match wins): the rows of --profile-steps' breakdown
+KERNEL_KINDS = (
+    ("W4A16 GEMM (kernels.w4a16)", r"w4a16|sk_finalize"),
+    ("attention, int8 cache (Triton)", r"_kv8_decode_kernel|_kv8_merge_kernel"),
+    ("attention, 16-bit cache (Triton)", r"_kv16_decode_kernel"),
+    ("attention (SDPA / flash / cuDNN)", r"fmha|flash|attention|sdpa|softmax|efficient"),
+    ("bf16 GEMM (cuBLAS / CUTLASS)", r"gemm|gemv|sm90_xmma|cutlass|cublas|nvjet|splitKreduce"),
+    ("inductor-fused (norms, rotary, cache writes, ...)", r"^triton_"),
+    ("copies and fills", r"copy|memcpy|memset|fill|cat|index"),
+)
+
+
+def kernel_kind(name: str) -> str:
+    for kind, pattern in KERNEL_KINDS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind
+    return "other"
+
+
+def profile_steps(dec, n: int, is_cuda: bool) -> dict:
+    """Time per decode step by kernel kind (KERNEL_KINDS) and the top kernels, from torch.profiler
+    over n replays of the step (device kernels on CUDA, as CUPTI traces them inside the CUDA graph; aten
+    ops on the CPU). Sums of kernel times: gaps between kernels are not in it (compare total_us with
+    ms_per_step). Not yet run on a GPU: an empty breakdown (total 0) would mean the graph's kernels
+    were not traced there; --mode eager then profiles the same kernels, launched one by one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda else [])
+    dec.run_steps(2)                                   # warm: nothing first-call in the window
+    _sync("cuda" if is_cuda else "cpu")
+    with profile(activities=acts) as prof:
+        dec.run_steps(n)
+        _sync("cuda" if is_cuda else "cpu")
+    per_name: dict[str, list[float]] = {}
+    for evt in prof.events():
+        if is_cuda:
+            if evt.device_type != torch.autograd.DeviceType.CUDA or not evt.device_time_total:
+                continue
+            t = evt.device_time_total
+        else:
+            if not evt.name.startswith("aten::") or not evt.self_cpu_time_total:
+                continue
+            t = evt.self_cpu_time_total
+        c = per_name.setdefault(evt.name, [0, 0.0])
+        c[0] += 1
+        c[1] += t
+    kinds: dict[str, float] = {}
+    for name, (_, t) in per_name.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t / n
+    top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:12]
+    return dict(steps=n, device=is_cuda, total_us=sum(kinds.values()),
+                kinds=dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+                top=[dict(name=name[:90], calls=c / n, us=t / n) for name, (c, t) in top])
+
+
 @torch.no_grad()
 def bench_batch(model, config, batch, args, device, dtype) -> dict:
     from grace_ds.export.arch import make_prompt
@@ -231,6 +289,10 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     if is_cuda:
         res.update(peak_alloc_gib=torch.cuda.max_memory_allocated() / 2**30,
                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+    n_prof = min(args.profile_steps, steps - 2)   # the cache holds new_tokens positions past the prompt
+    if n_prof > 0:   # after the memory figures: a profiled window is not what is measured
+        prefill()
+        res["profile"] = profile_steps(dec, n_prof, is_cuda)
     del dec
     if is_cuda:
         torch.cuda.empty_cache()
@@ -422,6 +484,16 @@ def render(results: list[dict], args, command: str) -> str:
     if rows:
         lines += ["", "| model | variant | batch | decode speed-up vs bf16 | TTFT speed-up | peak memory saved (reserved / alloc) |",
                   "|---|---|---|---|---|---|"] + rows
+    profiled = [(res, r) for res in results for r in res.get("runs", []) if r.get("profile")]
+    for res, r in profiled:
+        prof = r["profile"]
+        what = "kernel time on the GPU" if prof["device"] else "aten self time on the CPU"
+        lines += ["", f"Decode step of {res['arch']} {res['variant']} batch {r['batch']}: {what} by kind, per step "
+                      f"(torch.profiler over {prof['steps']} steps; sum {prof['total_us']:.0f} us, step "
+                      f"{1000 * r['ms_per_step']:.0f} us)", "", "| kind | us per step | % of the sum |", "|---|---|---|"]
+        lines += [f"| {k} | {t:.1f} | {100 * t / max(prof['total_us'], 1e-9):.0f}% |" for k, t in prof["kinds"].items()]
+        lines += ["", "| top kernels | calls per step | us per step |", "|---|---|---|"]
+        lines += [f"| `{t['name']}` | {t['calls']:.0f} | {t['us']:.1f} |" for t in prof["top"]]
     return "\n".join(lines) + "\n"
 
 
@@ -474,6 +546,9 @@ def parse_args(argv=None):
                         "(sets GRACE_KV8_TRITON=0 for the workers)")
     p.add_argument("--kv8-triton", action="store_true",
                    help="with --kv-int8: the Triton decode attention (the default; kept for recorded commands)")
+    p.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                   help="also profile N decode steps (torch.profiler) and report the step's kernel time by kind "
+                        "(W4A16, attention, bf16 GEMM, inductor-fused, copies) and its top kernels")
     p.add_argument("--expandable-segments", action="store_true",
                    help="both variants: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for the workers, so the "
                         "caching allocator can grow segments in place instead of keeping freed blocks it cannot reuse "
@@ -548,6 +623,7 @@ def main(argv=None) -> int:
                      "--text-tokens", str(args.text_tokens), "--visual-tokens", str(args.visual_tokens),
                      "--mode", args.mode, "--device", args.device] + (["--int4-lm-head"] if args.int4_lm_head else []) + (["--int8-embed"] if args.int8_embed else []) \
                 + (["--int8-vision"] if args.int8_vision else []) + (["--attn16-kernel"] if args.attn16_kernel else []) \
+                + (["--profile-steps", str(args.profile_steps)] if args.profile_steps else []) \
                 + (["--fuse-proj"] if args.fuse_proj else []) + (["--kv-int8"] if args.kv_int8 else []) + (["--pdl"] if args.pdl else []) \
                 + (["--prefill-chunk", str(args.prefill_chunk)] if args.prefill_chunk else [])
             print(f"[bench] {arch} {variant} ... ({left():.0f} s of the budget left)", file=sys.stderr, flush=True)

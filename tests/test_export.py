@@ -560,6 +560,25 @@ def test_bench_smoke_int8_embed(tmp_path):
     assert "--int8-embed" in text and "--int8-vision" in text
 
 
+def test_bench_profile_steps_breaks_the_step_down(tmp_path):
+    """--profile-steps: the decode step's time by kernel kind and its top kernels, per run, in the JSON
+    and the table (on the CPU: aten self times); the kinds' sum is the total, and the names classify."""
+    bench = load_script("bench")
+    rc = bench.main(["--smoke", "--in-process", "--arch", "tiny-llava", "--variants", "bf16", "--batch", "1",
+                     "--new-tokens", "6", "--profile-steps", "3", "--json", str(tmp_path / "t.json"),
+                     "--out", str(tmp_path / "t.md")])
+    assert rc == 0
+    prof = json.loads((tmp_path / "t.json").read_text())["results"][0]["runs"][0]["profile"]
+    assert prof["steps"] == 3 and not prof["device"] and prof["total_us"] > 0
+    assert abs(sum(prof["kinds"].values()) - prof["total_us"]) < 1e-6 * prof["total_us"] + 1e-9
+    assert prof["top"] and all(t["calls"] > 0 and t["us"] > 0 for t in prof["top"])
+    assert "Decode step of tiny-llava bf16 batch 1" in (tmp_path / "t.md").read_text()
+    kinds = {n: bench.kernel_kind(n) for n in ("w4a16_sk_kernel<bf16>", "_kv8_decode_kernel", "_kv16_decode_kernel",
+                                               "fmha_cutlassF_bf16", "sm90_xmma_gemm_bf16bf16", "triton_poi_fused_add_0",
+                                               "void at::native::elementwise_kernel<copy>", "mystery")}
+    assert len(set(kinds.values())) == len(kinds), kinds
+
+
 def test_bench_keeps_the_batches_a_timed_out_worker_finished(tmp_path):
     """A worker writes its JSON after every batch; when the parent stops it for time, the finished
     batches stay in the table and each unfinished one gets an error row (an H200 run lost a measured
