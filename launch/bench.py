@@ -37,8 +37,8 @@ What one measurement is (per architecture x variant x batch):
 - `--attn16-kernel`: both variants decode over their 16-bit caches with the Triton split-K kernel
   (GQA-aware) instead of transformers' SDPA path, which repeats the kv heads at every step: the
   baseline then gets the same attention as the int8 cache's;
-- `--profile-steps N`: also profile N decode steps and report the step's kernel time by kind
-  (W4A16 GEMM, attention, bf16 GEMM, inductor-fused, copies) and its top kernels;
+- `--profile-steps N`: also profile N decode steps and 2 prefills and report their kernel time by
+  kind (W4A16 GEMM, attention, bf16 GEMM, inductor-fused, copies) and their top kernels;
 - `--expandable-segments`: both variants' workers run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   (peak reserved memory nearer peak allocated);
 - `--pdl`: the int4 variant's W4A16 kernels use programmatic dependent launch (Hopper);
@@ -172,19 +172,21 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def profile_steps(dec, n: int, is_cuda: bool) -> dict:
-    """Time per decode step by kernel kind (KERNEL_KINDS) and the top kernels, from torch.profiler
-    over n replays of the step (device kernels on CUDA, as CUPTI traces them inside the CUDA graph; aten
-    ops on the CPU). Sums of kernel times: gaps between kernels are not in it (compare total_us with
-    ms_per_step). Not yet run on a GPU: an empty breakdown (total 0) would mean the graph's kernels
-    were not traced there; --mode eager then profiles the same kernels, launched one by one."""
+def profile_kernels(fn, n: int, is_cuda: bool) -> dict:
+    """Time per call of fn (n calls, after one warm call) by kernel kind (KERNEL_KINDS) and the top
+    kernels, from torch.profiler: device kernels on CUDA (as CUPTI traces them, inside CUDA graphs
+    too), aten self times on the CPU. Sums of kernel times: the gaps between kernels are not in it
+    (compare total_us with the call's wall time). Not yet run on a GPU: an empty breakdown (total 0)
+    from a replayed decode step would mean the graph's kernels were not traced there; --mode eager
+    then profiles the same kernels, launched one by one."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda else [])
-    dec.run_steps(2)                                   # warm: nothing first-call in the window
+    fn()                                               # warm: nothing first-call in the window
     _sync("cuda" if is_cuda else "cpu")
     with profile(activities=acts) as prof:
-        dec.run_steps(n)
+        for _ in range(n):
+            fn()
         _sync("cuda" if is_cuda else "cpu")
     per_name: dict[str, list[float]] = {}
     for evt in prof.events():
@@ -203,7 +205,7 @@ def profile_steps(dec, n: int, is_cuda: bool) -> dict:
     for name, (_, t) in per_name.items():
         kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t / n
     top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:12]
-    return dict(steps=n, device=is_cuda, total_us=sum(kinds.values()),
+    return dict(calls=n, device=is_cuda, total_us=sum(kinds.values()),
                 kinds=dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
                 top=[dict(name=name[:90], calls=c / n, us=t / n) for name, (c, t) in top])
 
@@ -289,10 +291,12 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     if is_cuda:
         res.update(peak_alloc_gib=torch.cuda.max_memory_allocated() / 2**30,
                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
-    n_prof = min(args.profile_steps, steps - 2)   # the cache holds new_tokens positions past the prompt
-    if n_prof > 0:   # after the memory figures: a profiled window is not what is measured
+    # after the memory figures: a profiled window is not what is measured
+    n_prof = min(args.profile_steps, steps - 1)   # + 1 warm step: the cache holds new_tokens positions past the prompt
+    if n_prof > 0:
         prefill()
-        res["profile"] = profile_steps(dec, n_prof, is_cuda)
+        res["profile"] = profile_kernels(lambda: dec.run_steps(1), n_prof, is_cuda)
+        res["profile_prefill"] = profile_kernels(prefill, 2, is_cuda)
     del dec
     if is_cuda:
         torch.cuda.empty_cache()
@@ -484,15 +488,18 @@ def render(results: list[dict], args, command: str) -> str:
     if rows:
         lines += ["", "| model | variant | batch | decode speed-up vs bf16 | TTFT speed-up | peak memory saved (reserved / alloc) |",
                   "|---|---|---|---|---|---|"] + rows
-    profiled = [(res, r) for res in results for r in res.get("runs", []) if r.get("profile")]
-    for res, r in profiled:
-        prof = r["profile"]
+    profiled = [(res, r, key) for res in results for r in res.get("runs", []) for key in ("profile", "profile_prefill")
+                if r.get(key)]
+    for res, r, key in profiled:
+        prof = r[key]
         what = "kernel time on the GPU" if prof["device"] else "aten self time on the CPU"
-        lines += ["", f"Decode step of {res['arch']} {res['variant']} batch {r['batch']}: {what} by kind, per step "
-                      f"(torch.profiler over {prof['steps']} steps; sum {prof['total_us']:.0f} us, step "
-                      f"{1000 * r['ms_per_step']:.0f} us)", "", "| kind | us per step | % of the sum |", "|---|---|---|"]
+        unit, wall = ("decode step", f"step {1000 * r['ms_per_step']:.0f} us") if key == "profile" else \
+            ("prefill", f"TTFT {1e6 * r['ttft_s']:.0f} us")
+        lines += ["", f"{unit.capitalize()} of {res['arch']} {res['variant']} batch {r['batch']}: {what} by kind, per "
+                      f"{unit} (torch.profiler over {prof['calls']}; sum {prof['total_us']:.0f} us, {wall})", "",
+                  f"| kind | us per {unit} | % of the sum |", "|---|---|---|"]
         lines += [f"| {k} | {t:.1f} | {100 * t / max(prof['total_us'], 1e-9):.0f}% |" for k, t in prof["kinds"].items()]
-        lines += ["", "| top kernels | calls per step | us per step |", "|---|---|---|"]
+        lines += ["", f"| top kernels | calls per {unit} | us per {unit} |", "|---|---|---|"]
         lines += [f"| `{t['name']}` | {t['calls']:.0f} | {t['us']:.1f} |" for t in prof["top"]]
     return "\n".join(lines) + "\n"
 
@@ -547,8 +554,8 @@ def parse_args(argv=None):
     p.add_argument("--kv8-triton", action="store_true",
                    help="with --kv-int8: the Triton decode attention (the default; kept for recorded commands)")
     p.add_argument("--profile-steps", type=int, default=0, metavar="N",
-                   help="also profile N decode steps (torch.profiler) and report the step's kernel time by kind "
-                        "(W4A16, attention, bf16 GEMM, inductor-fused, copies) and its top kernels")
+                   help="also profile N decode steps and 2 prefills (torch.profiler) and report their kernel time by "
+                        "kind (W4A16, attention, bf16 GEMM, inductor-fused, copies) and their top kernels")
     p.add_argument("--expandable-segments", action="store_true",
                    help="both variants: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for the workers, so the "
                         "caching allocator can grow segments in place instead of keeping freed blocks it cannot reuse "

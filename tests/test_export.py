@@ -568,11 +568,14 @@ def test_bench_profile_steps_breaks_the_step_down(tmp_path):
                      "--new-tokens", "6", "--profile-steps", "3", "--json", str(tmp_path / "t.json"),
                      "--out", str(tmp_path / "t.md")])
     assert rc == 0
-    prof = json.loads((tmp_path / "t.json").read_text())["results"][0]["runs"][0]["profile"]
-    assert prof["steps"] == 3 and not prof["device"] and prof["total_us"] > 0
-    assert abs(sum(prof["kinds"].values()) - prof["total_us"]) < 1e-6 * prof["total_us"] + 1e-9
-    assert prof["top"] and all(t["calls"] > 0 and t["us"] > 0 for t in prof["top"])
-    assert "Decode step of tiny-llava bf16 batch 1" in (tmp_path / "t.md").read_text()
+    run = json.loads((tmp_path / "t.json").read_text())["results"][0]["runs"][0]
+    for key, calls in (("profile", 3), ("profile_prefill", 2)):   # --profile-steps 3 (of 5 steps; 1 warm)
+        prof = run[key]
+        assert prof["calls"] == calls and not prof["device"] and prof["total_us"] > 0
+        assert abs(sum(prof["kinds"].values()) - prof["total_us"]) < 1e-6 * prof["total_us"] + 1e-9
+        assert prof["top"] and all(t["calls"] > 0 and t["us"] > 0 for t in prof["top"])
+    text = (tmp_path / "t.md").read_text()
+    assert "Decode step of tiny-llava bf16 batch 1" in text and "Prefill of tiny-llava bf16 batch 1" in text
     kinds = {n: bench.kernel_kind(n) for n in ("w4a16_sk_kernel<bf16>", "_kv8_decode_kernel", "_kv16_decode_kernel",
                                                "fmha_cutlassF_bf16", "sm90_xmma_gemm_bf16bf16", "triton_poi_fused_add_0",
                                                "void at::native::elementwise_kernel<copy>", "mystery")}
