@@ -44,6 +44,8 @@ What one measurement is (per architecture x variant x batch):
 - `--pdl`: the int4 variant's W4A16 kernels use programmatic dependent launch (Hopper);
 - `--prefill-chunk N`: both variants run the prompt through the language model N tokens at a time
   (less activation memory at batch 16; the vision tower still sees every image at once);
+- `--prefill-tokens N`: a token budget per prompt pass over the batch instead: one pass where the
+  batch's prompts fit in N tokens, chunks of N // batch tokens per row where they do not;
 - `--fuse-proj`: q/k/v and gate/up of every decoder layer become one GEMM each
   (grace_ds.export.fuse), in both variants, so the baseline gets the same launch savings;
 Each (architecture, variant) runs in its own subprocess, so one failure (OOM, kernel build) does not
@@ -213,7 +215,7 @@ def profile_kernels(fn, n: int, is_cuda: bool) -> dict:
 @torch.no_grad()
 def bench_batch(model, config, batch, args, device, dtype) -> dict:
     from grace_ds.export.arch import make_prompt
-    from grace_ds.export.decode import StaticDecoder
+    from grace_ds.export.decode import StaticDecoder, chunk_for_budget
 
     inputs = make_prompt(config, batch, args.text_tokens, args.visual_tokens, device=device, dtype=dtype)
     prompt_len = inputs["input_ids"].shape[1]
@@ -226,8 +228,10 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
                         decode_kernel16=kernel16)
     is_cuda = torch.device(device).type == "cuda"
 
+    chunk = args.prefill_chunk or chunk_for_budget(batch, prompt_len, args.prefill_tokens)
+
     def prefill():
-        dec.prefill(inputs, chunk=args.prefill_chunk)
+        dec.prefill(inputs, chunk=chunk)
 
     prefill()  # warm-up: allocates the cache, autotunes, loads the kernel extension
     _sync(device)
@@ -283,7 +287,7 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     same = bool(torch.equal(tokens[:, : check + 1], eager_tokens))
     res = dict(batch=batch, prompt_len=prompt_len, visual_tokens=n_visual, new_tokens=args.new_tokens,
                ttft_s=ttft, decode_s=t_dec, decode_steps=steps, decode_tok_s=batch * steps / t_dec,
-               ms_per_step=1000 * t_dec / steps, mode=mode, graph_matches_eager=same, note=note,
+               ms_per_step=1000 * t_dec / steps, mode=mode, graph_matches_eager=same, note=note, prefill_chunk=chunk,
                kv_cache="int8" if kv_int8 else "16-bit",
                kv8_attention=_kv8_attention(model, device) if kv_int8 else None,
                decode_attention=("kv8: " + _kv8_attention(model, device)) if kv_int8 else
@@ -448,6 +452,8 @@ def render(results: list[dict], args, command: str) -> str:
              + (f", its decode attention: {_kv8_attention_used(results)}" if args.kv_int8 else "")
              + ("; decode attention over 16-bit caches: " + _decode16_used(results) if args.attn16_kernel else "")
              + (f"; prefill in chunks of {args.prefill_chunk} tokens, both variants" if args.prefill_chunk else "")
+             + (f"; prefill in passes of at most {args.prefill_tokens} tokens over the batch (--prefill-tokens), both "
+                f"variants" if args.prefill_tokens else "")
              + ("; int4 variant: programmatic dependent launch (--pdl)" if args.pdl else "")
              + ("; both variants: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (--expandable-segments)"
                 if args.expandable_segments else ""),
@@ -541,6 +547,10 @@ def parse_args(argv=None):
                         "(kernels.w4a16.set_pdl)")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="both variants: prompt tokens per language-model pass at prefill (chunked prefill)")
+    p.add_argument("--prefill-tokens", type=int, default=None, metavar="N",
+                   help="both variants: at most N prompt tokens per language-model pass over the whole batch (a token "
+                        "budget, as serving engines chunk prefills): batch 1 x 640 tokens runs in one pass at N=2048, "
+                        "batch 16 in chunks of N // 16 tokens per row")
     p.add_argument("--kv-int8", action="store_true",
                    help="int4 variant: KV cache in int8 with per-vector scales (grace_ds.export.kv8); use with "
                         "--mode compile, which fuses the int8 reads into the attention reductions")
@@ -586,6 +596,10 @@ def parse_args(argv=None):
         p.error(f"--new-tokens {args.new_tokens}: need at least 2 (one from the prefill, one decoded)")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         p.error(f"--prefill-chunk {args.prefill_chunk}: must be a positive number of tokens (e.g. 128)")
+    if args.prefill_tokens is not None and args.prefill_tokens < 1:
+        p.error(f"--prefill-tokens {args.prefill_tokens}: must be a positive number of tokens (e.g. 2048)")
+    if args.prefill_tokens and args.prefill_chunk:
+        p.error("--prefill-chunk and --prefill-tokens: choose one (a fixed chunk per row, or a token budget per pass)")
     return args
 
 
@@ -632,7 +646,8 @@ def main(argv=None) -> int:
                 + (["--int8-vision"] if args.int8_vision else []) + (["--attn16-kernel"] if args.attn16_kernel else []) \
                 + (["--profile-steps", str(args.profile_steps)] if args.profile_steps else []) \
                 + (["--fuse-proj"] if args.fuse_proj else []) + (["--kv-int8"] if args.kv_int8 else []) + (["--pdl"] if args.pdl else []) \
-                + (["--prefill-chunk", str(args.prefill_chunk)] if args.prefill_chunk else [])
+                + (["--prefill-chunk", str(args.prefill_chunk)] if args.prefill_chunk else []) \
+                + (["--prefill-tokens", str(args.prefill_tokens)] if args.prefill_tokens else [])
             print(f"[bench] {arch} {variant} ... ({left():.0f} s of the budget left)", file=sys.stderr, flush=True)
             if left() < 45:
                 results.append(dict(arch=arch, variant=variant, runs=[],

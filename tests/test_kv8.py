@@ -500,3 +500,23 @@ def test_gpu_decode16_compiled_step_matches_sdpa(arch):
             outs.append(torch.compile(logits, dynamic=False)(dec) if kernel else logits(dec))
     ref, out = outs
     assert ((out - ref).norm() / ref.norm()).item() < 3e-2
+
+
+def test_prefill_token_budget(tmp_path):
+    """--prefill-tokens: one pass while batch x prompt fits the budget, else budget // batch per row;
+    the bench records the choice per run and rejects both chunk options at once."""
+    import json
+
+    from grace_ds.export.decode import chunk_for_budget
+
+    assert chunk_for_budget(1, 640, 2048) is None and chunk_for_budget(16, 640, 2048) == 128
+    assert chunk_for_budget(3, 100, None) is None and chunk_for_budget(4000, 10, 2048) == 1
+    bench = load_script("bench")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--smoke", "--prefill-chunk", "8", "--prefill-tokens", "64"])
+    out = tmp_path / "t.json"
+    assert bench.main(["--smoke", "--in-process", "--arch", "tiny-llava", "--variants", "bf16", "--batch", "1", "2",
+                       "--new-tokens", "3", "--prefill-tokens", "40", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["results"][0]["runs"]
+    assert [r["prompt_len"] for r in runs] == [24, 24]                    # the smoke prompt
+    assert [r["prefill_chunk"] for r in runs] == [None, 20]              # 24 <= 40: one pass; 48 > 40: 40 // 2

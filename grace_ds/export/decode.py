@@ -45,6 +45,16 @@ def chunked_language_model(lm, chunk: int | None):
         del lm.forward
 
 
+def chunk_for_budget(batch: int, prompt_len: int, budget: int | None) -> int | None:
+    """Prompt tokens per row and language-model pass for a budget of `budget` tokens per pass over all
+    rows (the token budget of serving engines' chunked prefill): None (one pass) when the whole
+    prompt fits, else budget // batch (at least 1). A batch of 1 keeps its one fast pass while a
+    batch of 16 is chunked, which one fixed chunk size cannot do."""
+    if budget is None or batch * prompt_len <= budget:
+        return None
+    return max(1, budget // batch)
+
+
 class StaticDecoder:
     """Greedy decoding over a StaticCache with the decode step as one replayable unit.
 
