@@ -90,17 +90,6 @@ OPTIONS = {"skip": {"skip": True}, "no qk_int8": {"qk_int8": False}, "no vwords"
            "no asm": {"asm": False}, "none": {"skip": False, "asm": False, "vwords": False, "qk_int8": False}}
 
 
-def reference(q, k16, v16, mask, scaling):
-    """float64 attention over the cache values as stored (bf16 here, or dequantised int8)."""
-    B, H, _, D = q.shape
-    G = H // k16.shape[1]
-    k = k16.double().repeat_interleave(G, 1)
-    v = v16.double().repeat_interleave(G, 1)
-    s = (q.double() @ k.transpose(-1, -2)) * scaling
-    s = s.masked_fill(~mask, float("-inf"))
-    return (torch.softmax(s, -1) @ v).transpose(1, 2)
-
-
 def timed(fn, args_per_layer, reps, device):
     """Median microseconds per call. On the GPU the calls over all layers are captured once in a CUDA
     graph and the graph is replayed (launch overhead out, as in launch/bench.py's decode step; the GPU
@@ -223,7 +212,8 @@ def main(argv=None):
                 return us, f"| {name} | {B} | {label} | {us:.1f} | {nbytes / 1e6:.1f} | {gbps:.0f} | " \
                            f"{100 * gbps / gbps_copy:.0f}% | {err:.1e} |"
 
-            ref16, ref8 = reference(q, k16, v16, mask, scaling), reference(q, kd, vd, mask, scaling)
+            ref16, ref8 = (kv8.reference_attention(q, kk, vv, mask, scaling).transpose(1, 2) for kk, vv in
+                           ((k16, v16), (kd, vd)))
             for m, fn in methods.items():
                 lines.append(row(m, fn, per_layer[m], ref16 if m in SIXTEEN else ref8)[1])
             if args.sweep and "kernel16" in methods:   # the 16-bit kernel's launch (LAUNCH16)

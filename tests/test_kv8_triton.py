@@ -47,7 +47,8 @@ def check(device: str) -> float:
 def check_launch(device: str) -> float:
     """Every case: the kernel (and the attention function that dispatches to it) against the
     reference; returns the worst relative error."""
-    from grace_ds.export.kv8 import decode16_attention_forward, dequantize_kv, kv8_attention_forward, quantize_kv
+    from grace_ds.export.kv8 import (decode16_attention_forward, dequantize_kv, kv8_attention_forward, quantize_kv,
+                                     reference_attention)
     from grace_ds.export.kv8_triton import LAUNCH, available, decode_attention16, kv8_decode_attention, n_splits_for
 
     g = torch.Generator().manual_seed(0)
@@ -84,7 +85,8 @@ def check_launch(device: str) -> float:
         # the 16-bit kernel over the same cache in bf16 (transformers' StaticCache layout), directly and
         # through the attention function that dispatches to it
         k16, v16 = dequantize_kv(k, torch.bfloat16), dequantize_kv(v, torch.bfloat16)
-        ref16 = attention_reference(q.cpu(), k16.cpu(), v16.cpu(), None if bias is None else bias.cpu(), scaling)
+        ref16 = reference_attention(q.cpu(), k16.cpu(), v16.cpu(), None if bias is None else bias.cpu()[:, None, None, :],
+                                    scaling)
         out16 = decode_attention16(q, k16, v16, bias, scaling)
         via16, _ = decode16_attention_forward(module, q, k16, v16, mask, scaling=scaling)
         assert out16.shape == (B, H, 1, D) and out16.dtype == q.dtype and via16.shape == (B, 1, H, D)
@@ -100,17 +102,6 @@ def check_launch(device: str) -> float:
     with pytest.raises(ValueError, match="one query token"):
         kv8_decode_attention(torch.zeros(1, 2, 3, 64, device=device, dtype=torch.bfloat16), k[:1, :1], v[:1, :1], None, 1.0)
     return worst
-
-
-def attention_reference(q, k, v, bias, scaling) -> torch.Tensor:
-    """float64 decode attention over a 16-bit cache: q (B, H, 1, D), k/v (B, H_kv, L, D), bias (B, L)
-    additive or None; returns (B, H, 1, D)."""
-    G = q.shape[1] // k.shape[1]
-    k, v = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
-    s = (q.double() @ k.transpose(-1, -2)) * scaling
-    if bias is not None:
-        s = s + bias.double()[:, None, None, :]
-    return torch.softmax(s, -1) @ v
 
 
 def _triton_path() -> str | None:

@@ -39,15 +39,9 @@ def tiny_prompt(cfg):
 
 
 def kv8_reference(q, k, v, mask, scaling):
-    """float64 attention over a dequantised int8 cache (grace_ds.export.kv8), GQA by repeating kv
-    heads. mask: bool (True = attend) or additive, broadcast to (B, H, q, L); None = all. Returns
-    (B, q, H, D)."""
-    from grace_ds.export.kv8 import dequantize_kv
+    """float64 attention over a dequantised int8 cache (grace_ds.export.kv8.reference_attention);
+    mask: bool (True = attend) or additive, broadcast to (B, H, q, L); None = all. Returns (B, q, H, D)."""
+    from grace_ds.export.kv8 import dequantize_kv, reference_attention
 
-    H, Hk = q.shape[1], k.shape[1]
-    kd = dequantize_kv(k, torch.float64).repeat_interleave(H // Hk, 1)
-    vd = dequantize_kv(v, torch.float64).repeat_interleave(H // Hk, 1)
-    s = q.double() @ kd.transpose(-1, -2) * scaling
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
-    return (torch.softmax(s, -1) @ vd).transpose(1, 2)
+    kd, vd = dequantize_kv(k, torch.float64), dequantize_kv(v, torch.float64)
+    return reference_attention(q, kd, vd, mask, scaling).transpose(1, 2)

@@ -289,6 +289,20 @@ def decode16_attention_forward(module, query, key, value, attention_mask, dropou
                                   is_causal=is_causal, **kwargs)
 
 
+def reference_attention(query, key, value, mask, scaling: float) -> torch.Tensor:
+    """The float64 oracle the decode attentions are checked against (tests, benchmarks): query (B, H, q, D),
+    key/value (B, H_kv, L, D) float of any precision (a dequantised int8 cache, or a 16-bit one), GQA by
+    repeating the kv heads; mask bool (True = attend) or additive, broadcast to (B, H, q, L), or None.
+    Returns (B, H, q, D) float64."""
+    G = query.shape[1] // key.shape[1]
+    k = key.double().repeat_interleave(G, 1)
+    v = value.double().repeat_interleave(G, 1)
+    s = query.double() @ k.transpose(-1, -2) * scaling
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
+    return torch.softmax(s, -1) @ v
+
+
 def register() -> None:
     """Register "grace_kv8" and "grace_decode16" with transformers' attention and mask interfaces (SDPA's
     mask format)."""
