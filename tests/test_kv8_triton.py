@@ -35,24 +35,27 @@ def check(device: str) -> float:
 
     default = dict(LAUNCH)
     try:
-        worst = 0.0
+        errs = []   # per variant: (worst of the int8 kernel, worst of the 16-bit kernel)
         for variant in VARIANTS:
             LAUNCH.update(default, **variant)
-            worst = max(worst, check_launch(device))
-        return worst
+            errs.append(check_launch(device))
+        # the int8 scores (a two-part int8 query) must keep the fp16 query's accuracy: with one part the
+        # int8 kernel's worst error was 4x the fp16 path's in the interpreter (1.3e-2 against 3e-3)
+        assert errs[0][0] <= 1.25 * errs[VARIANTS.index({"qk_int8": False})][0], errs
+        return max(max(e) for e in errs)
     finally:
         LAUNCH.update(default)
 
 
-def check_launch(device: str) -> float:
-    """Every case: the kernel (and the attention function that dispatches to it) against the
-    reference; returns the worst relative error."""
+def check_launch(device: str) -> tuple[float, float]:
+    """Every case: the kernels (and the attention functions that dispatch to them) against the
+    reference; returns the worst relative errors of the int8 and of the 16-bit kernel."""
     from grace_ds.export.kv8 import (decode16_attention_forward, dequantize_kv, kv8_attention_forward, quantize_kv,
                                      reference_attention)
     from grace_ds.export.kv8_triton import LAUNCH, available, decode_attention16, kv8_decode_attention, n_splits_for
 
     g = torch.Generator().manual_seed(0)
-    worst = 0.0
+    worst = worst16 = 0.0
     assert {L % LAUNCH["block"] == 0 for *_, L, _, _, _ in CASES} == {True, False}   # EVEN and not
     splits = {n_splits_for(B * Hk, L) for B, _, Hk, L, *_ in CASES}
     assert min(splits) == 1 and max(splits) > 1, splits     # the cases cover one split and many
@@ -93,7 +96,7 @@ def check_launch(device: str) -> float:
         err3 = ((out16.cpu().double() - ref16).norm() / ref16.norm()).item()
         err4 = ((via16.transpose(1, 2).cpu().double() - ref16).norm() / ref16.norm()).item()
         assert err3 < 1e-2 and err4 < 1e-2, (B, H, Hk, L, D, kind, err3, err4, LAUNCH)
-        worst = max(worst, err, err2, err3, err4)
+        worst, worst16 = max(worst, err, err2), max(worst16, err3, err4)
     # torch.compile sees the kernel as one opaque custom op, whatever the backend
     torch._dynamo.reset()
     fn = torch.compile(lambda q, k, v, m: kv8_attention_forward(torch.nn.Module(), q, k, v, m, scaling=scaling)[0] * 2,
@@ -101,7 +104,7 @@ def check_launch(device: str) -> float:
     torch.testing.assert_close(fn(q, k, v, mask), via * 2)
     with pytest.raises(ValueError, match="one query token"):
         kv8_decode_attention(torch.zeros(1, 2, 3, 64, device=device, dtype=torch.bfloat16), k[:1, :1], v[:1, :1], None, 1.0)
-    return worst
+    return worst, worst16
 
 
 def _triton_path() -> str | None:
