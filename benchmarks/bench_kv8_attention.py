@@ -22,6 +22,7 @@ Every kernel output is compared with a float64 reference on the same cache first
     python benchmarks/bench_kv8_attention.py                  # GPU: LLaVA-1.5-7B and Qwen2-VL-7B, batch 1 and 16
     python benchmarks/bench_kv8_attention.py --small          # CPU smoke run (tiny shapes; sdpa16 and kv8 only)
     python benchmarks/bench_kv8_attention.py --count-prefill  # host cost of a prefill: aten calls per layer (CPU)
+    python benchmarks/bench_kv8_attention.py --count-prefill --chunk 8   # ... and of the same prefill in chunks
 
 --count-prefill counts, rather than times, the aten calls of one prompt pass of a tiny LLaVA through
 grace_ds.export.decode.StaticDecoder with the 16-bit and with the int8 cache (each call is a kernel
@@ -117,8 +118,9 @@ def copy_rate(device):
     return copy_bandwidth() * 1000
 
 
-def count_prefill() -> list[tuple[str, int]]:
-    """Aten calls per decoder layer of one prefill (2 rows, tiny LLaVA), 16-bit vs int8 cache."""
+def count_prefill(chunk: int | None = None) -> list[tuple[str, int]]:
+    """Aten calls per decoder layer of one prefill (2 rows, tiny LLaVA, a 22-token prompt), 16-bit vs
+    int8 cache; with `chunk`, also the same prefill in chunks of that many tokens per row."""
     import transformers
 
     from benchmarks.count_host_ops import Tally
@@ -131,14 +133,17 @@ def count_prefill() -> list[tuple[str, int]]:
     inputs = make_prompt(cfg, 2, 6, 16, dtype=torch.float32)
     layers = cfg.text_config.num_hidden_layers
     rows = []
-    for kv_int8 in (False, True):
-        dec = StaticDecoder(model, cfg, 2, inputs["input_ids"].shape[1] + 8, "cpu", kv_int8=kv_int8)
-        with torch.no_grad():
-            dec.prefill(inputs)                   # warm: lazy allocations out of the count
-            with Tally() as tally:
-                dec.prefill(inputs)
-        rows.append(("int8" if kv_int8 else "16-bit", sum(tally.ops.values())))
-    print(f"| cache | aten calls per prefill ({layers} layers) | extra per layer over 16-bit |\n|---|---|---|")
+    for c in ([None] if chunk is None else [None, chunk]):
+        for kv_int8 in (False, True):
+            dec = StaticDecoder(model, cfg, 2, inputs["input_ids"].shape[1] + 8, "cpu", kv_int8=kv_int8)
+            with torch.no_grad():
+                dec.prefill(inputs, chunk=c)              # warm: lazy allocations out of the count
+                with Tally() as tally:
+                    dec.prefill(inputs, chunk=c)
+            rows.append((("int8" if kv_int8 else "16-bit") + ("" if c is None else f", chunks of {c}"),
+                         sum(tally.ops.values())))
+    print(f"| cache | aten calls per prefill ({layers} layers, prompt {inputs['input_ids'].shape[1]}) | "
+          f"extra per layer over 16-bit unchunked |\n|---|---|---|")
     for name, n in rows:
         print(f"| {name} | {n} | {(n - rows[0][1]) / layers:.0f} |")
     return rows
@@ -154,13 +159,14 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny shapes, no Triton")
     p.add_argument("--out", help="also write the markdown table here")
+    p.add_argument("--chunk", type=int, default=None, help="with --count-prefill: also count a prefill in chunks of N")
     p.add_argument("--count-prefill", action="store_true",
                    help="instead: aten calls of one tiny-LLaVA prefill, 16-bit vs int8 cache (CPU)")
     p.add_argument("--sweep", action="store_true",
                    help="also time the Triton kernel for every launch configuration (block, warps, stages, programs)")
     args = p.parse_args(argv)
     if args.count_prefill:
-        return count_prefill()
+        return count_prefill(args.chunk)
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
     shapes = {a: SHAPES[a] for a in args.arch}
