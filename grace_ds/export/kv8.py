@@ -218,6 +218,15 @@ class Int8StaticCache(StaticCache):
             self.layers[i] = Int8StaticLayer(max_cache_len=max_cache_len)
 
 
+def _decode_bias(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A decode step's mask (B or 1, 1, 1, L), bool (True = attend) or additive, as the kernels' additive
+    (B or 1, L) bias; None stays None."""
+    if attention_mask is None:
+        return None
+    m = attention_mask[:, 0, -1, :]
+    return torch.where(m, 0.0, float("-inf")) if m.dtype == torch.bool else m   # additive as is
+
+
 def kv8_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                           scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """The attention function for packed int8 keys/values (16-bit ones go to SDPA unchanged).
@@ -238,11 +247,7 @@ def kv8_attention_forward(module, query, key, value, attention_mask, dropout: fl
     G = H // Hk
     scaling = D ** -0.5 if scaling is None else scaling
     if kv8_triton.available(query):   # the GPU: one Triton kernel reads the int8 cache (kv8_triton.py)
-        bias = None
-        if attention_mask is not None:
-            m = attention_mask[:, 0, -1, :]                           # (B or 1, L)
-            bias = torch.where(m, 0.0, float("-inf")) if m.dtype == torch.bool else m   # additive as is
-        out = kv8_triton.kv8_decode_attention(query, key, value, bias, scaling)   # in query.dtype
+        out = kv8_triton.kv8_decode_attention(query, key, value, _decode_bias(attention_mask), scaling)   # query.dtype
         return out.transpose(1, 2), None
     return portable_decode_attention(query, key, value, attention_mask, scaling), None
 
@@ -279,12 +284,8 @@ def decode16_attention_forward(module, query, key, value, attention_mask, dropou
 
     B, H, q_len, D = query.shape
     if q_len == 1 and key.dtype in (torch.bfloat16, torch.float16) and kv8_triton.available(query):
-        bias = None
-        if attention_mask is not None:
-            m = attention_mask[:, 0, -1, :]
-            bias = torch.where(m, 0.0, float("-inf")) if m.dtype == torch.bool else m
         scaling = D ** -0.5 if scaling is None else scaling
-        return kv8_triton.decode_attention16(query, key, value, bias, scaling).transpose(1, 2), None
+        return kv8_triton.decode_attention16(query, key, value, _decode_bias(attention_mask), scaling).transpose(1, 2), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 

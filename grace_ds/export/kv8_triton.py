@@ -332,6 +332,26 @@ def _cache_length(rows: int, head_dim: int) -> int:
     return cache_length(rows, head_dim)
 
 
+def _call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None, scaling: float,
+          length: int, what: str) -> torch.Tensor:
+    """The checks both cache layouts share, the bias broadcast to (B, length) fp32, then the custom op."""
+    B, H, q_len, D = query.shape
+    Hk = key.shape[1]
+    if not query.is_floating_point():
+        raise ValueError(f"{what}: the query must be floating point, got {query.dtype}")
+    if q_len != 1 or H % Hk or not takes_head_dim(D):
+        raise ValueError(f"{what}: needs one query token, H % H_kv == 0 and a power-of-two head_dim >= 16; "
+                         f"got q_len={q_len}, H={H}, H_kv={Hk}, head_dim={D}")
+    if bias is not None:
+        bias = bias.to(torch.float32).expand(B, length).contiguous()
+    return torch.ops.grace_kv8.decode_attention(query, key, value, bias, float(scaling))
+
+
+def _rows_ok(key: torch.Tensor, value: torch.Tensor, head_dim: int) -> bool:
+    return key.shape == value.shape and key.dtype == value.dtype and key.shape[-1] == head_dim and all(
+        t.stride(-1) == 1 and t.stride(-2) == head_dim for t in (key, value))
+
+
 def decode_attention16(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
                        scaling: float) -> torch.Tensor:
     """The same split-K decode attention over a 16-bit cache: key/value (B, H_kv, L, D) bf16 or fp16 with
@@ -339,18 +359,10 @@ def decode_attention16(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     transformers' SDPA path, given a mask (every static-cache decode step has one), first repeats the
     kv heads to H (`repeat_kv`): 7x the cache's bytes for Qwen2-VL-7B. Returns (B, H, 1, D) in the
     query's dtype."""
-    B, H, q_len, D = query.shape
-    Hk = key.shape[1]
-    if q_len != 1 or H % Hk or not takes_head_dim(D):
-        raise ValueError(f"triton decode attention: needs one query token, H % H_kv == 0 and a power-of-two head_dim "
-                         f">= 16; got q_len={q_len}, H={H}, H_kv={Hk}, head_dim={D}")
-    if key.dtype not in (torch.bfloat16, torch.float16) or key.shape != value.shape or key.dtype != value.dtype \
-            or key.shape[-1] != D or any(t.stride(-1) != 1 or t.stride(-2) != D for t in (key, value)):
+    if key.dtype not in (torch.bfloat16, torch.float16) or not _rows_ok(key, value, query.shape[-1]):
         raise ValueError(f"triton decode attention: key/value must be (B, H_kv, L, head_dim) bf16/fp16 tensors with "
                          f"contiguous rows; got {tuple(key.shape)} {key.dtype} strides {key.stride()}")
-    if bias is not None:
-        bias = bias.to(torch.float32).expand(B, key.shape[2]).contiguous()
-    return torch.ops.grace_kv8.decode_attention(query, key, value, bias, float(scaling))
+    return _call(query, key, value, bias, scaling, key.shape[2], "triton decode attention")
 
 
 def kv8_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
@@ -362,21 +374,10 @@ def kv8_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     The kernel runs inside the custom op `torch.ops.grace_kv8.decode_attention`: torch.compile and
     CUDA graphs see one opaque call with a known output shape (as for the W4A16 GEMM), instead of
     tracing the Triton launch and its workspace."""
-    B, H, q_len, D = query.shape
-    Hk = key.shape[1]
-    if not query.is_floating_point():
-        raise ValueError(f"kv8 triton decode: the query must be floating point, got {query.dtype}")
-    if q_len != 1 or H % Hk or not takes_head_dim(D):
-        raise ValueError(f"kv8 triton decode: needs one query token, H % H_kv == 0 and a power-of-two head_dim >= 16; "
-                         f"got q_len={q_len}, H={H}, H_kv={Hk}, head_dim={D}")
-    if key.dtype != torch.int8 or key.shape != value.shape or key.shape[-1] != D or any(
-            t.stride(-1) != 1 or t.stride(-2) != D for t in (key, value)):
+    if key.dtype != torch.int8 or not _rows_ok(key, value, query.shape[-1]):
         raise ValueError(f"kv8 triton decode: key/value must be kv8's packed (B, H_kv, L + R, head_dim) int8 tensors with "
                          f"contiguous rows; got {tuple(key.shape)} {key.dtype} strides {key.stride()}")
-    length = _cache_length(key.shape[2], D)
-    if bias is not None:
-        bias = bias.to(torch.float32).expand(B, length).contiguous()
-    return torch.ops.grace_kv8.decode_attention(query, key, value, bias, float(scaling))
+    return _call(query, key, value, bias, scaling, _cache_length(key.shape[2], query.shape[-1]), "kv8 triton decode")
 
 
 if triton is not None:
