@@ -205,7 +205,8 @@ def profile_kernels(fn, n: int, is_cuda: bool) -> dict:
         c[1] += t
     kinds: dict[str, float] = {}
     for name, (_, t) in per_name.items():
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t / n
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + t / n
     top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:12]
     return dict(calls=n, device=is_cuda, total_us=sum(kinds.values()),
                 kinds=dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
@@ -285,13 +286,14 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     t_dec = time.perf_counter() - t0
     tokens = dec.out[:, : args.new_tokens]
     same = bool(torch.equal(tokens[:, : check + 1], eager_tokens))
+    kernel_where = _kv8_attention(model, device)
     res = dict(batch=batch, prompt_len=prompt_len, visual_tokens=n_visual, new_tokens=args.new_tokens,
                ttft_s=ttft, decode_s=t_dec, decode_steps=steps, decode_tok_s=batch * steps / t_dec,
                ms_per_step=1000 * t_dec / steps, mode=mode, graph_matches_eager=same, note=note, prefill_chunk=chunk,
                kv_cache="int8" if kv_int8 else "16-bit",
-               kv8_attention=_kv8_attention(model, device) if kv_int8 else None,
-               decode_attention=("kv8: " + _kv8_attention(model, device)) if kv_int8 else
-               ("triton16" if kernel16 and _kv8_attention(model, device) == "triton" else "sdpa"))
+               # what attended over the int8 cache, or over the 16-bit one (the kernel runs where Triton does)
+               kv8_attention=kernel_where if kv_int8 else None,
+               decode_attention=None if kv_int8 else "triton16" if kernel16 and kernel_where == "triton" else "sdpa")
     if is_cuda:
         res.update(peak_alloc_gib=torch.cuda.max_memory_allocated() / 2**30,
                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
@@ -400,19 +402,14 @@ def after_timeout(out: Path, arch: str, variant: str, args) -> dict:
     return res
 
 
-def _kv8_attention_used(results: list[dict]) -> str:
-    """What read the int8 cache in the runs, for the table's header."""
-    kinds = sorted({run["kv8_attention"] for r in results for run in r.get("runs", []) if run.get("kv8_attention")})
-    names = {"triton": "one Triton kernel (grace_ds.export.kv8_triton)",
+KV8_NAMES = {"triton": "one Triton kernel (grace_ds.export.kv8_triton)",
              "portable": "the portable multiply + reduce form (no GPU or Triton, or --kv8-portable)"}
-    return " / ".join(names[k] for k in kinds) or "-"
+DECODE16_NAMES = {"triton16": "the Triton split-K kernel (--attn16-kernel)", "sdpa": "transformers' SDPA (no GPU or Triton)"}
 
 
-def _decode16_used(results: list[dict]) -> str:
-    """What attended over 16-bit caches with --attn16-kernel, for the table's header."""
-    kinds = sorted({run["decode_attention"] for r in results for run in r.get("runs", [])
-                    if run.get("decode_attention") in ("triton16", "sdpa")})
-    names = {"triton16": "the Triton split-K kernel (--attn16-kernel)", "sdpa": "transformers' SDPA (no GPU or Triton)"}
+def _attention_used(results: list[dict], key: str, names: dict[str, str]) -> str:
+    """What the runs' `key` field says attended (names: its values' descriptions), for the table's header."""
+    kinds = sorted({run[key] for r in results for run in r.get("runs", []) if run.get(key)})
     return " / ".join(names[k] for k in kinds) or "-"
 
 
@@ -449,8 +446,9 @@ def render(results: list[dict], args, command: str) -> str:
              + ("; int4 variant: vision encoder and projector linears in int8 (--int8-vision)" if args.int8_vision else "")
              + ("; q/k/v and gate/up fused into one GEMM each, both variants (--fuse-proj)" if args.fuse_proj else "")
              + ("; int4 variant: KV cache in int8 (--kv-int8)" if args.kv_int8 else "")
-             + (f", its decode attention: {_kv8_attention_used(results)}" if args.kv_int8 else "")
-             + ("; decode attention over 16-bit caches: " + _decode16_used(results) if args.attn16_kernel else "")
+             + (f", its decode attention: {_attention_used(results, 'kv8_attention', KV8_NAMES)}" if args.kv_int8 else "")
+             + (f"; decode attention over 16-bit caches: {_attention_used(results, 'decode_attention', DECODE16_NAMES)}"
+                if args.attn16_kernel else "")
              + (f"; prefill in chunks of {args.prefill_chunk} tokens, both variants" if args.prefill_chunk else "")
              + (f"; prefill in passes of at most {args.prefill_tokens} tokens over the batch (--prefill-tokens), both "
                 f"variants" if args.prefill_tokens else "")
@@ -603,6 +601,22 @@ def parse_args(argv=None):
     return args
 
 
+# options the parent hands to every worker as given (a flag when set, or the flag and its value)
+FORWARDED = ("int4_lm_head", "int8_embed", "int8_vision", "attn16_kernel", "profile_steps", "fuse_proj", "kv_int8",
+             "pdl", "prefill_chunk", "prefill_tokens")
+
+
+def _forwarded(args) -> list[str]:
+    out = []
+    for name in FORWARDED:
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value not in (None, False, 0):
+            out += [flag, str(value)]
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.kv8_portable and args.kv8_triton:
@@ -642,12 +656,7 @@ def main(argv=None) -> int:
             wargs = ["--worker", "--arch", arch, "--variant", variant, "--json-out", str(out),
                      "--batch", *map(str, args.batch), "--dtype", args.dtype, "--new-tokens", str(args.new_tokens),
                      "--text-tokens", str(args.text_tokens), "--visual-tokens", str(args.visual_tokens),
-                     "--mode", args.mode, "--device", args.device] + (["--int4-lm-head"] if args.int4_lm_head else []) + (["--int8-embed"] if args.int8_embed else []) \
-                + (["--int8-vision"] if args.int8_vision else []) + (["--attn16-kernel"] if args.attn16_kernel else []) \
-                + (["--profile-steps", str(args.profile_steps)] if args.profile_steps else []) \
-                + (["--fuse-proj"] if args.fuse_proj else []) + (["--kv-int8"] if args.kv_int8 else []) + (["--pdl"] if args.pdl else []) \
-                + (["--prefill-chunk", str(args.prefill_chunk)] if args.prefill_chunk else []) \
-                + (["--prefill-tokens", str(args.prefill_tokens)] if args.prefill_tokens else [])
+                     "--mode", args.mode, "--device", args.device] + _forwarded(args)
             print(f"[bench] {arch} {variant} ... ({left():.0f} s of the budget left)", file=sys.stderr, flush=True)
             if left() < 45:
                 results.append(dict(arch=arch, variant=variant, runs=[],
