@@ -222,27 +222,26 @@ def main(argv=None):
                            ((k16, v16), (kd, vd)))
             for m, fn in methods.items():
                 lines.append(row(m, fn, per_layer[m], ref16 if m in SIXTEEN else ref8)[1])
+            def sweep(method, table, grid, ref):
+                """Time `method` under every launch in `grid` (kv8_triton.LAUNCH or LAUNCH16 is `table`,
+                restored after); returns (us, row, launch), fastest first."""
+                default, found = dict(table), []
+                try:
+                    for block, warps, stages, programs in itertools.product(*(SWEEP_SMALL if args.small else grid)):
+                        launch = dict(block=block, num_warps=warps, num_stages=stages, programs=programs)
+                        table.update(default, **launch)
+                        label = f"{method} b{block} w{warps} s{stages} p{programs}"
+                        found.append((*row(label, methods[method], per_layer[method], ref), launch))
+                finally:
+                    table.update(default)
+                return sorted(found, key=lambda f: f[0])
+
             if args.sweep and "kernel16" in methods:   # the 16-bit kernel's launch (LAUNCH16)
-                default16 = dict(kv8_triton.LAUNCH16)
-                found = []
-                for block, warps, stages, programs in itertools.product(*(SWEEP_SMALL if args.small else SWEEP16)):
-                    launch = dict(block=block, num_warps=warps, num_stages=stages, programs=programs)
-                    kv8_triton.LAUNCH16.update(launch)
-                    label = f"kernel16 b{block} w{warps} s{stages} p{programs}"
-                    found.append(row(label, methods["kernel16"], per_layer["kernel16"], ref16))
-                kv8_triton.LAUNCH16.update(default16)
-                found.sort(key=lambda f: f[0])
-                sweep_lines.extend(r for _, r in found[:3])
+                sweep_lines.extend(r for _, r, _ in sweep("kernel16", kv8_triton.LAUNCH16, SWEEP16, ref16)[:3])
             if args.sweep and "kv8" in methods:
-                default = dict(kv8_triton.LAUNCH)
-                found = []
-                for block, warps, stages, programs in itertools.product(*(SWEEP_SMALL if args.small else SWEEP)):
-                    launch = dict(block=block, num_warps=warps, num_stages=stages, programs=programs)
-                    kv8_triton.LAUNCH.update(default, **launch)
-                    label = f"kv8 b{block} w{warps} s{stages} p{programs}"
-                    found.append((*row(label, methods["kv8"], per_layer["kv8"], ref8), launch))
-                found.sort(key=lambda f: f[0])
+                found = sweep("kv8", kv8_triton.LAUNCH, SWEEP, ref8)
                 sweep_lines.extend(r for _, r, _ in found[:6])
+                default = dict(kv8_triton.LAUNCH)
                 for name_off, off in OPTIONS.items():   # the options, at the fastest launch
                     kv8_triton.LAUNCH.update(default, **found[0][2], **off)
                     sweep_lines.append(row(f"{found[0][1].split(' | ')[2]}, {name_off}", methods["kv8"],

@@ -149,35 +149,31 @@ def compile_for_gpus() -> int:
 
     ints = ["sq_b", "sq_h", "sq_d", "sk_b", "sk_h", "sk_l", "sv_b", "sv_h", "sv_l", "sb_b", "H", "Hk", "L", "n_splits",
             "per_split"]
+    # pointers and strides divisible by 16, as the launcher specialises them on the GPU (without it the
+    # codes are loaded byte by byte: a different kernel); both kernels share these leading arguments
+    div = ("Q", "K", "V", "Bias", "M_out", "L_out", "Acc_out", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l", "sv_b", "sv_h",
+           "sv_l", "sb_b")
+
+    def decode_kernel(fn, arch, qt, kvt, **consts):
+        sig = {"Q": qt, "K": kvt, "V": kvt, "Bias": "*fp32", "M_out": "*fp32", "L_out": "*fp32", "Acc_out": "*fp32",
+               **{k: "i32" for k in ints}, "scaling": "fp32", **{k: "constexpr" for k in consts}}
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", arch, 32))
+        assert "mma" in k.asm["ptx"] and len(k.asm["cubin"]) > 0, (fn.__name__, arch, qt, consts)
+
     n = 0
     for arch in (90, 80):
         for qt in ("*bf16", "*fp16"):
             for G, D, has_bias in ((1, 128, True), (7, 128, False), (4, 64, True)):
-                sig = {"Q": qt, "K": "*i8", "V": "*i8", "Bias": "*fp32", "M_out": "*fp32", "L_out": "*fp32",
-                       "Acc_out": "*fp32", **{k: "i32" for k in ints}, "scaling": "fp32"}
-                consts = dict(G=G, GP=max(kt.MIN_ROWS, triton.next_power_of_2(G)), D=D,
-                              BLOCK=kt.LAUNCH["block"], HAS_BIAS=has_bias, VIA_FP32=False, EVEN=has_bias,
+                decode_kernel(kt._kv8_decode_kernel, arch, qt, "*i8", G=G, GP=max(kt.MIN_ROWS, triton.next_power_of_2(G)),
+                              D=D, BLOCK=kt.LAUNCH["block"], HAS_BIAS=has_bias, VIA_FP32=False, EVEN=has_bias,
                               SKIP=kt.LAUNCH["skip"], ASM=kt.LAUNCH["asm"], VWORDS=kt.LAUNCH["vwords"],
                               QK_INT8=kt.LAUNCH["qk_int8"] and D >= 32)
-                sig.update({k: "constexpr" for k in consts})
-                # pointers and strides divisible by 16, as the launcher specialises them on the GPU
-                # (without it the codes are loaded byte by byte: a different kernel)
-                div = ("Q", "K", "V", "Bias", "M_out", "L_out", "Acc_out", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l", "sv_b",
-                       "sv_h", "sv_l", "sb_b")
-                attrs = {(kt._kv8_decode_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
-                k = triton.compile(ASTSource(fn=kt._kv8_decode_kernel, signature=sig, constexprs=consts, attrs=attrs),
-                                   target=GPUTarget("cuda", arch, 32))
-                assert "mma" in k.asm["ptx"] and len(k.asm["cubin"]) > 0, (arch, qt, G, D)
                 n += 1
             for G, has_bias in ((1, True), (7, False)):     # the 16-bit kernel, over a cache of the query's dtype
-                sig = {"Q": qt, "K": qt, "V": qt, "Bias": "*fp32", "M_out": "*fp32", "L_out": "*fp32",
-                       "Acc_out": "*fp32", **{k: "i32" for k in ints}, "scaling": "fp32"}
-                consts = dict(G=G, GP=max(kt.MIN_ROWS, triton.next_power_of_2(G)), D=128, BLOCK=kt.LAUNCH16["block"],
-                              HAS_BIAS=has_bias, VIA_FP32=False, EVEN=has_bias)
-                sig.update({k: "constexpr" for k in consts})
-                k = triton.compile(ASTSource(fn=kt._kv16_decode_kernel, signature=sig, constexprs=consts, attrs=attrs),
-                                   target=GPUTarget("cuda", arch, 32))
-                assert "mma" in k.asm["ptx"] and len(k.asm["cubin"]) > 0, (arch, qt, G, "16-bit")
+                decode_kernel(kt._kv16_decode_kernel, arch, qt, qt, G=G, GP=max(kt.MIN_ROWS, triton.next_power_of_2(G)),
+                              D=128, BLOCK=kt.LAUNCH16["block"], HAS_BIAS=has_bias, VIA_FP32=False, EVEN=has_bias)
                 n += 1
         for out_t in ("*bf16", "*fp16"):   # the merge writes the query's dtype
             sig = {"M_in": "*fp32", "L_in": "*fp32", "Acc_in": "*fp32", "Out": out_t, "n_splits": "i32",
