@@ -11,10 +11,8 @@
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s); LIMIT=${E2E_LIMIT:-570}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a \
-  GRACE_DS_KERNEL_CACHE=/tmp/grace_kc MAX_JOBS=16
+. scripts/device_wheels.sh
+export TORCH_CUDA_ARCH_LIST=9.0a GRACE_DS_KERNEL_CACHE=/tmp/grace_kc MAX_JOBS=16
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader; date -u; git log -1 --format=%h 2>/dev/null
 timeout 240 python3 -m kernels.w4a16.build > "$OUT/build.log" 2>&1; echo "build rc=$? $(( $(date +%s) - T0 ))s"
 gpu_tests() {  # the kernels (every config, PDL), then the serving path (fusion, int8 cache, capture)

@@ -8,9 +8,7 @@
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+. scripts/device_wheels.sh
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader; date -u
 timeout ${KV8_TESTS_S:-200} python3 -m pytest -m gpu -q -p no:cacheprovider ${KV8_TEST_FILES:-tests/test_kv8_triton.py tests/test_kv8.py} \
   > "$OUT/pytest.log" 2>&1

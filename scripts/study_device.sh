@@ -5,9 +5,8 @@
 # (device call: carry [".whl"]; the wheels come from ../shared/tools/device-wheels.sh)
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 TOKENIZERS_PARALLELISM=false
+. scripts/device_wheels.sh
+export TORCH_CUDA_ARCH_LIST=9.0 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; date -u
 nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader -l 10 > "$OUT/gpu_util.csv" 2>&1 &
 UTIL=$!
