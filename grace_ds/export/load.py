@@ -451,10 +451,8 @@ def quantize_vision_(model: nn.Module) -> int:
                          "to quantise")
     with torch.no_grad():
         for name in names:
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            lin = getattr(parent, attr)
-            setattr(parent, attr, Int8Linear.from_linear(lin).to(lin.weight.device))
+            lin = model.get_submodule(name)
+            replace_module(model, name, Int8Linear.from_linear(lin).to(lin.weight.device))
     return len(names)
 
 
