@@ -317,13 +317,12 @@ if triton is not None:
         tl.store(Out + r * D + d, (tl.sum(acc * w[:, None], 0) / l).to(Out.dtype.element_ty))
 
 
-def n_splits_for(batch_kv_heads: int, length: int, target_programs: int | None = None, launch: dict | None = None) -> int:
-    """Splits along the positions so the grid has about target_programs programs (launch["programs"]
-    by default; launch: LAUNCH or LAUNCH16), at least one block of positions each."""
+def n_splits_for(batch_kv_heads: int, length: int, launch: dict | None = None) -> int:
+    """Splits along the positions so the grid has about launch["programs"] programs (launch: LAUNCH, the
+    default, or LAUNCH16), at least one block of positions each."""
     launch = LAUNCH if launch is None else launch
-    target_programs = launch["programs"] if target_programs is None else target_programs
     blocks = max(1, math.ceil(length / launch["block"]))
-    return max(1, min(blocks, math.ceil(target_programs / max(1, batch_kv_heads))))
+    return max(1, min(blocks, math.ceil(launch["programs"] / max(1, batch_kv_heads))))
 
 
 def _cache_length(rows: int, head_dim: int) -> int:
