@@ -273,6 +273,13 @@ def test_composed_decode_step_compiles_with_inductor():
     assert torch.equal(dec.out[:, :7], ref)
 
 
+def step_logits(dec) -> torch.Tensor:
+    """The logits of one decode step of a StaticDecoder, in fp32: the cache is written as by a step, the
+    decoder's token and position buffers are left as they are."""
+    h = dec.lm(input_ids=dec.tok, position_ids=dec.pos, past_key_values=dec.cache, use_cache=True).last_hidden_state
+    return dec.head(h[:, -1]).float()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv8_triton", [False, True])
 @pytest.mark.parametrize("arch", ARCHS)
@@ -299,10 +306,6 @@ def test_gpu_compiled_step_logits_match_eager(arch, kv8_triton, monkeypatch):
     cfg = bench_config(arch)
     model = bench.build_int4(cfg, "cuda", torch.bfloat16).eval()
 
-    def logits(dec):
-        h = dec.lm(input_ids=dec.tok, position_ids=dec.pos, past_key_values=dec.cache, use_cache=True).last_hidden_state
-        return dec.head(h[:, -1]).float()
-
     with torch.no_grad():
         quantize_lm_head_(model)
         quantize_embeddings_(model)
@@ -312,10 +315,10 @@ def test_gpu_compiled_step_logits_match_eager(arch, kv8_triton, monkeypatch):
         dec.prefill(inputs)
         dec.run_steps(3)                  # a few cached tokens written by the step itself
         st = dec._state()
-        ref = logits(dec)
+        ref = step_logits(dec)
         dec._restore(st)
         torch._dynamo.reset()
-        out = torch.compile(logits, dynamic=False)(dec)
+        out = torch.compile(step_logits, dynamic=False)(dec)
     assert ((out - ref).norm() / ref.norm()).item() < 3e-2
 
 
@@ -484,10 +487,6 @@ def test_gpu_decode16_compiled_step_matches_sdpa(arch):
     bench = load_script("bench")
     cfg = bench_config(arch)
 
-    def logits(dec):
-        h = dec.lm(input_ids=dec.tok, position_ids=dec.pos, past_key_values=dec.cache, use_cache=True).last_hidden_state
-        return dec.head(h[:, -1]).float()
-
     outs = []
     for kernel in (False, True):
         torch.manual_seed(0)
@@ -497,7 +496,7 @@ def test_gpu_decode16_compiled_step_matches_sdpa(arch):
             dec = StaticDecoder(model, cfg, 4, inputs["input_ids"].shape[1] + 8, "cuda", decode_kernel16=kernel)
             dec.prefill(inputs)           # the prompt pass is SDPA in both: the same cache for the first step
             torch._dynamo.reset()
-            outs.append(torch.compile(logits, dynamic=False)(dec) if kernel else logits(dec))
+            outs.append(torch.compile(step_logits, dynamic=False)(dec) if kernel else step_logits(dec))
     ref, out = outs
     assert ((out - ref).norm() / ref.norm()).item() < 3e-2
 
