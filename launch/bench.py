@@ -300,9 +300,13 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     # after the memory figures: a profiled window is not what is measured
     n_prof = min(args.profile_steps, steps - 1)   # + 1 warm step: the cache holds new_tokens positions past the prompt
     if n_prof > 0:
-        prefill()
-        res["profile"] = profile_kernels(lambda: dec.run_steps(1), n_prof, is_cuda)
-        res["profile_prefill"] = profile_kernels(prefill, 2, is_cuda)
+        try:   # a profiler failure costs the breakdown, not the measured row
+            prefill()
+            res["profile"] = profile_kernels(lambda: dec.run_steps(1), n_prof, is_cuda)
+            res["profile_prefill"] = profile_kernels(prefill, 2, is_cuda)
+        except Exception as exc:  # noqa: BLE001
+            res["profile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            print(f"[bench] --profile-steps failed: {res['profile_error']}", file=sys.stderr)
     del dec
     if is_cuda:
         torch.cuda.empty_cache()
@@ -364,6 +368,11 @@ def worker(args) -> None:
 
             kw.set_pdl(True)   # after the build, fusion and the head: every weight is in place
             result["pdl"] = True
+        if args.variant == "int4" and torch.device(device).type == "cuda":
+            import kernels.w4a16.op as kop
+
+            kop.load_extension()
+            result["w4a16_tuned"] = kop.TUNED   # measured per-shape choices (tuned/<card>.json), if any
         _sync(device)
         result["build_s"] = time.perf_counter() - t0
         result["backends"] = quantized_backends(model)
@@ -453,6 +462,9 @@ def render(results: list[dict], args, command: str) -> str:
              + (f"; prefill in passes of at most {args.prefill_tokens} tokens over the batch (--prefill-tokens), both "
                 f"variants" if args.prefill_tokens else "")
              + ("; int4 variant: programmatic dependent launch (--pdl)" if args.pdl else "")
+             + "".join(sorted({f"; int4 variant: W4A16 configs from the card's tuned table ({Path(t[0]).name}, "
+                               f"{t[1]} shapes; kernels/w4a16/sweep_decode.py)" for res in results
+                               if (t := res.get("w4a16_tuned"))}))
              + ("; both variants: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (--expandable-segments)"
                 if args.expandable_segments else ""),
              "",
