@@ -16,17 +16,17 @@ from tiny_serving import kv8_reference
 ROOT = Path(__file__).resolve().parents[1]
 
 # (B, H, Hk, L, D, mask kind, valid length): MHA (LLaVA), GQA with 7 query heads per kv head
-# (Qwen2-VL), a length that is not a multiple of the block, one split and many
+# (Qwen2-VL), a length that is not a multiple of the block, one split and many (at every block size)
 CASES = [
     (2, 4, 4, 150, 64, "bool", 97),
     (3, 14, 2, 200, 128, "additive", 200),
-    (1, 8, 1, 64, 32, None, 64),
+    (1, 8, 1, 32, 32, None, 32),
     (4, 2, 2, 1000, 64, "bool", 613),
     (2, 4, 4, 256, 64, "bool", 170),      # a multiple of the block (the unmasked loads), masked tail skipped
 ]
 # kernel options (kv8_triton.LAUNCH) each case runs under: the defaults, then each option switched
 VARIANTS = [{}, {"skip": True}, {"qk_int8": False}, {"vwords": False, "asm": False, "qk_int8": False},
-            {"block": 64, "num_warps": 8}]
+            {"block": 64, "num_warps": 8}, {"block": 32, "num_stages": 4}]
 
 
 def check(device: str) -> float:

@@ -50,10 +50,10 @@ MIN_ROWS = 16          # tl.dot's smallest M
 # at batch 16 and within 0.3 us of it for the other cases (2026-11-29 10:58 UTC, docs/benchmarks.md).
 LAUNCH = {"block": 128, "num_warps": 4, "num_stages": 3, "programs": 264, "skip": False, "asm": True, "vwords": True,
           "qk_int8": True}
-# The 16-bit kernel's (decode_attention16): twice the bytes per position, so half the block for the same
-# shared memory per stage (at 128 positions and 3 stages the SASS needs 140 KB: one program per SM).
-# Not yet timed on a GPU: `bench_kv8_attention.py --sweep` sweeps it too.
-LAUNCH16 = {"block": 64, "num_warps": 4, "num_stages": 3, "programs": 264}
+# The 16-bit kernel's (decode_attention16): the fastest of the sweep's 24 launches on an H200 for both
+# models at batch 16 (LLaVA-1.5-7B 60.9 us = 95% of the copy rate; Qwen2-VL-7B 16.1 us) and within 0.2 us
+# of it at batch 1 (2026-11-29 12:45 UTC, docs/benchmarks.md).
+LAUNCH16 = {"block": 32, "num_warps": 4, "num_stages": 3, "programs": 264}
 
 
 def takes_head_dim(d: int) -> bool:
