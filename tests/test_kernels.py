@@ -179,6 +179,75 @@ def test_error_scales_shape_and_x_k():
 
 
 # ---------------------------------------------------------------- compile check (nvcc, no torch)
+class _RecordingExt:
+    """Stands in for the extension on the CPU: records the choices load_tuned hands it."""
+
+    def __init__(self):
+        self.choices = []
+
+    def set_choice(self, M, N, K, cfg, splits):
+        self.choices.append((M, N, K, cfg, splits))
+
+
+def test_tuned_table_loads_and_refuses_bad_files(tmp_path):
+    """load_tuned: a card's measured choices reach the op; a file from another card, a missing file and
+    a file without choices are refused, each naming the file and the fix."""
+    import json
+
+    from kernels.w4a16.op import load_tuned, tuned_path
+
+    assert tuned_path("NVIDIA H200").name == "nvidia_h200.json"
+    assert tuned_path("NVIDIA H100 80GB HBM3").name == "nvidia_h100_80gb_hbm3.json"
+    good = tmp_path / "h200.json"
+    good.write_text(json.dumps({"card": "NVIDIA H200", "choices": [
+        {"M": 1, "N": 12288, "K": 4096, "cfg": 21, "splits": 2}, {"M": 16, "N": 4608, "K": 3584, "cfg": 9}]}))
+    rec = _RecordingExt()
+    assert load_tuned(good, rec, device_name="NVIDIA H200") == 2
+    assert rec.choices == [(1, 12288, 4096, 21, 2), (16, 4608, 3584, 9, 0)]
+    with pytest.raises(ValueError, match="measured on 'NVIDIA H200', this is 'NVIDIA H100 80GB HBM3'"):
+        load_tuned(good, _RecordingExt(), device_name="NVIDIA H100 80GB HBM3")
+    with pytest.raises(FileNotFoundError, match="GRACE_W4A16_TUNED=0"):
+        load_tuned(tmp_path / "missing.json", _RecordingExt(), device_name="NVIDIA H200")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"card": "NVIDIA H200"}))
+    with pytest.raises(ValueError, match="not a tuned-choice file.*sweep_decode --write-tuned"):
+        load_tuned(bad, _RecordingExt(), device_name="NVIDIA H200")
+
+
+def test_tuned_shipped_files_are_well_formed():
+    """Every shipped tuned table names its card and holds valid (M, N, K, config) entries."""
+    import json
+
+    from kernels.w4a16.op import TUNED_DIR, load_tuned
+
+    for path in sorted(TUNED_DIR.glob("*.json")):
+        data = json.loads(path.read_text())
+        rec = _RecordingExt()
+        assert load_tuned(path, rec, device_name=data["card"]) == len(data["choices"]) > 0
+        for M, N, K, cfg, splits in rec.choices:
+            assert M >= 1 and N % 16 == 0 and K % 128 == 0 and 0 <= cfg < 41 and splits >= 0, (path, M, N, K, cfg)
+
+
+def test_sweep_decode_keeps_only_checked_clear_wins(tmp_path):
+    """write_tuned: a winner enters the table only if it beats the rule by more than min_gain and passed
+    its float64 check; the file is the one load_tuned reads."""
+    import json
+
+    from kernels.w4a16.op import load_tuned
+    from kernels.w4a16.sweep_decode import write_tuned
+
+    def row(M, op, best, err=1e-3):
+        return dict(M=M, N=4096, K=4096, op=op, op_cfg=0, cublas=20.0, best_us=best, best_cfg=21, best_splits=2,
+                    best_err=err)
+
+    rows = [row(1, 10.0, 8.0), row(2, 10.0, 9.9), row(3, 10.0, 5.0, err=float("nan")), row(4, 10.0, 5.0, err=0.5)]
+    path = write_tuned(rows, tmp_path / "t.json", "NVIDIA H200", 0.03, "cmd")
+    data = json.loads(open(path).read())
+    assert [c["M"] for c in data["choices"]] == [1] and data["card"] == "NVIDIA H200"
+    rec = _RecordingExt()
+    assert load_tuned(path, rec, device_name="NVIDIA H200") == 1 and rec.choices == [(1, 4096, 4096, 21, 2)]
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 @pytest.mark.parametrize("tu", ["w4a16_bf16.cu", "w4a16_sk_bf16.cu", "w4a16_wgmma_bf16.cu"])
 def test_kernel_compiles_for_sm90a(tmp_path, tu):
@@ -275,6 +344,29 @@ def test_gpu_every_config_poisoned(ext, M):
                 out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
                 ext.tc_gemm_out(x, p["qweight"], p["scales"], cfg, out, splits)
                 assert rel_err(out, ref64(x, codes, scales.to(dtype))) <= 1e-2, (cfg, splits, M, dtype)
+
+
+@gpu
+def test_gpu_set_choice_routes_the_op(ext):
+    """set_choice sends one exact (M, N, K) to the named config (and splits) ahead of the rules, the
+    result stays correct, other shapes keep the rule, and clear_choices restores it."""
+    N, K = 512, 1024
+    codes, scales = rand_weight(N, K, "cuda")
+    p = pack_weights(codes, scales)
+    rule, rule_m2, rule_n2 = ext.choose_config(1, N, K), ext.choose_config(2, N, K), ext.choose_config(1, 2 * N, K)
+    sk = ext.first_sk + 2   # a split-K config with one token tile
+    assert sk != rule
+    try:
+        ext.set_choice(1, N, K, sk, 2)
+        assert ext.choose_config(1, N, K) == sk and ext.choose_splits(1, N, K) == 2
+        assert ext.choose_config(2, N, K) == rule_m2 and ext.choose_config(1, 2 * N, K) == rule_n2   # exact keys only
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        assert rel_err(w4a16_gemm(x, p), ref64(x, codes, scales.to(torch.bfloat16))) <= 1e-2
+        with pytest.raises(RuntimeError, match="unknown config 999"):
+            ext.set_choice(1, N, K, 999, 0)
+    finally:
+        ext.clear_choices()
+    assert ext.choose_config(1, N, K) == rule
 
 
 @gpu

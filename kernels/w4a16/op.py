@@ -42,6 +42,7 @@ _lib.impl("w4a16_gemm", _w4a16_gemm_cpu, "CPU")
 
 _ext = None
 _lock = threading.Lock()
+TUNED = None   # (file, entries) of the tuned-choice table load_extension loaded, if any
 
 
 def build_dir() -> Path:
@@ -76,7 +77,51 @@ def load_extension(verbose: bool = False):
         )
         if os.environ.get("GRACE_W4A16_PDL", "0") not in ("", "0"):
             set_pdl(True)
+        tuned = os.environ.get("GRACE_W4A16_TUNED", "1")
+        if tuned not in ("", "0") and torch.cuda.is_available():
+            path = Path(tuned) if tuned != "1" else tuned_path()
+            if tuned != "1" or path.exists():
+                global TUNED
+                TUNED = (str(path), load_tuned(path, _ext))
     return _ext
+
+
+TUNED_DIR = Path(__file__).resolve().parent / "tuned"
+
+
+def tuned_path(device_name: str | None = None) -> Path:
+    """The tuned-choice file of a card: tuned/<device name, lower case, non-alphanumerics as _>.json."""
+    name = device_name if device_name is not None else torch.cuda.get_device_name()
+    return TUNED_DIR / ("".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") + ".json")
+
+
+def load_tuned(path, ext=None, device_name: str | None = None) -> int:
+    """Load measured config choices for exact (M, N, K) into the op (ahead of its rules); returns how
+    many. The file ({"card", "command", "date", "choices": [{"M", "N", "K", "cfg", "splits", ...}]})
+    is written by ``python -m kernels.w4a16.sweep_decode --write-tuned``. A file measured on another
+    card is refused: its choices would be guesses there. Loaded automatically by load_extension from
+    tuned/<card>.json; GRACE_W4A16_TUNED=0 turns that off, GRACE_W4A16_TUNED=FILE loads FILE instead."""
+    import json
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        choices = data["choices"]
+        card = data["card"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"GRACE_W4A16_TUNED / load_tuned: {path} does not exist; write one with "
+                                "`python -m kernels.w4a16.sweep_decode --write-tuned FILE`, or set GRACE_W4A16_TUNED=0")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"load_tuned: {path} is not a tuned-choice file ({type(exc).__name__}: {exc}); "
+                         "rewrite it with `python -m kernels.w4a16.sweep_decode --write-tuned FILE`") from exc
+    here = device_name if device_name is not None else torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    if here is not None and card != here:
+        raise ValueError(f"load_tuned: {path} was measured on {card!r}, this is {here!r}; measure this card with "
+                         "`python -m kernels.w4a16.sweep_decode --write-tuned FILE` or set GRACE_W4A16_TUNED=0")
+    ext = ext if ext is not None else load_extension()
+    for c in choices:
+        ext.set_choice(int(c["M"]), int(c["N"]), int(c["K"]), int(c["cfg"]), int(c.get("splits", 0)))
+    return len(choices)
 
 
 def set_pdl(on: bool = True) -> None:

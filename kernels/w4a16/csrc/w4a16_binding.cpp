@@ -9,6 +9,9 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "w4a16_api.h"
 
@@ -201,7 +204,29 @@ int choose_config_v3(int64_t M, int64_t N, int64_t K) {
 // M <= 8 and, for the smaller weights, at M <= 16; the split-K shared-memory-x kernel wins at
 // 9..16 tokens on the largest weights (config 30), 17..32 (config 39) and 33..128 (config 38),
 // always with its automatic (wave-quantised) split count.
+// Measured choices for exact (M, N, K), ahead of the rules below: a tuned table per card
+// (kernels/w4a16/tuned/*.json, written from `python -m kernels.w4a16.sweep_decode` and loaded by
+// op.load_extension; `set_choice` / `clear_choices` from Python). Read at launch, so a CUDA graph
+// keeps the choice it was captured with.
+using ChoiceKey = std::tuple<int64_t, int64_t, int64_t>;
+std::map<ChoiceKey, Choice>& choice_table() {
+  static std::map<ChoiceKey, Choice> table;
+  return table;
+}
+std::mutex& choice_mutex() {
+  static std::mutex m;
+  return m;
+}
+
 Choice choose(int64_t M, int64_t N, int64_t K) {
+  {
+    std::lock_guard<std::mutex> lock(choice_mutex());
+    const auto& t = choice_table();
+    if (!t.empty()) {
+      auto it = t.find(ChoiceKey{M, N, K});
+      if (it != t.end()) return it->second;
+    }
+  }
   if (M <= 8) return {choose_config_v3(M, N, K), 0};
   if (M <= 16) return N * K >= 100000000LL ? Choice{30, 0} : Choice{choose_config_v3(M, N, K), 0};
   if (M <= 32) return {39, 0};
@@ -210,6 +235,21 @@ Choice choose(int64_t M, int64_t N, int64_t K) {
 }
 
 int choose_config(int64_t M, int64_t N, int64_t K) { return choose(M, N, K).cfg; }
+
+void set_choice(int64_t M, int64_t N, int64_t K, int64_t cfg, int64_t splits) {
+  TORCH_CHECK(M > 0 && N > 0 && N % 16 == 0 && K > 0 && K % 128 == 0, "w4a16 set_choice: bad shape M=", M,
+              " N=", N, " K=", K, " (N a multiple of 16, K of 128)");
+  TORCH_CHECK(cfg == -1 || valid_config(cfg), "w4a16 set_choice: unknown config ", cfg,
+              " (a config id of w4a16_api.h, or -1 for dequantise + cuBLAS)");
+  TORCH_CHECK(splits >= 0, "w4a16 set_choice: splits must be >= 0 (0 = automatic), got ", splits);
+  std::lock_guard<std::mutex> lock(choice_mutex());
+  choice_table()[ChoiceKey{M, N, K}] = Choice{(int)cfg, (int)splits};
+}
+
+void clear_choices() {
+  std::lock_guard<std::mutex> lock(choice_mutex());
+  choice_table().clear();
+}
 
 at::Tensor w4a16_gemm_cuda(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
                            int64_t group_size) {
@@ -348,6 +388,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("choose_config", &choose_config, "config id the op uses for (M,N,K); -1 = dequant + cuBLAS");
   m.def("choose_splits", [](int64_t M, int64_t N, int64_t K) { return (int64_t)choose(M, N, K).splits; },
         "requested splits of the op's choice (0 = automatic; see sk_splits for the effective count)");
+  m.def("set_choice", &set_choice, "measured config (and splits, 0 = auto) for an exact (M, N, K), ahead of the rules",
+        py::arg("M"), py::arg("N"), py::arg("K"), py::arg("cfg"), py::arg("splits") = 0);
+  m.def("clear_choices", &clear_choices, "forget every set_choice entry (back to the rules)");
   m.def("choose_config_v3", &choose_config_v3, "the register-only kernel's config table (before sk)");
   m.attr("num_configs") = grace_w4a16::kNumAllConfigs;
   // Hopper wgmma kernel (own config ids 0..num_wgmma_configs-1)

@@ -1,0 +1,142 @@
+"""Which config is fastest for the weights a 7B decoder actually runs, at decode batch sizes.
+
+    python -m kernels.w4a16.sweep_decode [--shapes 7b-fused] [--ms 1 16] [--out DIR] [--write-tuned [FILE]]
+
+The op's config table (`choose` in csrc/w4a16_binding.cpp) was fitted on the issue's five shapes.
+A fused 7B layer runs other ones (bench.SHAPE_SETS["7b-fused"]: LLaVA's q/k/v 12288x4096, Qwen2-VL's
+4608x3584, the heads, ...). For every shape and M this times bf16 cuBLAS, the op as it chooses, every
+register-only config that fits M and every split-K config that fits M with splits {auto, 1, 2, 4, 8}
+(bench.py's method: medians of CUDA-graph replays over >= 256 MB of weight copies, bf16), then
+checks the fastest candidate against a float64 reference (fresh inputs, NaN-poisoned output).
+Writes decode.jsonl and decode.md under --out and prints the table last. --write-tuned writes the
+winners that beat the op's rule by more than --min-gain (and passed the check) as the card's tuned
+table (op.tuned_path(): tuned/<card>.json, which op.load_extension loads on that card).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from .bench import SHAPE_SETS, graph_time, parse_shape, rand_weight, ref64, rel_err
+from .op import load_extension, tuned_path
+from .pack import pack_weights
+from .reference import GROUP_SIZE
+from .sweep_sk import SPLITS, sk_for_m
+
+
+def tc_for_m(ext, M):
+    """Register-only configs whose token tile covers M in one or two chunks (bench.py's rule for M < 64)."""
+    out = []
+    for c in range(ext.first_sk):
+        mt = ext.config_info(c)[0]
+        if mt * 8 >= M and (mt * 8 < 2 * M or mt == 1):
+            out.append(c)
+    return out
+
+
+def candidates(ext, M, N, K):
+    """(label, config, splits) for every register-only config and every distinct split of the sk ones."""
+    out = [(f"c{c}", c, 0) for c in tc_for_m(ext, M)]
+    for c in sk_for_m(ext, M):
+        seen = set()
+        for s in SPLITS:
+            eff = int(ext.sk_splits(c, M, N, K, s, 0))
+            if eff not in seen:
+                seen.add(eff)
+                out.append((f"c{c}s{eff}" + ("a" if s == 0 else ""), c, s))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", type=parse_shape, default=None, help="default: 7b-fused")
+    ap.add_argument("--ms", nargs="+", type=int, default=[1, 16])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--write-tuned", nargs="?", const="", default=None, metavar="FILE",
+                    help="write the winners as a tuned table (default file: this card's op.tuned_path())")
+    ap.add_argument("--min-gain", type=float, default=0.03,
+                    help="a winner enters the tuned table only if it is this fraction faster than the rule's choice")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    ext = load_extension()
+    ext.clear_choices()   # "op" below is the rules' choice, not an earlier tuned table's
+    shapes = [s for g in args.shapes for s in g] if args.shapes else SHAPE_SETS["7b-fused"]
+    dev = torch.cuda.get_device_name()
+    rows = []
+    with open(os.path.join(args.out, "decode.jsonl"), "w") as log:
+        for (N, K) in shapes:
+            wq = N * K // 2 + N * (K // GROUP_SIZE) * 2
+            W = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+                 for _ in range(max(1, math.ceil(256e6 / (N * K * 2))))]
+            Q = [pack_weights(*rand_weight(N, K, "cuda"), dtype=torch.bfloat16)
+                 for _ in range(max(1, math.ceil(256e6 / wq)))]
+            for M in args.ms:
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                r = {"N": N, "K": K, "M": M, "op_cfg": int(ext.choose_config(M, N, K)),
+                     "op_splits": int(ext.choose_splits(M, N, K))}
+                r["cublas"] = graph_time([lambda w=w: torch.matmul(x, w.t()) for w in W])
+                r["op"] = graph_time([lambda q=q: torch.ops.grace.w4a16_gemm(x, q["qweight"], q["scales"], 128)
+                                      for q in Q])
+                times = {}
+                for label, c, s in candidates(ext, M, N, K):
+                    times[label] = graph_time([lambda q=q, c=c, s=s: ext.tc_gemm(x, q["qweight"], q["scales"], c, s)
+                                               for q in Q], reps=10)
+                best = min(times, key=times.get)
+                c, s = next((c, s) for lab, c, s in candidates(ext, M, N, K) if lab == best)
+                codes, scales = rand_weight(N, K, "cuda")   # the winner against float64, fresh inputs
+                p = pack_weights(codes, scales, dtype=torch.bfloat16)
+                xc = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+                ext.tc_gemm_out(xc, p["qweight"], p["scales"], c, out, s)
+                r.update(times=times, best=best, best_us=times[best], best_cfg=c, best_splits=s,
+                         best_err=rel_err(out, ref64(xc, codes, scales.to(torch.bfloat16))),
+                         tbs_op=(wq + M * K * 2 + M * N * 2) / (r["op"] * 1e-6) / 1e12)
+                rows.append(r)
+                log.write(json.dumps(r) + "\n")
+                log.flush()
+                top = sorted(times.items(), key=lambda kv: kv[1])[:5]
+                print(f"{N}x{K} M={M}: cublas {r['cublas']:.1f} op {r['op']:.1f} (c{r['op_cfg']}) best {best} "
+                      f"{times[best]:.1f} err {r['best_err']:.1e} | " + " ".join(f"{k}={v:.1f}" for k, v in top), flush=True)
+            del W, Q
+            torch.cuda.empty_cache()
+    lines = [f"{dev}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; `python -m kernels.w4a16.sweep_decode` "
+             "(us, bf16; x = speed-up over cuBLAS)", "",
+             "| N x K | M | cuBLAS | op (cfg) | op x | op TB/s | fastest config | its us | its x | its rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['N']}x{r['K']} | {r['M']} | {r['cublas']:.1f} | {r['op']:.1f} (c{r['op_cfg']}) | "
+                     f"{r['cublas'] / r['op']:.2f}x | {r['tbs_op']:.2f} | {r['best']} | {r['best_us']:.1f} | "
+                     f"{r['cublas'] / r['best_us']:.2f}x | {r['best_err']:.1e} |")
+    table = "\n".join(lines)
+    with open(os.path.join(args.out, "decode.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    if args.write_tuned is not None:
+        path = write_tuned(rows, args.write_tuned or tuned_path(), dev, args.min_gain, " ".join(sys.argv))
+        print(f"tuned table: {path}")
+
+
+def write_tuned(rows, path, card: str, min_gain: float, command: str):
+    """The rows' winners that beat the rule by more than min_gain and passed the float64 check."""
+    choices = [dict(M=r["M"], N=r["N"], K=r["K"], cfg=r["best_cfg"], splits=r["best_splits"], us=round(r["best_us"], 2),
+                    rule_us=round(r["op"], 2), rule_cfg=r["op_cfg"], cublas_us=round(r["cublas"], 2))
+               for r in rows if r["best_us"] < (1 - min_gain) * r["op"] and r["best_err"] <= 1e-2]
+    data = dict(card=card, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=command,
+                torch=torch.__version__, choices=choices)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
