@@ -186,7 +186,10 @@ class _RecordingExt:
         self.choices = []
 
     def set_choice(self, M, N, K, cfg, splits):
+        if cfg == 999:   # what the extension answers for a config it does not have
+            return False
         self.choices.append((M, N, K, cfg, splits))
+        return True
 
 
 def test_tuned_table_loads_and_refuses_bad_files(tmp_path):
@@ -211,6 +214,9 @@ def test_tuned_table_loads_and_refuses_bad_files(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"card": "NVIDIA H200"}))
     with pytest.raises(ValueError, match="not a tuned-choice file.*sweep_decode --write-tuned"):
+        load_tuned(bad, _RecordingExt(), device_name="NVIDIA H200")
+    bad.write_text(json.dumps({"card": "NVIDIA H200", "choices": [{"M": 1, "N": 16, "K": 128, "cfg": 999}]}))
+    with pytest.raises(ValueError, match="not a valid choice for this build"):
         load_tuned(bad, _RecordingExt(), device_name="NVIDIA H200")
 
 
@@ -357,13 +363,13 @@ def test_gpu_set_choice_routes_the_op(ext):
     sk = ext.first_sk + 2   # a split-K config with one token tile
     assert sk != rule
     try:
-        ext.set_choice(1, N, K, sk, 2)
+        assert ext.set_choice(1, N, K, sk, 2) is True
         assert ext.choose_config(1, N, K) == sk and ext.choose_splits(1, N, K) == 2
         assert ext.choose_config(2, N, K) == rule_m2 and ext.choose_config(1, 2 * N, K) == rule_n2   # exact keys only
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         assert rel_err(w4a16_gemm(x, p), ref64(x, codes, scales.to(torch.bfloat16))) <= 1e-2
-        with pytest.raises(RuntimeError, match="unknown config 999"):
-            ext.set_choice(1, N, K, 999, 0)
+        assert ext.set_choice(1, N, K, 999, 0) is False and ext.set_choice(1, N + 8, K, sk, 0) is False
+        assert ext.choose_config(1, N, K) == sk   # a refused entry changes nothing
     finally:
         ext.clear_choices()
     assert ext.choose_config(1, N, K) == rule

@@ -120,7 +120,10 @@ def load_tuned(path, ext=None, device_name: str | None = None) -> int:
                          "`python -m kernels.w4a16.sweep_decode --write-tuned FILE` or set GRACE_W4A16_TUNED=0")
     ext = ext if ext is not None else load_extension()
     for c in choices:
-        ext.set_choice(int(c["M"]), int(c["N"]), int(c["K"]), int(c["cfg"]), int(c.get("splits", 0)))
+        if not ext.set_choice(int(c["M"]), int(c["N"]), int(c["K"]), int(c["cfg"]), int(c.get("splits", 0))):
+            raise ValueError(f"load_tuned: {path}: entry {c} is not a valid choice for this build (config ids of "
+                             "csrc/w4a16_api.h, N a multiple of 16, K of 128, splits >= 0); re-measure with "
+                             "`python -m kernels.w4a16.sweep_decode --write-tuned FILE` or set GRACE_W4A16_TUNED=0")
     return len(choices)
 
 

@@ -236,14 +236,16 @@ Choice choose(int64_t M, int64_t N, int64_t K) {
 
 int choose_config(int64_t M, int64_t N, int64_t K) { return choose(M, N, K).cfg; }
 
-void set_choice(int64_t M, int64_t N, int64_t K, int64_t cfg, int64_t splits) {
-  TORCH_CHECK(M > 0 && N > 0 && N % 16 == 0 && K > 0 && K % 128 == 0, "w4a16 set_choice: bad shape M=", M,
-              " N=", N, " K=", K, " (N a multiple of 16, K of 128)");
-  TORCH_CHECK(cfg == -1 || valid_config(cfg), "w4a16 set_choice: unknown config ", cfg,
-              " (a config id of w4a16_api.h, or -1 for dequantise + cuBLAS)");
-  TORCH_CHECK(splits >= 0, "w4a16 set_choice: splits must be >= 0 (0 = automatic), got ", splits);
+// Returns false (and changes nothing) for a shape the kernels cannot take, an unknown config or negative
+// splits; the Python callers raise with the file and entry (an exception thrown from this helper crashed
+// the process on the H200 machine, 2026-11-29).
+bool set_choice(int64_t M, int64_t N, int64_t K, int64_t cfg, int64_t splits) {
+  if (M <= 0 || N <= 0 || N % 16 != 0 || K <= 0 || K % 128 != 0) return false;
+  if (cfg != -1 && !valid_config(cfg)) return false;
+  if (splits < 0) return false;
   std::lock_guard<std::mutex> lock(choice_mutex());
   choice_table()[ChoiceKey{M, N, K}] = Choice{(int)cfg, (int)splits};
+  return true;
 }
 
 void clear_choices() {
@@ -388,7 +390,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("choose_config", &choose_config, "config id the op uses for (M,N,K); -1 = dequant + cuBLAS");
   m.def("choose_splits", [](int64_t M, int64_t N, int64_t K) { return (int64_t)choose(M, N, K).splits; },
         "requested splits of the op's choice (0 = automatic; see sk_splits for the effective count)");
-  m.def("set_choice", &set_choice, "measured config (and splits, 0 = auto) for an exact (M, N, K), ahead of the rules",
+  m.def("set_choice", &set_choice, "measured config (and splits, 0 = auto) for an exact (M, N, K), ahead of the rules; false if invalid",
         py::arg("M"), py::arg("N"), py::arg("K"), py::arg("cfg"), py::arg("splits") = 0);
   m.def("clear_choices", &clear_choices, "forget every set_choice entry (back to the rules)");
   m.def("choose_config_v3", &choose_config_v3, "the register-only kernel's config table (before sk)");
