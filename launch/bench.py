@@ -156,13 +156,16 @@ def build_packed(directory, device, dtype):
 # ============================================================================ generation
 
 # what each decode-step kernel is, by name (first match wins): the rows of --profile-steps' breakdown
-KERNEL_KINDS = (
+KERNEL_KINDS = (   # first match wins
+    # inductor names a fused kernel after the ops it absorbed: "..._rsqrt_view_w4a16_gemm_12" is an RMSNorm
+    # feeding the GEMM, "..._cos_decode_attention_..." rotary + the query's int8 split before the attention
+    ("inductor-fused (norms, rotary, cache writes, ...)", r"^triton_(poi|red|per)_"),
     ("W4A16 GEMM (kernels.w4a16)", r"w4a16|sk_finalize"),
-    ("attention, int8 cache (Triton)", r"_kv8_decode_kernel|_kv8_merge_kernel"),
+    ("attention, int8 cache (Triton)", r"_kv8_decode_kernel"),
     ("attention, 16-bit cache (Triton)", r"_kv16_decode_kernel"),
+    ("attention, split merge (Triton, either cache)", r"_kv8_merge_kernel"),
     ("attention (SDPA / flash / cuDNN)", r"fmha|flash|attention|sdpa|softmax|efficient"),
     ("bf16 GEMM (cuBLAS / CUTLASS)", r"gemm|gemv|sm90_xmma|cutlass|cublas|nvjet|splitKreduce"),
-    ("inductor-fused (norms, rotary, cache writes, ...)", r"^triton_"),
     ("copies and fills", r"copy|memcpy|memset|fill|cat|index"),
 )
 

@@ -577,9 +577,15 @@ def test_bench_profile_steps_breaks_the_step_down(tmp_path):
     text = (tmp_path / "t.md").read_text()
     assert "Decode step of tiny-llava bf16 batch 1" in text and "Prefill of tiny-llava bf16 batch 1" in text
     kinds = {n: bench.kernel_kind(n) for n in ("w4a16_sk_kernel<bf16>", "_kv8_decode_kernel", "_kv16_decode_kernel",
-                                               "fmha_cutlassF_bf16", "sm90_xmma_gemm_bf16bf16", "triton_poi_fused_add_0",
-                                               "void at::native::elementwise_kernel<copy>", "mystery")}
+                                               "_kv8_merge_kernel", "fmha_cutlassF_bf16", "sm90_xmma_gemm_bf16bf16",
+                                               "triton_poi_fused_add_0", "void at::native::elementwise_kernel<copy>",
+                                               "mystery")}
     assert len(set(kinds.values())) == len(kinds), kinds
+    # fused kernels named after the ops they absorbed (names from an H200 profile) are inductor's, not the GEMM's
+    # or SDPA's
+    for name in ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_view_w4a16_gemm_12",
+                 "triton_poi_fused__to_copy_add_arange_cat_cos_decode_attention_expand_le_mul_neg_scalar_ten"):
+        assert bench.kernel_kind(name) == kinds["triton_poi_fused_add_0"], name
 
 
 def test_bench_keeps_the_batches_a_timed_out_worker_finished(tmp_path):
