@@ -60,6 +60,21 @@ def rand_weight(N, K, device, gen=None):
     return codes, scales
 
 
+def packed_bytes(N, K):
+    """Bytes our kernels read for an (N, K) weight: int4 codes + one bf16 scale per group."""
+    return N * K // 2 + N * (K // GROUP_SIZE) * 2
+
+
+def weight_copies(N, K, total=256e6):
+    """Enough distinct bf16 and packed copies of an (N, K) weight (>= total bytes of each) that timing a
+    pass over all of them reads DRAM, not L2 (50-60 MB). Returns (bf16 list, packed list)."""
+    W = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+         for _ in range(max(1, math.ceil(total / (N * K * 2))))]
+    Q = [pack_weights(*rand_weight(N, K, "cuda"), dtype=torch.bfloat16)
+         for _ in range(max(1, math.ceil(total / packed_bytes(N, K))))]
+    return W, Q
+
+
 def rel_err(out, ref):
     out = out.double()
     if not torch.isfinite(out).all():
@@ -207,17 +222,10 @@ def main(argv=None):
     rows = []
     with open(os.path.join(args.out, "bench.jsonl"), "w") as log:
         for (N, K) in shapes:
-            wbytes_bf16 = N * K * 2
-            wbytes_q = N * K // 2 + N * (K // GROUP_SIZE) * 2
-            n_bf = max(1, math.ceil(256e6 / wbytes_bf16))
-            n_q = max(1, math.ceil(256e6 / wbytes_q))
-            W = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n_bf)]
-            Q = []
-            for i in range(n_q):
-                codes, scales = rand_weight(N, K, "cuda")
-                Q.append(pack_weights(codes, scales, dtype=torch.bfloat16))
+            wbytes_q = packed_bytes(N, K)
+            W, Q = weight_copies(N, K)
             try:
-                I4 = [to_int4pack(*rand_weight(N, K, "cuda")) for _ in range(n_q)]
+                I4 = [to_int4pack(*rand_weight(N, K, "cuda")) for _ in range(len(Q))]
             except Exception as e:  # noqa: BLE001
                 print("int4pack unavailable:", repr(e)[:200], flush=True)
                 I4 = None

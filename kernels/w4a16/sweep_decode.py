@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 
 import torch
 
-from .bench import SHAPE_SETS, graph_time, parse_shape, rand_weight, ref64, rel_err
+from .bench import SHAPE_SETS, graph_time, packed_bytes, parse_shape, rand_weight, ref64, rel_err, weight_copies
 from .op import load_extension, tuned_path
 from .pack import pack_weights
-from .reference import GROUP_SIZE
 from .sweep_sk import SPLITS, sk_for_m
 
 
@@ -71,11 +69,8 @@ def main(argv=None):
     rows = []
     with open(os.path.join(args.out, "decode.jsonl"), "w") as log:
         for (N, K) in shapes:
-            wq = N * K // 2 + N * (K // GROUP_SIZE) * 2
-            W = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
-                 for _ in range(max(1, math.ceil(256e6 / (N * K * 2))))]
-            Q = [pack_weights(*rand_weight(N, K, "cuda"), dtype=torch.bfloat16)
-                 for _ in range(max(1, math.ceil(256e6 / wq)))]
+            wq = packed_bytes(N, K)
+            W, Q = weight_copies(N, K)
             for M in args.ms:
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 r = {"N": N, "K": K, "M": M, "op_cfg": int(ext.choose_config(M, N, K)),

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 
 import torch
 
-from .bench import SHAPES, graph_time, rand_weight, rel_err
+from .bench import SHAPES, graph_time, rand_weight, rel_err, weight_copies
 from .op import load_extension
 from .pack import pack_weights
 from .reference import GROUP_SIZE
@@ -102,11 +101,7 @@ def main(argv=None):
     rows = []
     with open(os.path.join(args.out, "sweep.jsonl"), "w") as log:
         for (N, K) in shapes:
-            wq = N * K // 2 + N * (K // GROUP_SIZE) * 2
-            n_bf = max(1, math.ceil(256e6 / (N * K * 2)))
-            n_q = max(1, math.ceil(256e6 / wq))
-            W = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n_bf)]
-            Q = [pack_weights(*rand_weight(N, K, "cuda"), dtype=torch.bfloat16) for _ in range(n_q)]
+            W, Q = weight_copies(N, K)
             for M in TIME_MS:
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 r = {"N": N, "K": K, "M": M}

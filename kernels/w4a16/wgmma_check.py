@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -128,9 +127,8 @@ def worker_check(out, skip_cfgs, quick):
 def worker_time(out, cfgs, quick, skip_cfgs=frozenset()):
     import torch
 
-    from .bench import graph_time, rand_weight
+    from .bench import graph_time, weight_copies
     from .op import load_extension
-    from .pack import pack_weights
 
     ext = load_extension()
     path = os.path.join(out, "wg_time.jsonl")
@@ -139,10 +137,7 @@ def worker_time(out, cfgs, quick, skip_cfgs=frozenset()):
     shapes = SHAPES[:2] if quick else SHAPES
     ms = MS[:4] if quick else MS
     for (N, K) in shapes:
-        n_bf = max(1, math.ceil(256e6 / (N * K * 2)))
-        n_q = max(1, math.ceil(256e6 / (N * K // 2 + N * (K // 128) * 2)))
-        W = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n_bf)]
-        Q = [pack_weights(*rand_weight(N, K, "cuda"), dtype=torch.bfloat16) for _ in range(n_q)]
+        W, Q = weight_copies(N, K)
         for M in ms:
             ext.set_wgmma_dispatch(-1)    # "op" = the op without the wgmma kernel (the pre-v5 dispatch)
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
