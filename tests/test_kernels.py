@@ -124,7 +124,7 @@ def test_op_fake_kernel_shapes():
 # ---------------------------------------------------------------- CPU: error messages
 def test_bench_shape_sets_are_kernel_shapes():
     """kernels.w4a16.bench --shapes: named sets and NxK parse; every listed weight is one the kernel
-    takes; a shape it cannot take is refused with the rule."""
+    takes; a shape it cannot take is refused with the rule; the 7B set is what the models run."""
     import argparse
 
     from kernels.w4a16.bench import SHAPE_SETS, parse_shape
@@ -136,6 +136,26 @@ def test_bench_shape_sets_are_kernel_shapes():
     for bad in ("100x4096", "4096x100", "big"):
         with pytest.raises(argparse.ArgumentTypeError, match="--shapes"):
             parse_shape(bad)
+    # the 7B decode set is what the two models' fused W4A16 linears and INT4 heads are, read from their configs
+    # (it listed LLaVA's head as 32000 rows; llava-hf pads the vocabulary to 32064)
+    from kernels.w4a16.sweep_decode import model_shapes
+
+    derived = model_shapes("llava-1.5-7b") + model_shapes("qwen2-vl-7b")
+    assert set(SHAPE_SETS["7b-fused"]) == set(derived) - set(SHAPE_SETS["issue"]), derived
+    assert model_shapes("qwen2-vl-7b", fuse=False, lm_head=False) == [(3584, 3584), (512, 3584), (18944, 3584),
+                                                                       (3584, 18944)]
+    with pytest.raises(SystemExit, match="neither a directory"):
+        model_shapes("no-such-model")
+
+
+def test_sweep_decode_reads_a_checkpoints_shapes(tmp_path):
+    """sweep_decode --model DIR: a checkpoint's config.json gives its model's shapes (here a tiny LLaVA's)."""
+    from grace_ds.export.arch import bench_config
+    from kernels.w4a16.sweep_decode import model_shapes
+
+    bench_config("tiny-llava").save_pretrained(tmp_path)
+    assert model_shapes(str(tmp_path)) == model_shapes("tiny-llava") == [(256, 128), (128, 128), (768, 128),
+                                                                         (128, 384), (512, 128)]
 
 
 def test_error_k_not_multiple_of_group():

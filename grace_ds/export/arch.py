@@ -71,6 +71,37 @@ def bench_config(name: str):
     return cfg
 
 
+def w4a16_shapes(config, fuse: bool = True, lm_head: bool = True) -> list[tuple[int, int]]:
+    """The (N, K) weights the W4A16 kernel runs for a model: its quantised linears (QuantConfig's default
+    selection, as `launch/convert.py` packs them), with q/k/v and gate/up concatenated when `fuse`
+    (`--fuse-proj`) and the output head when `lm_head` (`--int4-lm-head`); distinct shapes, in model
+    order. Built on the meta device: nothing is allocated. For `kernels.w4a16.sweep_decode --model`."""
+    from grace_ds.export.fuse import GROUPS
+    from grace_ds.export.load import build_empty_model, select_quant_layers
+
+    model = build_empty_model(config)
+    mods = dict(model.named_modules())
+    names = select_quant_layers(model)
+    if lm_head:
+        head = model.get_output_embeddings()
+        names += [n for n, m in mods.items() if m is head and n not in names]
+    chosen, shapes = set(names), []
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        m = mods[name]
+        shape = (m.out_features, m.in_features)
+        for members in GROUPS.values() if fuse else ():
+            siblings = [f"{parent}.{x}" if parent else x for x in members]
+            if leaf in members and all(s in chosen for s in siblings):
+                if leaf != members[0]:
+                    shape = None   # counted with the group's first member
+                else:
+                    shape = (sum(mods[s].out_features for s in siblings), m.in_features)
+        if shape is not None and shape not in shapes:
+            shapes.append(shape)
+    return shapes
+
+
 def family(config) -> str:
     mt = getattr(config, "model_type", "")
     if mt == "llava":

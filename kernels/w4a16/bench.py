@@ -28,11 +28,13 @@ from .reference import GROUP_SIZE
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192), (8192, 28672)]
 # What a fused 7B decoder layer runs (grace_ds.export.fuse) and the INT4 output heads:
-# LLaVA-1.5-7B q/k/v 12288x4096, gate/up 22016x4096, lm_head 32000x4096; Qwen2-VL-7B q/k/v 4608x3584,
-# o 3584x3584, gate/up 37888x3584, down 3584x18944, lm_head 152064x3584.
+# LLaVA-1.5-7B q/k/v 12288x4096, gate/up 22016x4096, lm_head 32064x4096; Qwen2-VL-7B q/k/v 4608x3584,
+# o 3584x3584, gate/up 37888x3584, down 3584x18944, lm_head 152064x3584 (LLaVA's o 4096x4096 and down
+# 4096x11008 are issue shapes). tests/test_kernels.py derives them from the models' configs
+# (grace_ds.export.arch.w4a16_shapes); the LLaVA head was listed as 32000 rows until 2026-11-29 13:40.
 SHAPE_SETS = {
     "issue": SHAPES,
-    "7b-fused": [(12288, 4096), (22016, 4096), (32000, 4096), (4608, 3584), (3584, 3584), (37888, 3584),
+    "7b-fused": [(12288, 4096), (22016, 4096), (32064, 4096), (4608, 3584), (3584, 3584), (37888, 3584),
                  (3584, 18944), (152064, 3584)],
 }
 

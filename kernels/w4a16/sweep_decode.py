@@ -1,6 +1,7 @@
 """Which config is fastest for the weights a 7B decoder actually runs, at decode batch sizes.
 
     python -m kernels.w4a16.sweep_decode [--shapes 7b-fused] [--ms 1 16] [--out DIR] [--write-tuned [FILE]]
+    python -m kernels.w4a16.sweep_decode --model CHECKPOINT_DIR --write-tuned   # your model's shapes
 
 The op's config table (`choose` in csrc/w4a16_binding.cpp) was fitted on the issue's five shapes.
 A fused 7B layer runs other ones (bench.SHAPE_SETS["7b-fused"]: LLaVA's q/k/v 12288x4096, Qwen2-VL's
@@ -51,9 +52,35 @@ def candidates(ext, M, N, K):
     return out
 
 
+def model_shapes(name: str, fuse: bool = True, lm_head: bool = True) -> list[tuple[int, int]]:
+    """W4A16 shapes of a model named by a directory holding its config.json or a bench --arch name."""
+    from pathlib import Path
+
+    from grace_ds.export.arch import BENCH_ARCHS, bench_config, w4a16_shapes
+
+    if Path(name, "config.json").is_file():
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(name)
+    elif name in BENCH_ARCHS:
+        config = bench_config(name)
+    else:
+        raise SystemExit(f"--model {name!r}: neither a directory with a config.json nor one of {BENCH_ARCHS}")
+    shapes = w4a16_shapes(config, fuse=fuse, lm_head=lm_head)
+    bad = [(n, k) for n, k in shapes if n % 16 or k % 128]
+    if bad:
+        raise SystemExit(f"--model {name!r}: weights {bad} do not fit the kernel (N a multiple of 16, K of 128)")
+    return shapes
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", type=parse_shape, default=None, help="default: 7b-fused")
+    ap.add_argument("--model", nargs="+", default=None, metavar="NAME_OR_DIR",
+                    help="the shapes a model's W4A16 linears run (grace_ds.export.arch.w4a16_shapes): a directory "
+                         "with its config.json (a checkpoint, packed or not) or a launch/bench.py --arch name")
+    ap.add_argument("--unfused", action="store_true", help="--model: q/k/v and gate/up separate (no --fuse-proj)")
+    ap.add_argument("--bf16-head", action="store_true", help="--model: the output head is not INT4 (no --int4-lm-head)")
     ap.add_argument("--ms", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--write-tuned", nargs="?", const="", default=None, metavar="FILE",
@@ -64,7 +91,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     ext = load_extension()
     ext.clear_choices()   # "op" below is the rules' choice, not an earlier tuned table's
-    shapes = [s for g in args.shapes for s in g] if args.shapes else SHAPE_SETS["7b-fused"]
+    shapes = [s for g in args.shapes for s in g] if args.shapes else [] if args.model else SHAPE_SETS["7b-fused"]
+    for name in args.model or ():
+        shapes += [s for s in model_shapes(name, not args.unfused, not args.bf16_head) if s not in shapes]
     dev = torch.cuda.get_device_name()
     rows = []
     with open(os.path.join(args.out, "decode.jsonl"), "w") as log:
