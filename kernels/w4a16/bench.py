@@ -77,6 +77,12 @@ def weight_copies(N, K, total=256e6):
     return W, Q
 
 
+def tile_fits(mt: int, M: int) -> bool:
+    """Whether a config with MT token tiles of 8 is worth timing at M tokens: its tile covers M in one or
+    two chunks (any MT=1 config at small M), or, from M = 64 on, the tiles of 64 tokens and up, and MT=4."""
+    return (mt * 8 >= min(M, 64) and (mt * 8 < 2 * M or mt == 1 or M >= 64)) or (M >= 64 and mt == 4)
+
+
 def rel_err(out, ref):
     out = out.double()
     if not torch.isfinite(out).all():
@@ -205,7 +211,7 @@ def main(argv=None):
     ms = args.ms or MS
 
     def cfgs_for(M):
-        return [c for c in range(nc) if (info[c][0] * 8 >= min(M, 64) and (info[c][0] * 8 < 2 * M or info[c][0] == 1 or M >= 64)) or (M >= 64 and info[c][0] == 4)]
+        return [c for c in range(nc) if tile_fits(info[c][0], M)]
 
     if not args.no_check:
         with open(os.path.join(args.out, "check.jsonl"), "w") as log:

@@ -23,25 +23,17 @@ import time
 
 import torch
 
-from .bench import SHAPE_SETS, graph_time, packed_bytes, parse_shape, rand_weight, ref64, rel_err, weight_copies
+from .bench import (SHAPE_SETS, graph_time, packed_bytes, parse_shape, rand_weight, ref64, rel_err, tile_fits,
+                    weight_copies)
 from .op import load_extension, tuned_path
 from .pack import pack_weights
 from .sweep_sk import SPLITS, sk_for_m
 
 
-def tc_for_m(ext, M):
-    """Register-only configs whose token tile covers M in one or two chunks (bench.py's rule for M < 64)."""
-    out = []
-    for c in range(ext.first_sk):
-        mt = ext.config_info(c)[0]
-        if mt * 8 >= M and (mt * 8 < 2 * M or mt == 1):
-            out.append(c)
-    return out
-
-
 def candidates(ext, M, N, K):
-    """(label, config, splits) for every register-only config and every distinct split of the sk ones."""
-    out = [(f"c{c}", c, 0) for c in tc_for_m(ext, M)]
+    """(label, config, splits) for every register-only config that fits M (bench.tile_fits) and every
+    distinct split of the sk ones that do (sweep_sk.sk_for_m)."""
+    out = [(f"c{c}", c, 0) for c in range(ext.first_sk) if tile_fits(ext.config_info(c)[0], M)]
     for c in sk_for_m(ext, M):
         seen = set()
         for s in SPLITS:
@@ -107,12 +99,12 @@ def main(argv=None):
                 r["cublas"] = graph_time([lambda w=w: torch.matmul(x, w.t()) for w in W])
                 r["op"] = graph_time([lambda q=q: torch.ops.grace.w4a16_gemm(x, q["qweight"], q["scales"], 128)
                                       for q in Q])
-                times = {}
-                for label, c, s in candidates(ext, M, N, K):
-                    times[label] = graph_time([lambda q=q, c=c, s=s: ext.tc_gemm(x, q["qweight"], q["scales"], c, s)
-                                               for q in Q], reps=10)
+                launch = {label: (c, s) for label, c, s in candidates(ext, M, N, K)}
+                times = {label: graph_time([lambda q=q, c=c, s=s: ext.tc_gemm(x, q["qweight"], q["scales"], c, s)
+                                            for q in Q], reps=10)
+                         for label, (c, s) in launch.items()}
                 best = min(times, key=times.get)
-                c, s = next((c, s) for lab, c, s in candidates(ext, M, N, K) if lab == best)
+                c, s = launch[best]
                 codes, scales = rand_weight(N, K, "cuda")   # the winner against float64, fresh inputs
                 p = pack_weights(codes, scales, dtype=torch.bfloat16)
                 xc = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -151,14 +143,13 @@ def write_tuned(rows, path, card: str, min_gain: float, command: str):
     choices = [dict(M=r["M"], N=r["N"], K=r["K"], cfg=r["best_cfg"], splits=r["best_splits"], us=round(r["best_us"], 2),
                     rule_us=round(r["op"], 2), rule_cfg=r["op_cfg"], cublas_us=round(r["cublas"], 2))
                for r in rows if r["best_us"] < (1 - min_gain) * r["op"] and r["best_err"] <= 1e-2]
+    from grace_ds.export.io import atomic_write_json
+
     data = dict(card=card, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=command,
                 torch=torch.__version__, choices=choices)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
     return path
 
 
