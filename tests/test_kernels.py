@@ -211,6 +211,9 @@ class _RecordingExt:
         self.choices.append((M, N, K, cfg, splits))
         return True
 
+    def clear_choices(self):
+        self.choices.clear()
+
 
 def test_tuned_table_loads_and_refuses_bad_files(tmp_path):
     """load_tuned: a card's measured choices reach the op; a file from another card, a missing file and
@@ -235,9 +238,12 @@ def test_tuned_table_loads_and_refuses_bad_files(tmp_path):
     bad.write_text(json.dumps({"card": "NVIDIA H200"}))
     with pytest.raises(ValueError, match="not a tuned-choice file.*sweep_decode --write-tuned"):
         load_tuned(bad, _RecordingExt(), device_name="NVIDIA H200")
-    bad.write_text(json.dumps({"card": "NVIDIA H200", "choices": [{"M": 1, "N": 16, "K": 128, "cfg": 999}]}))
+    bad.write_text(json.dumps({"card": "NVIDIA H200", "choices": [{"M": 1, "N": 16, "K": 128, "cfg": 2},
+                                                                  {"M": 1, "N": 16, "K": 128, "cfg": 999}]}))
+    rec = _RecordingExt()
     with pytest.raises(ValueError, match="not a valid choice for this build"):
-        load_tuned(bad, _RecordingExt(), device_name="NVIDIA H200")
+        load_tuned(bad, rec, device_name="NVIDIA H200")
+    assert rec.choices == []   # the valid entry before the bad one is not left in force
 
 
 def test_tuned_shipped_files_are_well_formed():

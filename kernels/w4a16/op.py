@@ -53,7 +53,7 @@ def build_dir() -> Path:
 
 def load_extension(verbose: bool = False):
     """Build (cached) and load the CUDA extension; registers the CUDA kernel of the op."""
-    global _ext
+    global _ext, TUNED
     if _ext is not None:
         return _ext
     with _lock:
@@ -81,7 +81,6 @@ def load_extension(verbose: bool = False):
         if tuned not in ("", "0") and torch.cuda.is_available():
             path = Path(tuned) if tuned != "1" else tuned_path()
             if tuned != "1" or path.exists():
-                global TUNED
                 TUNED = (str(path), load_tuned(path, _ext))
     return _ext
 
@@ -121,6 +120,7 @@ def load_tuned(path, ext=None, device_name: str | None = None) -> int:
     ext = ext if ext is not None else load_extension()
     for c in choices:
         if not ext.set_choice(int(c["M"]), int(c["N"]), int(c["K"]), int(c["cfg"]), int(c.get("splits", 0))):
+            ext.clear_choices()   # none of a refused file: not its entries before the bad one either
             raise ValueError(f"load_tuned: {path}: entry {c} is not a valid choice for this build (config ids of "
                              "csrc/w4a16_api.h, N a multiple of 16, K of 128, splits >= 0); re-measure with "
                              "`python -m kernels.w4a16.sweep_decode --write-tuned FILE` or set GRACE_W4A16_TUNED=0")

@@ -200,10 +200,6 @@ int choose_config_v3(int64_t M, int64_t N, int64_t K) {
   return -1;
 }
 
-// v4 (two H100 sweeps of sweep_sk, NOTES.md "v4"): the register-only kernel stays ahead at
-// M <= 8 and, for the smaller weights, at M <= 16; the split-K shared-memory-x kernel wins at
-// 9..16 tokens on the largest weights (config 30), 17..32 (config 39) and 33..128 (config 38),
-// always with its automatic (wave-quantised) split count.
 // Measured choices for exact (M, N, K), ahead of the rules below: a tuned table per card
 // (kernels/w4a16/tuned/*.json, written from `python -m kernels.w4a16.sweep_decode` and loaded by
 // op.load_extension; `set_choice` / `clear_choices` from Python). Read at launch, so a CUDA graph
@@ -218,6 +214,11 @@ std::mutex& choice_mutex() {
   return m;
 }
 
+// v4 (two H100 sweeps of sweep_sk, NOTES.md "v4"): the register-only kernel stays ahead at
+// M <= 8 and, for the smaller weights, at M <= 16; the split-K shared-memory-x kernel wins at
+// 9..16 tokens on the largest weights (config 30), 17..32 (config 39) and 33..128 (config 38),
+// always with its automatic (wave-quantised) split count.
+// A tuned-table entry for (M, N, K), when there is one, comes first.
 Choice choose(int64_t M, int64_t N, int64_t K) {
   {
     std::lock_guard<std::mutex> lock(choice_mutex());
