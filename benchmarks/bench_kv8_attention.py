@@ -71,9 +71,9 @@ def kernel16(q, k, v, mask, scaling):
 
 
 def triton_op(q, k, v, mask, scaling):
-    """The kernel called directly, with its mask -> bias conversion as a separate eager kernel."""
-    bias = torch.where(mask[:, 0, -1, :], 0.0, float("-inf"))
-    return kv8_triton.kv8_decode_attention(q, k, v, bias, scaling).to(q.dtype).transpose(1, 2)
+    """The kernel called directly, with its mask -> bias conversion (kv8._decode_bias) as a separate eager
+    kernel; the kernel writes the query's dtype."""
+    return kv8_triton.kv8_decode_attention(q, k, v, kv8._decode_bias(mask), scaling).transpose(1, 2)
 
 
 def sdpa(q, k, v, mask, scaling):
