@@ -156,7 +156,7 @@ def build_packed(directory, device, dtype):
 # ============================================================================ generation
 
 # what each decode-step kernel is, by name (first match wins): the rows of --profile-steps' breakdown
-KERNEL_KINDS = (   # first match wins
+KERNEL_KINDS = (
     # inductor names a fused kernel after the ops it absorbed: "..._rsqrt_view_w4a16_gemm_12" is an RMSNorm
     # feeding the GEMM, "..._cos_decode_attention_..." rotary + the query's int8 split before the attention
     ("inductor-fused (norms, rotary, cache writes, ...)", r"^triton_(poi|red|per)_"),
@@ -181,9 +181,9 @@ def profile_kernels(fn, n: int, is_cuda: bool) -> dict:
     """Time per call of fn (n calls, after one warm call) by kernel kind (KERNEL_KINDS) and the top
     kernels, from torch.profiler: device kernels on CUDA (as CUPTI traces them, inside CUDA graphs
     too), aten self times on the CPU. Sums of kernel times: the gaps between kernels are not in it
-    (compare total_us with the call's wall time). Not yet run on a GPU: an empty breakdown (total 0)
-    from a replayed decode step would mean the graph's kernels were not traced there; --mode eager
-    then profiles the same kernels, launched one by one."""
+    (compare total_us with the call's wall time). On an H200 (2026-11-29) CUPTI traced every kernel
+    of a replayed decode step; where a breakdown comes back empty (total 0), --mode eager profiles the
+    same kernels launched one by one."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda else [])
@@ -565,8 +565,9 @@ def parse_args(argv=None):
                         "budget, as serving engines chunk prefills): batch 1 x 640 tokens runs in one pass at N=2048, "
                         "batch 16 in chunks of N // 16 tokens per row")
     p.add_argument("--kv-int8", action="store_true",
-                   help="int4 variant: KV cache in int8 with per-vector scales (grace_ds.export.kv8); use with "
-                        "--mode compile, which fuses the int8 reads into the attention reductions")
+                   help="int4 variant: KV cache in int8 with per-vector scales (grace_ds.export.kv8); its decode "
+                        "attention is the Triton kernel where Triton runs, else the portable form, which wants "
+                        "--mode compile (it fuses the int8 reads into the attention reductions)")
     p.add_argument("--attn16-kernel", action="store_true",
                    help="both variants: decode steps over a 16-bit KV cache use the Triton split-K kernel "
                         "(grace_ds.export.kv8.enable_decode16; each kv head read once for its query heads) instead "
