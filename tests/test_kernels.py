@@ -257,7 +257,7 @@ def test_tuned_shipped_files_are_well_formed():
         rec = _RecordingExt()
         assert load_tuned(path, rec, device_name=data["card"]) == len(data["choices"]) > 0
         for M, N, K, cfg, splits in rec.choices:
-            assert M >= 1 and N % 16 == 0 and K % 128 == 0 and 0 <= cfg < 41 and splits >= 0, (path, M, N, K, cfg)
+            assert M >= 1 and N % 16 == 0 and K % 128 == 0 and 0 <= cfg < 51 and splits >= 0, (path, M, N, K, cfg)
 
 
 def test_sweep_decode_keeps_only_checked_clear_wins(tmp_path):
@@ -281,7 +281,7 @@ def test_sweep_decode_keeps_only_checked_clear_wins(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-@pytest.mark.parametrize("tu", ["w4a16_bf16.cu", "w4a16_sk_bf16.cu", "w4a16_wgmma_bf16.cu"])
+@pytest.mark.parametrize("tu", ["w4a16_bf16.cu", "w4a16_sk_bf16.cu", "w4a16_wgmma_bf16.cu", "w4a16_lean_bf16.cu"])
 def test_kernel_compiles_for_sm90a(tmp_path, tu):
     """The kernel TUs (no torch headers) must compile for Hopper; ptxas -O0 keeps each well under 60 s."""
     cmd = ["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-std=c++17", "-O1", "-Xptxas", "-O0",
@@ -291,7 +291,7 @@ def test_kernel_compiles_for_sm90a(tmp_path, tu):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-@pytest.mark.parametrize("tu", ["w4a16_sk_fp16.cu", "w4a16_wgmma_fp16.cu"])
+@pytest.mark.parametrize("tu", ["w4a16_sk_fp16.cu", "w4a16_wgmma_fp16.cu", "w4a16_lean_fp16.cu"])
 def test_kernel_compiles_for_ampere(tmp_path, tu):
     """Ampere builds (TORCH_CUDA_ARCH_LIST=8.0) compile too: the float2 atomics fall back to scalar
     ones and the wgmma kernel body is sm_90-only (the host never launches it below sm_90)."""
@@ -371,11 +371,30 @@ def test_gpu_every_config_poisoned(ext, M):
         for cfg in range(ext.num_configs):
             # sk configs (split-K across CTAs): automatic split count, then forced 1 (direct store)
             # and 3 (uneven ranges, fp32 atomics + finalize)
-            for splits in ((0, 1, 3) if cfg >= ext.first_sk else (0,)):
+            for splits in ((0, 1, 3) if ext.first_sk <= cfg < ext.first_lean else (0,)):
                 x = torch.randn(M, K, device="cuda", dtype=dtype)
                 out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
                 ext.tc_gemm_out(x, p["qweight"], p["scales"], cfg, out, splits)
                 assert rel_err(out, ref64(x, codes, scales.to(dtype))) <= 1e-2, (cfg, splits, M, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("N,K", [(48, 128), (16, 384), (272, 1152), (4096, 11008)])
+def test_gpu_lean_configs_against_float64(ext, N, K):
+    """Every lean config (raw codes into a per-group fp32 accumulator, scale and offset folded once per
+    group) on K of 1 to 86 groups split unevenly over 4 or 8 warps (idle warps at K=128), odd M and M
+    past one token tile, both dtypes, NaN-poisoned output. It never rounds a weight to 16 bits, so its
+    error is the output rounding's: bounds 4x tighter than the classic kernels' 1e-2."""
+    codes, scales = rand_weight(N, K, "cuda")
+    for dtype, tol in ((torch.bfloat16, 2.5e-3), (torch.float16, 1e-3)):
+        p = pack_weights(codes, scales, dtype=dtype)
+        for cfg in range(ext.first_lean, ext.num_configs):
+            for M in (1, 2, 3, 9, 16, 17):
+                x = torch.randn(M, K, device="cuda", dtype=dtype)
+                out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+                ext.tc_gemm_out(x, p["qweight"], p["scales"], cfg, out, 0)
+                err = rel_err(out, ref64(x, codes, scales.to(dtype)))
+                assert err <= tol, (cfg, ext.config_info(cfg), M, N, K, dtype, err)
 
 
 @gpu

@@ -19,7 +19,7 @@ def main():
                 x = torch.randn(M, K, dtype=dt, device="cuda")
                 for c in range(ext.num_configs):
                     ext.tc_gemm(x, p["qweight"], p["scales"], c)
-                    if c >= ext.first_sk:  # forced split-K (atomics + workspace + finalize)
+                    if ext.first_sk <= c < ext.first_lean:  # forced split-K (atomics + workspace + finalize)
                         ext.tc_gemm(x, p["qweight"], p["scales"], c, 3)
                 torch.ops.grace.w4a16_gemm(x, p["qweight"], p["scales"], 128)
             ext.dequant(p["qweight"], p["scales"])

@@ -20,7 +20,7 @@ from .reference import GROUP_SIZE, reference_w4a16
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ["w4a16_binding.cpp", "w4a16_bf16.cu", "w4a16_fp16.cu", "w4a16_sk_bf16.cu", "w4a16_sk_fp16.cu",
-           "w4a16_wgmma_bf16.cu", "w4a16_wgmma_fp16.cu"]
+           "w4a16_wgmma_bf16.cu", "w4a16_wgmma_fp16.cu", "w4a16_lean_bf16.cu", "w4a16_lean_fp16.cu"]
 EXT_NAME = "grace_w4a16_ext"
 
 _lib = torch.library.Library("grace", "DEF")

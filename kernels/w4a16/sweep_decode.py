@@ -31,9 +31,10 @@ from .sweep_sk import SPLITS, sk_for_m
 
 
 def candidates(ext, M, N, K):
-    """(label, config, splits) for every register-only config that fits M (bench.tile_fits) and every
-    distinct split of the sk ones that do (sweep_sk.sk_for_m)."""
-    out = [(f"c{c}", c, 0) for c in range(ext.first_sk) if tile_fits(ext.config_info(c)[0], M)]
+    """(label, config, splits) for every register-only config, classic and lean, that fits M
+    (bench.tile_fits) and every distinct split of the sk ones that do (sweep_sk.sk_for_m)."""
+    regs = list(range(ext.first_sk)) + list(range(ext.first_lean, ext.num_configs))
+    out = [(f"c{c}", c, 0) for c in regs if tile_fits(ext.config_info(c)[0], M)]
     for c in sk_for_m(ext, M):
         seen = set()
         for s in SPLITS:
@@ -104,6 +105,10 @@ def main(argv=None):
                                             for q in Q], reps=10)
                          for label, (c, s) in launch.items()}
                 best = min(times, key=times.get)
+                lean = {k: v for k, v in times.items() if launch[k][0] >= ext.first_lean}
+                other = {k: v for k, v in times.items() if launch[k][0] < ext.first_lean}
+                r["best_lean"] = min(lean, key=lean.get) if lean else None
+                r["best_other"] = min(other, key=other.get) if other else None
                 c, s = launch[best]
                 codes, scales = rand_weight(N, K, "cuda")   # the winner against float64, fresh inputs
                 p = pack_weights(codes, scales, dtype=torch.bfloat16)
@@ -119,16 +124,26 @@ def main(argv=None):
                 top = sorted(times.items(), key=lambda kv: kv[1])[:5]
                 print(f"{N}x{K} M={M}: cublas {r['cublas']:.1f} op {r['op']:.1f} (c{r['op_cfg']}) best {best} "
                       f"{times[best]:.1f} err {r['best_err']:.1e} | " + " ".join(f"{k}={v:.1f}" for k, v in top), flush=True)
+                if r["best_lean"] and r["best_other"]:
+                    print(f"  lean {r['best_lean']} {times[r['best_lean']]:.1f} vs classic/sk {r['best_other']} "
+                          f"{times[r['best_other']]:.1f}", flush=True)
             del W, Q
             torch.cuda.empty_cache()
     lines = [f"{dev}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; `python -m kernels.w4a16.sweep_decode` "
              "(us, bf16; x = speed-up over cuBLAS)", "",
-             "| N x K | M | cuBLAS | op (cfg) | op x | op TB/s | fastest config | its us | its x | its rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| N x K | M | cuBLAS | op (cfg) | op x | op TB/s | fastest config | its us | its x | its TB/s | its rel err "
+             "| fastest lean / other |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def us(r, k):
+        return f"{k} {r['times'][k]:.1f}" if k else "-"
+
     for r in rows:
+        tbs = (packed_bytes(r["N"], r["K"]) + r["M"] * r["K"] * 2 + r["M"] * r["N"] * 2) / (r["best_us"] * 1e-6) / 1e12
         lines.append(f"| {r['N']}x{r['K']} | {r['M']} | {r['cublas']:.1f} | {r['op']:.1f} (c{r['op_cfg']}) | "
                      f"{r['cublas'] / r['op']:.2f}x | {r['tbs_op']:.2f} | {r['best']} | {r['best_us']:.1f} | "
-                     f"{r['cublas'] / r['best_us']:.2f}x | {r['best_err']:.1e} |")
+                     f"{r['cublas'] / r['best_us']:.2f}x | {tbs:.2f} | {r['best_err']:.1e} | "
+                     f"{us(r, r.get('best_lean'))} / {us(r, r.get('best_other'))} |")
     table = "\n".join(lines)
     with open(os.path.join(args.out, "decode.md"), "w") as f:
         f.write(table + "\n")

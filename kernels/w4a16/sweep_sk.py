@@ -32,7 +32,7 @@ SPLITS = [0, 1, 2, 4, 8]
 
 def sk_for_m(ext, M):
     out = []
-    for c in range(ext.first_sk, ext.num_configs):
+    for c in range(ext.first_sk, ext.first_lean):
         mt = ext.sk_info(c)[0]
         if M <= 8 and mt == 1 or 8 < M <= 16 and mt == 2 or 16 < M <= 32 and mt in (4, 8) \
                 or 32 < M <= 64 and mt in (4, 8) or 64 < M <= 128 and mt in (4, 8, 16) or M > 128 and c in (28, 35, 38):
@@ -42,7 +42,7 @@ def sk_for_m(ext, M):
 
 def check(ext, shapes, log):
     n, worst, fails = 0, 0.0, []
-    ids = list(range(ext.first_sk, ext.num_configs))
+    ids = list(range(ext.first_sk, ext.first_lean))
     for (N, K) in shapes:
         codes, scales = rand_weight(N, K, "cuda")
         for dt in (torch.bfloat16, torch.float16):
@@ -86,7 +86,7 @@ def main(argv=None):
     t0 = time.time()
     ext = load_extension()
     print(f"build/load {time.time() - t0:.1f}s; device {torch.cuda.get_device_name()}", flush=True)
-    print("sk configs (MT,TN,WN,KC,NS,P,MB):", {c: list(ext.sk_info(c)) for c in range(ext.first_sk, ext.num_configs)},
+    print("sk configs (MT,TN,WN,KC,NS,P,MB):", {c: list(ext.sk_info(c)) for c in range(ext.first_sk, ext.first_lean)},
           flush=True)
     shapes = SHAPES[:2] if args.quick else SHAPES
     if not args.no_check:

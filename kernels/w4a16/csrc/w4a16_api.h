@@ -61,7 +61,26 @@ constexpr int kNumConfigs = 19;
 
 constexpr int kFirstSk = 19;
 constexpr int kNumSkConfigs = 22;
-constexpr int kNumAllConfigs = kFirstSk + kNumSkConfigs;
+
+// Lean register configs (w4a16_lean.cuh, kernels/NOTES.md v9: raw codes into a per-group fp32
+// accumulator, scale and offset applied once per group, no ring copies): ids continue after the sk
+// ones. Columns: (id, MT token tiles of 8, TN n16 tiles per warp, WN x WK warps per CTA, P k64 blocks
+// of weights in flight per warp; even).
+#define GRACE_W4A16_LEAN_CONFIGS(X) \
+  X(41, 1, 2, 1, 4, 4)              \
+  X(42, 1, 2, 1, 4, 6)              \
+  X(43, 1, 1, 1, 8, 8)              \
+  X(44, 1, 2, 1, 8, 4)              \
+  X(45, 1, 1, 1, 4, 8)              \
+  X(46, 1, 4, 1, 4, 2)              \
+  X(47, 2, 2, 1, 4, 4)              \
+  X(48, 2, 1, 1, 8, 8)              \
+  X(49, 2, 4, 1, 4, 2)              \
+  X(50, 2, 2, 1, 8, 4)
+
+constexpr int kFirstLean = kFirstSk + kNumSkConfigs;
+constexpr int kNumLeanConfigs = 10;
+constexpr int kNumAllConfigs = kFirstLean + kNumLeanConfigs;
 
 struct SkConfig {
   int mt, tn, wn, kc, ns, p, mb;
@@ -129,6 +148,13 @@ int& pdl_flag();
 
 // Returns false for an unknown id.
 bool tc_config(int cfg, TcConfig* out);
+// Lean configs as (MT, TN, WN, WK, XR = 0, P); false for an id that is not one.
+bool lean_config(int cfg, TcConfig* out);
+// out (M,N) = x @ W^T with a lean config (any M; built for M <= 16).
+cudaError_t lean_launch_bf16(int cfg, const void* x, const void* qw, const void* sc, void* out, int M, int N,
+                             int K, cudaStream_t stream);
+cudaError_t lean_launch_fp16(int cfg, const void* x, const void* qw, const void* sc, void* out, int M, int N,
+                             int K, cudaStream_t stream);
 
 // out (M,N) = x (M,K) @ dequant(qw, sc)^T. dtype 0 = bf16, 1 = fp16. Returns the launch error.
 cudaError_t tc_launch_bf16(int cfg, const void* x, const void* qw, const void* sc, void* out, int M, int N,

@@ -109,7 +109,12 @@ void run_tc(int cfg, const at::Tensor& x, const at::Tensor& qweight, const at::T
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   cudaError_t e;
-  if (cfg >= grace_w4a16::kFirstSk) {
+  if (cfg >= grace_w4a16::kFirstLean) {
+    e = bf16 ? grace_w4a16::lean_launch_bf16(cfg, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+                                             out.data_ptr(), M, N, K, stream)
+             : grace_w4a16::lean_launch_fp16(cfg, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+                                             out.data_ptr(), M, N, K, stream);
+  } else if (cfg >= grace_w4a16::kFirstSk) {
     int s = splits > 0 ? (int)splits : grace_w4a16::sk_auto_splits(cfg, M, N, K, bf16 ? 0 : 1);
     const int kbps = grace_w4a16::sk_kb_per_split(K, s);
     const int S = (K / 64 + kbps - 1) / kbps;
@@ -135,7 +140,8 @@ void run_tc(int cfg, const at::Tensor& x, const at::Tensor& qweight, const at::T
 bool valid_config(int64_t cfg) {
   TcConfig c;
   grace_w4a16::SkConfig k;
-  return grace_w4a16::tc_config((int)cfg, &c) || grace_w4a16::sk_config((int)cfg, &k);
+  return grace_w4a16::tc_config((int)cfg, &c) || grace_w4a16::sk_config((int)cfg, &k) ||
+         grace_w4a16::lean_config((int)cfg, &c);
 }
 
 // Dequantise packed rows [n0, n0+nrows) (n0, nrows multiples of 16) into w (nrows, K), row-major.
@@ -307,12 +313,13 @@ at::Tensor deq_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   return out;
 }
 
-// (MT, TN, WN, WK, XR, P) for register-only configs; (MT, TN, WN, 1, 0, P) for sk configs (their
-// stage depth KC: sk_info).
+// (MT, TN, WN, WK, XR, P) for register-only configs, lean ones included (XR = 0); (MT, TN, WN, 1, 0, P)
+// for sk configs (their stage depth KC: sk_info).
 std::vector<int64_t> config_info(int64_t cfg) {
   TcConfig c;
   grace_w4a16::SkConfig k;
   if (grace_w4a16::sk_config((int)cfg, &k)) return {k.mt, k.tn, k.wn, 1, 0, k.p};
+  if (grace_w4a16::lean_config((int)cfg, &c)) return {c.mt, c.tn, c.wn, c.wk, c.xr, c.p};
   TORCH_CHECK(grace_w4a16::tc_config((int)cfg, &c), "w4a16: unknown config ", cfg);
   return {c.mt, c.tn, c.wn, c.wk, c.xr, c.p};
 }
@@ -379,6 +386,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sk_info", &sk_info, "(MT, TN, WN, KC, NS, P, MB) of a split-K shared-memory-x config");
   m.def("sk_splits", &sk_splits, "effective CTAs along K of an sk config (cfg, M, N, K, splits, fp16)");
   m.attr("first_sk") = grace_w4a16::kFirstSk;
+  m.attr("first_lean") = grace_w4a16::kFirstLean;   // lean register configs: first_lean .. num_configs-1
   m.def("dequant", &dequant, "packed int4 -> (N,K) weight in the scales dtype");
   m.def("deq_gemm", &deq_gemm, "dequantise (in chunks of chunk_bytes, <=0: all) + cuBLAS");
   m.def("set_persistent", [](int64_t on) { grace_w4a16::set_persistent((int)on); },

@@ -138,6 +138,62 @@ template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
 
+// Epilogue shared by the register kernels (this one and w4a16_lean.cuh): the WK warps along K of
+// each wn add their partial sums through shared memory (warp wk>0 -> warp wk=0), and warp wk=0
+// stores its TN tiles x MT token tiles. Every warp of the CTA must call it (it holds a barrier).
+template <typename T, int MT, int TN, int WN, int WK>
+__device__ __forceinline__ void tc_epilogue(float (&acc)[TN][MT][4], float* red, int wn, int wk, int lane,
+                                            bool active, int tile0, int NT, int m0, int M, int N,
+                                            T* __restrict__ out) {
+  const int g = lane >> 2, c = lane & 3;
+  if (WK > 1) {
+    constexpr int R = TN * MT * 4;
+    if (wk > 0) {
+      float* dst = red + ((size_t)((wk - 1) * WN + wn) * R) * 32 + lane;
+#pragma unroll
+      for (int i = 0; i < TN; ++i)
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) dst[((i * MT + j) * 4 + r) * 32] = acc[i][j][r];
+    }
+    __syncthreads();
+    if (wk == 0) {
+      for (int w = 1; w < WK; ++w) {
+        const float* src = red + ((size_t)((w - 1) * WN + wn) * R) * 32 + lane;
+#pragma unroll
+        for (int i = 0; i < TN; ++i)
+#pragma unroll
+          for (int j = 0; j < MT; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] += src[((i * MT + j) * 4 + r) * 32];
+      }
+    }
+  }
+
+  if (wk == 0 && active) {
+    // Accumulator of m16n8 tile: c0,c1 = (row g, tokens 2c, 2c+1), c2,c3 = (row g+8, same tokens);
+    // "row" is the output feature n, the token is the output row.
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn) {
+      if (tile0 + tn >= NT) continue;
+      const int n = (tile0 + tn) * kNTile + g;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int t = m0 + mt * 8 + c * 2;
+        if (t < M) {
+          out[(size_t)t * N + n] = from_float<T>(acc[tn][mt][0]);
+          out[(size_t)t * N + n + 8] = from_float<T>(acc[tn][mt][2]);
+        }
+        if (t + 1 < M) {
+          out[(size_t)(t + 1) * N + n] = from_float<T>(acc[tn][mt][1]);
+          out[(size_t)(t + 1) * N + n + 8] = from_float<T>(acc[tn][mt][3]);
+        }
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tensor-core kernel (swap AB).
 //   CTA = WN x WK warps. Warp (wn, wk) owns TN consecutive n16 tiles and the wk-th contiguous slice
@@ -281,53 +337,7 @@ __global__ void __launch_bounds__(WN * WK * 32)
   }
 
   pdl_launch_dependents();
-  // Intra-CTA split-K reduction through shared memory (warp wk>0 -> warp wk=0 of the same wn).
-  if (WK > 1) {
-    constexpr int R = TN * MT * 4;
-    if (wk > 0) {
-      float* dst = red + ((size_t)((wk - 1) * WN + wn) * R) * 32 + lane;
-#pragma unroll
-      for (int i = 0; i < TN; ++i)
-#pragma unroll
-        for (int j = 0; j < MT; ++j)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) dst[((i * MT + j) * 4 + r) * 32] = acc[i][j][r];
-    }
-    __syncthreads();
-    if (wk == 0) {
-      for (int w = 1; w < WK; ++w) {
-        const float* src = red + ((size_t)((w - 1) * WN + wn) * R) * 32 + lane;
-#pragma unroll
-        for (int i = 0; i < TN; ++i)
-#pragma unroll
-          for (int j = 0; j < MT; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[i][j][r] += src[((i * MT + j) * 4 + r) * 32];
-      }
-    }
-  }
-
-  if (wk == 0 && active) {
-    // Accumulator of m16n8 tile: c0,c1 = (row g, tokens 2c, 2c+1), c2,c3 = (row g+8, same tokens);
-    // "row" is the output feature n, the token is the output row.
-#pragma unroll
-    for (int tn = 0; tn < TN; ++tn) {
-      if (tile0 + tn >= NT) continue;
-      const int n = (tile0 + tn) * kNTile + g;
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const int t = m0 + mt * 8 + c * 2;
-        if (t < M) {
-          out[(size_t)t * N + n] = from_float<T>(acc[tn][mt][0]);
-          out[(size_t)t * N + n + 8] = from_float<T>(acc[tn][mt][2]);
-        }
-        if (t + 1 < M) {
-          out[(size_t)(t + 1) * N + n] = from_float<T>(acc[tn][mt][1]);
-          out[(size_t)(t + 1) * N + n + 8] = from_float<T>(acc[tn][mt][3]);
-        }
-      }
-    }
-  }
+  tc_epilogue<T, MT, TN, WN, WK>(acc, red, wn, wk, lane, active, tile0, NT, m0, M, N, out);
   if (WK > 1 && grp + (int)gridDim.y < n_groups) __syncthreads();  // red[] is reused next group
   }  // for grp
 }

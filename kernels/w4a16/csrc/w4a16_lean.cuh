@@ -1,0 +1,225 @@
+// "Lean" register kernel for decode (M <= 16): the swap-AB tensor-core kernel of w4a16_kernel.cuh
+// with about half the instructions per weight (kernels/NOTES.md v9). Same packed layout, same
+// CTA shape (WN x WK warps, TN n16 tiles per warp, intra-CTA split-K), same epilogue.
+//
+// Why: at M = 1 the classic kernel issues ~209 instructions per KB of weights per warp (NOTES.md
+// v8). 64 of them are the dequantisation's HSUB2 + HMUL2 ((128+v) - 136, then * scale, per pair of
+// weights) and ~30 are register copies made by its prefetch ring. Issue is a co-limiter there.
+//
+// What changes:
+// 1. The A fragments are the RAW magic codes 128+v (bf16) / 1024+v (fp16): one LOP3 per register, no
+//    HSUB2, no HMUL2. They go into a per-group fp32 accumulator accg. A second mma per k16 step with
+//    an all-ones A gives xs = the sum of the group's activations per token (shared by every tile).
+//    At the end of each group (2 k64 blocks) the warp folds it into the output accumulator:
+//        acc += s * (accg - B * xs)        B = 136 (bf16) / 1032 (fp16) = magic + 8
+//    which is exactly sum_k s * (v - 8) * x_k up to fp32 rounding. The products (128+v) * x are exact
+//    in fp32 and the tensor core accumulates in fp32. The subtraction cancels about B/|v-8| ~ 2^5
+//    (bf16) / 2^8 (fp16) of magnitude, i.e. 5-8 of fp32's 24 bits, far below bf16 output precision.
+//    Unlike the classic kernel, the weight is never rounded to 16 bits: the result is closer to the
+//    float64 reference than the classic kernel's.
+// 2. Each ring slot is refilled AFTER its block is consumed (the classic kernel copies the slot out
+//    first, then refills it), so the ring costs no register copies. P-1 blocks stay in flight while
+//    a block is computed.
+// 3. Warps split K in whole groups (the fold is at a compile-time slot: P is even, slot parity =
+//    block parity). Scales are loaded once per group, activations two blocks ahead.
+#pragma once
+#include "w4a16_kernel.cuh"
+
+namespace grace_w4a16 {
+
+template <typename T> struct LeanTraits;
+template <> struct LeanTraits<__nv_bfloat16> {
+  static constexpr uint32_t kOne = 0x3f803f80u;  // bf16 1.0 in both halves
+  static constexpr float kBias = 136.f;          // 128 (magic) + 8 (code offset)
+  // fp32 of the two halves of a (s[g], s[g+8]) scale word
+  static __device__ __forceinline__ float lo(uint32_t s2) { return __uint_as_float(s2 << 16); }
+  static __device__ __forceinline__ float hi(uint32_t s2) { return __uint_as_float(s2 & 0xffff0000u); }
+};
+template <> struct LeanTraits<__half> {
+  static constexpr uint32_t kOne = 0x3c003c00u;  // fp16 1.0 in both halves
+  static constexpr float kBias = 1032.f;         // 1024 (magic) + 8
+  static __device__ __forceinline__ float lo(uint32_t s2) {
+    return __half2float(__ushort_as_half((unsigned short)(s2 & 0xffffu)));
+  }
+  static __device__ __forceinline__ float hi(uint32_t s2) {
+    return __half2float(__ushort_as_half((unsigned short)(s2 >> 16)));
+  }
+};
+
+// One packed word -> the 4 A registers of one k16 step, as raw magic codes (magic + v).
+template <typename T>
+__device__ __forceinline__ void raw_word(uint32_t q, uint32_t a[4]) {
+  constexpr uint32_t kMask = 0x000f000fu;
+  constexpr uint32_t kEx = Traits<T>::kEx;
+  a[0] = and_or(q, kMask, kEx);
+  a[1] = and_or(q >> 4, kMask, kEx);
+  a[2] = and_or(q >> 8, kMask, kEx);
+  a[3] = and_or(q >> 12, kMask, kEx);
+}
+
+// d = a * b (no accumulator input: the first k16 step of a group)
+template <typename T>
+__device__ __forceinline__ void mma16816_z(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  d[0] = d[1] = d[2] = d[3] = 0.f;
+  mma16816<T>(d, a, b0, b1);
+}
+
+template <typename T, int MT, int TN, int WN, int WK, int P>
+__global__ void __launch_bounds__(WN * WK * 32)
+    w4a16_lean_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const uint32_t* __restrict__ sc,
+                      T* __restrict__ out, int M, int N, int K) {
+  static_assert(P % 2 == 0 && P >= 2, "lean kernel: P must be even (a group is 2 k64 blocks)");
+  extern __shared__ float red[];  // [WK-1][WN][TN*MT*4][32], as the classic kernel
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wn = warp % WN, wk = warp / WN;
+  const int g = lane >> 2, c = lane & 3;
+  const int KB = K / kKBlock, G = K / kGroup, NT = N / kNTile;
+  const int m0 = blockIdx.x * (MT * 8);
+  // whole groups per warp: block ranges start and end even
+  const int kb_begin = 2 * (int)(((long long)G * wk) / WK), kb_end = 2 * (int)(((long long)G * (wk + 1)) / WK);
+  const int n_groups = (NT + WN * TN - 1) / (WN * TN);
+  const float bias = LeanTraits<T>::kBias;
+  const uint32_t ones[4] = {LeanTraits<T>::kOne, LeanTraits<T>::kOne, LeanTraits<T>::kOne, LeanTraits<T>::kOne};
+  (void)KB;
+  for (int grp = blockIdx.y; grp < n_groups; grp += gridDim.y) {
+  const int tile0 = (grp * WN + wn) * TN;
+  const bool active = tile0 < NT;
+
+  float acc[TN][MT][4];
+#pragma unroll
+  for (int i = 0; i < TN; ++i)
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+
+  if (active) {
+    const T* xrow[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      int t = m0 + mt * 8 + g;
+      t = t < M ? t : M - 1;
+      xrow[mt] = x + (size_t)t * K + c * 16;
+    }
+    const uint4* wp[TN];
+    const uint32_t* sp[TN];
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn) {
+      int tile = tile0 + tn < NT ? tile0 + tn : NT - 1;
+      wp[tn] = qw + (size_t)tile * KB * 32 + lane;
+      sp[tn] = sc + (size_t)tile * G * 8 + g;
+    }
+
+    // Ring: P blocks of weights, P/2 groups of scales, 2 blocks of activations. Block kb lives in
+    // slot (kb - kb_begin) % P (its group's scales in slot / 2, its activations in kb % 2).
+    uint4 wbuf[P][TN];
+    uint32_t sbuf[P / 2][TN];
+    uint4 xbuf[2][MT][2];
+#pragma unroll
+    for (int j = 0; j < P; ++j)
+      if (kb_begin + j < kb_end) {
+#pragma unroll
+        for (int tn = 0; tn < TN; ++tn) {
+          wbuf[j][tn] = ld_stream(wp[tn] + (size_t)(kb_begin + j) * 32);
+          if (j % 2 == 0) sbuf[j / 2][tn] = __ldg(sp[tn] + ((kb_begin + j) >> 1) * 8);
+        }
+      }
+    pdl_wait();  // as the classic kernel: weights in flight, activations after the wait
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      if (kb_begin + j < kb_end)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint4* p = reinterpret_cast<const uint4*>(xrow[mt] + (size_t)(kb_begin + j) * kKBlock);
+          xbuf[j][mt][0] = __ldg(p);
+          xbuf[j][mt][1] = __ldg(p + 1);
+        }
+
+    // Running pointers of the next refills (64-bit adds instead of recomputed addresses).
+    const uint4* wnext[TN];
+    const uint32_t* snext[TN];
+    const uint4* xnext[MT];
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn) {
+      wnext[tn] = wp[tn] + (size_t)(kb_begin + P) * 32;
+      snext[tn] = sp[tn] + ((kb_begin + P) >> 1) * 8;
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) xnext[mt] = reinterpret_cast<const uint4*>(xrow[mt] + (size_t)(kb_begin + 2) * kKBlock);
+    float accg[TN][MT][4];
+    float xs[MT][4];
+    for (int base = kb_begin; base < kb_end; base += P) {
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        const int kb = base + j;
+        if (kb < kb_end) {  // kb even => kb + 1 < kb_end too (whole groups)
+#pragma unroll
+          for (int s = 0; s < 4; ++s) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              const uint4& v = xbuf[j & 1][mt][s >> 1];
+              const uint32_t b0 = (s & 1) ? v.z : v.x, b1 = (s & 1) ? v.w : v.y;
+              if (j % 2 == 0 && s == 0) mma16816_z<T>(xs[mt], ones, b0, b1);
+              else mma16816<T>(xs[mt], ones, b0, b1);
+#pragma unroll
+              for (int tn = 0; tn < TN; ++tn) {
+                const uint32_t q = s == 0 ? wbuf[j][tn].x : s == 1 ? wbuf[j][tn].y : s == 2 ? wbuf[j][tn].z : wbuf[j][tn].w;
+                uint32_t a[4];
+                raw_word<T>(q, a);
+                if (j % 2 == 0 && s == 0) mma16816_z<T>(accg[tn][mt], a, b0, b1);
+                else mma16816<T>(accg[tn][mt], a, b0, b1);
+              }
+            }
+          }
+          // refill the consumed slots: weights P blocks ahead, activations 2 blocks ahead
+          if (kb + P < kb_end)
+#pragma unroll
+            for (int tn = 0; tn < TN; ++tn) {
+              wbuf[j][tn] = ld_stream(wnext[tn]);
+              wnext[tn] += 32;
+            }
+          if (kb + 2 < kb_end)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              xbuf[j & 1][mt][0] = __ldg(xnext[mt]);
+              xbuf[j & 1][mt][1] = __ldg(xnext[mt] + 1);
+              xnext[mt] += kKBlock / 8;
+            }
+          if (j % 2 == 1) {
+            // end of group kb/2: acc += s * (accg - bias * xs); rows g (r 0,1) and g+8 (r 2,3)
+            float nb[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+              for (int r = 0; r < 4; ++r) nb[mt][r] = -bias * xs[mt][r];
+#pragma unroll
+            for (int tn = 0; tn < TN; ++tn) {
+              const uint32_t s2 = sbuf[j / 2][tn];
+              const float slo = LeanTraits<T>::lo(s2), shi = LeanTraits<T>::hi(s2);
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt) {
+                acc[tn][mt][0] = fmaf(slo, accg[tn][mt][0] + nb[mt][0], acc[tn][mt][0]);
+                acc[tn][mt][1] = fmaf(slo, accg[tn][mt][1] + nb[mt][1], acc[tn][mt][1]);
+                acc[tn][mt][2] = fmaf(shi, accg[tn][mt][2] + nb[mt][2], acc[tn][mt][2]);
+                acc[tn][mt][3] = fmaf(shi, accg[tn][mt][3] + nb[mt][3], acc[tn][mt][3]);
+              }
+            }
+            if (kb + P < kb_end)   // block kb - 1 + P starts group (kb + P) / 2
+#pragma unroll
+              for (int tn = 0; tn < TN; ++tn) {
+                sbuf[j / 2][tn] = __ldg(snext[tn]);
+                snext[tn] += 8;
+              }
+          }
+        }
+      }
+    }
+  }
+
+  pdl_launch_dependents();
+  tc_epilogue<T, MT, TN, WN, WK>(acc, red, wn, wk, lane, active, tile0, NT, m0, M, N, out);
+  if (WK > 1 && grp + (int)gridDim.y < n_groups) __syncthreads();  // red[] is reused next group
+  }  // for grp
+}
+
+}  // namespace grace_w4a16

@@ -1,0 +1,24 @@
+// bf16 instantiations of the lean register kernel (see w4a16_lean.cuh).
+#include "w4a16_lean_launch.cuh"
+
+namespace grace_w4a16 {
+
+bool lean_config(int cfg, TcConfig* out) {
+  switch (cfg) {
+#define GRACE_LEAN_CFG(id, mt, tn, wn, wk, p) \
+  case id:                                    \
+    *out = TcConfig{mt, tn, wn, wk, 0, p};    \
+    return true;
+    GRACE_W4A16_LEAN_CONFIGS(GRACE_LEAN_CFG)
+#undef GRACE_LEAN_CFG
+    default:
+      return false;
+  }
+}
+
+cudaError_t lean_launch_bf16(int cfg, const void* x, const void* qw, const void* sc, void* out, int M, int N,
+                             int K, cudaStream_t stream) {
+  return launch_lean_dispatch<__nv_bfloat16>(cfg, x, qw, sc, out, M, N, K, stream);
+}
+
+}  // namespace grace_w4a16
