@@ -398,6 +398,32 @@ def test_gpu_lean_configs_against_float64(ext, N, K):
 
 
 @gpu
+def test_gpu_lean_dispatch_switch(ext):
+    """The rules pick the lean kernel at M <= 8 (and for 9..16 tokens on mid-size wide weights);
+    set_lean(False) restores the classic rules and skips a tuned entry that names a lean config."""
+    from kernels.w4a16 import set_lean
+
+    N, K = 28672, 8192
+    ext.clear_choices()   # the rules, not the card's tuned table
+    assert ext.choose_config(1, N, K) >= ext.first_lean and ext.choose_config(16, 12288, 4096) >= ext.first_lean
+    try:
+        assert ext.set_choice(2, 512, 1024, ext.first_lean, 0) and ext.set_choice(3, 512, 1024, 2, 0)
+        set_lean(False)
+        assert ext.lean_dispatch() == 0
+        assert ext.choose_config(1, N, K) == ext.choose_config_v3(1, N, K) < ext.first_sk
+        assert ext.choose_config(16, 12288, 4096) < ext.first_lean
+        assert ext.choose_config(2, 512, 1024) == ext.choose_config_v3(2, 512, 1024)   # lean entry skipped
+        assert ext.choose_config(3, 512, 1024) == 2                                   # other entries kept
+        codes, scales = rand_weight(512, 1024, "cuda")
+        x = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)
+        assert rel_err(w4a16_gemm(x, pack_weights(codes, scales)), ref64(x, codes, scales.bfloat16())) <= 1e-2
+    finally:
+        set_lean(True)
+        ext.clear_choices()
+    assert ext.choose_config(2, 512, 1024) == ext.choose_config(1, 512, 1024) >= ext.first_lean
+
+
+@gpu
 def test_gpu_set_choice_routes_the_op(ext):
     """set_choice sends one exact (M, N, K) to the named config (and splits) ahead of the rules, the
     result stays correct, other shapes keep the rule, and clear_choices restores it."""

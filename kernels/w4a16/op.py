@@ -146,6 +146,14 @@ def set_pdl(on: bool = True) -> None:
     ext.set_pdl(1 if on else 0)
 
 
+def set_lean(on: bool = True) -> None:
+    """Whether the op may pick the lean register kernel (csrc/w4a16_lean.cuh, kernels/NOTES.md v9) at
+    M <= 16: on by default, process-wide; `GRACE_W4A16_LEAN=0` turns it off when the extension loads.
+    Off, the op uses the classic kernels' rules and skips tuned-table entries that name a lean config
+    (for A/B runs). A CUDA graph keeps the kernels it was captured with."""
+    load_extension().set_lean_dispatch(1 if on else 0)
+
+
 def w4a16_gemm(x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int = GROUP_SIZE) -> torch.Tensor:
     """out (..., N) = x (..., K) @ W.T for a weight packed by ``pack_weights``.
 

@@ -76,10 +76,16 @@ constexpr int kNumSkConfigs = 22;
   X(47, 2, 2, 1, 4, 4)              \
   X(48, 2, 1, 1, 8, 8)              \
   X(49, 2, 4, 1, 4, 2)              \
-  X(50, 2, 2, 1, 8, 4)
+  X(50, 2, 2, 1, 8, 4)              \
+  X(51, 1, 3, 1, 4, 2)              \
+  X(52, 1, 4, 1, 8, 2)              \
+  X(53, 1, 4, 1, 4, 4)              \
+  X(54, 1, 8, 1, 4, 2)              \
+  X(55, 2, 4, 1, 8, 2)              \
+  X(56, 2, 3, 1, 4, 2)
 
 constexpr int kFirstLean = kFirstSk + kNumSkConfigs;
-constexpr int kNumLeanConfigs = 10;
+constexpr int kNumLeanConfigs = 16;
 constexpr int kNumAllConfigs = kFirstLean + kNumLeanConfigs;
 
 struct SkConfig {

@@ -206,6 +206,31 @@ int choose_config_v3(int64_t M, int64_t N, int64_t K) {
   return -1;
 }
 
+// Lean register kernel (w4a16_lean.cuh, NOTES.md v9) in the rules: 1 = on (default, from the H200
+// sweep of 2026-11-29 14:09 UTC), 0 = the classic register kernel's rules, and tuned-table entries
+// that name a lean config are skipped too (GRACE_W4A16_LEAN=0; for A/B runs).
+int& lean_dispatch_flag() {
+  static int flag = [] {
+    const char* e = std::getenv("GRACE_W4A16_LEAN");
+    return (e != nullptr && e[0] == '0') ? 0 : 1;
+  }();
+  return flag;
+}
+
+bool is_lean(int cfg) { return cfg >= grace_w4a16::kFirstLean; }
+
+// M <= 8 with the lean kernel (H200 sweep, 14:09 UTC, M=1 on the and the 7B decoders' weights):
+// 4 tiles per warp for wide weights (22016-152064 rows: 12-18% faster than the classic c2; 28672x8192
+// 40.5 against 46.7 us), 2 tiles and 8 warps along K for long K (8192x28672: 44.0 against 57.7),
+// 1 tile and 8 warps along K for narrow weights (4096x4096 6.0 against 6.2), 2 tiles between
+// (11008x4096 and 12288x4096: equal to c2).
+int choose_lean_m8(int64_t N, int64_t K) {
+  if (K >= 16384) return N >= 8192 ? 44 : 43;
+  if (N >= 16384) return 46;
+  if (N >= 8192) return 41;
+  return 43;
+}
+
 // Measured choices for exact (M, N, K), ahead of the rules below: a tuned table per card
 // (kernels/w4a16/tuned/*.json, written from `python -m kernels.w4a16.sweep_decode` and loaded by
 // op.load_extension; `set_choice` / `clear_choices` from Python). Read at launch, so a CUDA graph
@@ -221,7 +246,7 @@ std::mutex& choice_mutex() {
 }
 
 // v4 (two H100 sweeps of sweep_sk, NOTES.md "v4"): the register-only kernel stays ahead at
-// M <= 8 and, for the smaller weights, at M <= 16; the split-K shared-memory-x kernel wins at
+// M <= 8 (the lean one since v9) and, for the smaller weights, at M <= 16; the split-K shared-memory-x kernel wins at
 // 9..16 tokens on the largest weights (config 30), 17..32 (config 39) and 33..128 (config 38),
 // always with its automatic (wave-quantised) split count.
 // A tuned-table entry for (M, N, K), when there is one, comes first.
@@ -231,11 +256,17 @@ Choice choose(int64_t M, int64_t N, int64_t K) {
     const auto& t = choice_table();
     if (!t.empty()) {
       auto it = t.find(ChoiceKey{M, N, K});
-      if (it != t.end()) return it->second;
+      if (it != t.end() && (lean_dispatch_flag() || !is_lean(it->second.cfg))) return it->second;
     }
   }
-  if (M <= 8) return {choose_config_v3(M, N, K), 0};
-  if (M <= 16) return N * K >= 100000000LL ? Choice{30, 0} : Choice{choose_config_v3(M, N, K), 0};
+  const bool lean = lean_dispatch_flag() != 0;
+  if (M <= 8) return {lean ? choose_lean_m8(N, K) : choose_config_v3(M, N, K), 0};
+  if (M <= 16) {
+    if (N * K >= 100000000LL) return {30, 0};
+    // lean, 2 token tiles: 11008x4096 14.5 against 15.6 us (c9), 12288x4096 14.5 against 16.0
+    if (lean && N >= 8192 && K < 16384) return {47, 0};
+    return {choose_config_v3(M, N, K), 0};
+  }
   if (M <= 32) return {39, 0};
   if (M <= 128) return {38, 0};
   return {-1, 0};
@@ -402,6 +433,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_choice", &set_choice, "measured config (and splits, 0 = auto) for an exact (M, N, K), ahead of the rules; false if invalid",
         py::arg("M"), py::arg("N"), py::arg("K"), py::arg("cfg"), py::arg("splits") = 0);
   m.def("clear_choices", &clear_choices, "forget every set_choice entry (back to the rules)");
+  m.def("set_lean_dispatch", [](int64_t on) { lean_dispatch_flag() = on ? 1 : 0; },
+        "1 (default): the rules and tuned entries may pick the lean register kernel; 0: never (GRACE_W4A16_LEAN=0)");
+  m.def("lean_dispatch", []() { return (int64_t)lean_dispatch_flag(); }, "current lean dispatch flag");
   m.def("choose_config_v3", &choose_config_v3, "the register-only kernel's config table (before sk)");
   m.attr("num_configs") = grace_w4a16::kNumAllConfigs;
   // Hopper wgmma kernel (own config ids 0..num_wgmma_configs-1)
