@@ -27,6 +27,9 @@ What one measurement is (per architecture x variant x batch):
   bf16 (QAT does not train it) unless `--int4-lm-head` rounds it too (RTN, after the build);
 - `--kv-int8`: the int4 variant keeps its KV cache in int8 (grace_ds.export.kv8: per-vector scales);
   on the GPU its decode attention is one Triton kernel over the int8 cache (grace_ds.export.kv8_triton);
+- `--kv-int8-min-batch B`: with `--kv-int8`, the int8 cache only from batch B on (smaller batches keep
+  the 16-bit cache, with `--attn16-kernel` its kernel): at LLaVA batch 1 the int8 cache's
+  quantise-on-write kernels cost more than its smaller reads save (H200, 2026-11-29);
 - `--kv8-portable`: with `--kv-int8`, the portable multiply + reduce attention instead of the kernel
   (sets GRACE_KV8_TRITON=0; fused by `--mode compile`, slow eagerly); `--kv8-triton`, the kernel,
   is the default and stays accepted;
@@ -226,7 +229,7 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     n_visual = int((inputs["input_ids"] == (config.image_token_index if config.model_type == "llava"
                                              else config.image_token_id)).sum()) // batch
     steps = args.new_tokens - 1  # the first new token comes from the prefill
-    kv_int8 = bool(args.kv_int8 and args.variant == "int4")
+    kv_int8 = bool(args.kv_int8 and args.variant == "int4" and batch >= args.kv_int8_min_batch)
     kernel16 = bool(args.attn16_kernel and not kv_int8)
     dec = StaticDecoder(model, config, batch, prompt_len + args.new_tokens, device, kv_int8=kv_int8,
                         decode_kernel16=kernel16)
@@ -458,6 +461,8 @@ def render(results: list[dict], args, command: str) -> str:
              + ("; int4 variant: vision encoder and projector linears in int8 (--int8-vision)" if args.int8_vision else "")
              + ("; q/k/v and gate/up fused into one GEMM each, both variants (--fuse-proj)" if args.fuse_proj else "")
              + ("; int4 variant: KV cache in int8 (--kv-int8)" if args.kv_int8 else "")
+             + (f" from batch {args.kv_int8_min_batch} on, 16-bit below (--kv-int8-min-batch)"
+                if args.kv_int8 and args.kv_int8_min_batch > 1 else "")
              + (f", its decode attention: {_attention_used(results, 'kv8_attention', KV8_NAMES)}" if args.kv_int8 else "")
              + (f"; decode attention over 16-bit caches: {_attention_used(results, 'decode_attention', DECODE16_NAMES)}"
                 if args.attn16_kernel else "")
@@ -568,6 +573,9 @@ def parse_args(argv=None):
                    help="int4 variant: KV cache in int8 with per-vector scales (grace_ds.export.kv8); its decode "
                         "attention is the Triton kernel where Triton runs, else the portable form, which wants "
                         "--mode compile (it fuses the int8 reads into the attention reductions)")
+    p.add_argument("--kv-int8-min-batch", type=int, default=1, metavar="B",
+                   help="with --kv-int8: the int8 cache only for batches of at least B; smaller ones keep the 16-bit "
+                        "cache (and, with --attn16-kernel, its kernel). Default 1: every batch")
     p.add_argument("--attn16-kernel", action="store_true",
                    help="both variants: decode steps over a 16-bit KV cache use the Triton split-K kernel "
                         "(grace_ds.export.kv8.enable_decode16; each kv head read once for its query heads) instead "
@@ -612,6 +620,10 @@ def parse_args(argv=None):
         p.error(f"--prefill-chunk {args.prefill_chunk}: must be a positive number of tokens (e.g. 128)")
     if args.prefill_tokens is not None and args.prefill_tokens < 1:
         p.error(f"--prefill-tokens {args.prefill_tokens}: must be a positive number of tokens (e.g. 2048)")
+    if args.kv_int8_min_batch < 1:
+        p.error(f"--kv-int8-min-batch {args.kv_int8_min_batch}: must be a batch size >= 1 (e.g. 16)")
+    if args.kv_int8_min_batch > 1 and not args.kv_int8:
+        p.error(f"--kv-int8-min-batch {args.kv_int8_min_batch}: only means something with --kv-int8")
     if args.prefill_tokens and args.prefill_chunk:
         p.error("--prefill-chunk and --prefill-tokens: choose one (a fixed chunk per row, or a token budget per pass)")
     return args
@@ -619,7 +631,7 @@ def parse_args(argv=None):
 
 # options the parent hands to every worker as given (a flag when set, or the flag and its value)
 FORWARDED = ("int4_lm_head", "int8_embed", "int8_vision", "attn16_kernel", "profile_steps", "fuse_proj", "kv_int8",
-             "pdl", "prefill_chunk", "prefill_tokens")
+             "kv_int8_min_batch", "pdl", "prefill_chunk", "prefill_tokens")
 
 
 def _forwarded(args) -> list[str]:

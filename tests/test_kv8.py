@@ -173,6 +173,27 @@ def test_bench_smoke_kv_int8(tmp_path, monkeypatch):
         bench.main(["--smoke", "--kv-int8", "--kv8-portable", "--kv8-triton"])
 
 
+def test_bench_kv_int8_min_batch_keeps_small_batches_16bit(tmp_path, capsys):
+    """--kv-int8-min-batch 2: batch 1 decodes over the 16-bit cache, batch 2 over the int8 one (int4
+    variant only); a value without --kv-int8, or below 1, is refused naming it."""
+    import json
+
+    bench = load_script("bench")
+    rc = bench.main(["--smoke", "--in-process", "--arch", "tiny-qwen2vl", "--batch", "1", "2", "--new-tokens", "3",
+                     "--kv-int8", "--kv-int8-min-batch", "2", "--json", str(tmp_path / "t.json"),
+                     "--out", str(tmp_path / "t.md")])
+    res = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert rc == 0, res
+    kinds = {r["variant"]: [(run["batch"], run["kv_cache"]) for run in r["runs"]] for r in res}
+    assert kinds == {"bf16": [(1, "16-bit"), (2, "16-bit")], "int4": [(1, "16-bit"), (2, "int8")]}
+    assert "from batch 2 on, 16-bit below" in (tmp_path / "t.md").read_text()
+    for bad, msg in ((["--kv-int8-min-batch", "4"], "only means something with --kv-int8"),
+                     (["--kv-int8", "--kv-int8-min-batch", "0"], "must be a batch size >= 1")):
+        with pytest.raises(SystemExit):
+            bench.main(["--smoke", *bad])
+        assert msg in capsys.readouterr().err
+
+
 def test_bench_smoke_prefill_chunk(tmp_path, capsys):
 
     bench = load_script("bench")
