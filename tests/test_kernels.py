@@ -406,6 +406,11 @@ def test_gpu_lean_dispatch_switch(ext):
     N, K = 28672, 8192
     ext.clear_choices()   # the rules, not the card's tuned table
     assert ext.choose_config(1, N, K) >= ext.first_lean and ext.choose_config(16, 12288, 4096) >= ext.first_lean
+    if torch.cuda.get_device_properties(0).multi_processor_count == 132:   # H100 / H200 SXM
+        # the wave-fill rule picks the M=1 winners of the H200 sweeps (kernels/NOTES.md v9)
+        winners = {(22016, 4096): 51, (32064, 4096): 46, (37888, 3584): 51, (28672, 8192): 46,
+                   (152064, 3584): 51, (12288, 4096): 52, (11008, 4096): 52, (8192, 28672): 44, (4096, 4096): 43}
+        assert {nk: ext.choose_config(1, *nk) for nk in winners} == winners
     try:
         assert ext.set_choice(2, 512, 1024, ext.first_lean, 0) and ext.set_choice(3, 512, 1024, 2, 0)
         set_lean(False)

@@ -219,16 +219,48 @@ int& lean_dispatch_flag() {
 
 bool is_lean(int cfg) { return cfg >= grace_w4a16::kFirstLean; }
 
-// M <= 8 with the lean kernel (H200 sweep, 14:09 UTC, M=1 on the and the 7B decoders' weights):
-// 4 tiles per warp for wide weights (22016-152064 rows: 12-18% faster than the classic c2; 28672x8192
-// 40.5 against 46.7 us), 2 tiles and 8 warps along K for long K (8192x28672: 44.0 against 57.7),
-// 1 tile and 8 warps along K for narrow weights (4096x4096 6.0 against 6.2), 2 tiles between
-// (11008x4096 and 12288x4096: equal to c2).
+// Fraction of the resident-CTA slots a launch of `ctas` CTAs keeps busy over its waves (1 = no
+// half-empty last wave). slots = SMs x resident CTAs per SM of the config.
+double wave_fill(int64_t ctas, int64_t slots) {
+  if (ctas <= 0 || slots <= 0) return 0.0;
+  const int64_t waves = (ctas + slots - 1) / slots;
+  return (double)ctas / (double)(waves * slots);
+}
+
+// M <= 8 with the lean kernel (two H200 sweeps, 14:09 and 14:14 UTC, M=1 on the and the 7B
+// decoders' weights). Long K: 2 tiles per warp and 8 warps along K (8192x28672: 44 against 57.7 us
+// for the classic rule); narrow weights (N < 8192): 1 tile and 8 warps along K (4096x4096 5.9
+// against 6.2). Wide weights: the wave fill decides. At one token a warp's work is fixed by its
+// tiles, so the config whose CTAs fill the resident slots best wins; among configs within 0.05 of
+// the best fill the first listed is taken. Against the sweeps this picks the measured winner on
+// all 7 wide cases (e.g. 22016x4096: 3 tiles, 459 CTAs, fill 0.87, 17.4 us, against 4 tiles,
+// fill 0.65, 19.7 us; 32064x4096: 4 tiles, fill 0.95, 23.6 against 28.2
+// for 3 tiles; 12288x4096: 4 tiles x 8 warps along K, 12.3 against 17.2 for 4 tiles x 4 warps).
 int choose_lean_m8(int64_t N, int64_t K) {
   if (K >= 16384) return N >= 8192 ? 44 : 43;
-  if (N >= 16384) return 46;
-  if (N >= 8192) return 41;
-  return 43;
+  if (N < 8192) return 43;
+  int dev = 0, sms = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  // (TN, WK) = (4, 4), (3, 4), (4, 8), (2, 4): most tiles per warp first, then 4 warps along K (longer
+  // runs per warp) before 8 (37888x3584: 3 x 4 at 26.0 us against 4 x 8 at 29.5, equal fill)
+  const int cands[] = {46, 51, 52, 41};
+  const int64_t nt = N / 16;
+  int best = 41;
+  double best_fill = -1.0, fills[4];
+  for (int i = 0; i < 4; ++i) {
+    TcConfig c;
+    grace_w4a16::lean_config(cands[i], &c);
+    const int64_t ctas = (nt + c.tn * c.wn - 1) / (c.tn * c.wn);
+    fills[i] = wave_fill(ctas, (int64_t)sms * grace_w4a16::lean_blocks_per_sm(cands[i]));
+    if (fills[i] > best_fill) best_fill = fills[i];
+  }
+  for (int i = 0; i < 4; ++i)
+    if (fills[i] >= best_fill - 0.05) {
+      best = cands[i];
+      break;
+    }
+  return best;
 }
 
 // Measured choices for exact (M, N, K), ahead of the rules below: a tuned table per card

@@ -16,6 +16,26 @@ bool lean_config(int cfg, TcConfig* out) {
   }
 }
 
+int lean_blocks_per_sm(int cfg) {
+  static int cache[kNumLeanConfigs] = {0};  // per process: one device kind is assumed (as the tuned table)
+  const int i = cfg - kFirstLean;
+  if (i < 0 || i >= kNumLeanConfigs) return 0;
+  if (cache[i] > 0) return cache[i];
+  int v = 0;
+  switch (cfg) {
+#define GRACE_LEAN_OCC(id, mt, tn, wn, wk, p) \
+  case id:                                   \
+    v = lean_occupancy_t<__nv_bfloat16, mt, tn, wn, wk, p>(); \
+    break;
+    GRACE_W4A16_LEAN_CONFIGS(GRACE_LEAN_OCC)
+#undef GRACE_LEAN_OCC
+    default:
+      break;
+  }
+  cache[i] = v;
+  return v;
+}
+
 cudaError_t lean_launch_bf16(int cfg, const void* x, const void* qw, const void* sc, void* out, int M, int N,
                              int K, cudaStream_t stream) {
   return launch_lean_dispatch<__nv_bfloat16>(cfg, x, qw, sc, out, M, N, K, stream);

@@ -20,6 +20,17 @@ cudaError_t launch_lean_t(const void* x, const void* qw, const void* sc, void* o
                        static_cast<const uint4*>(qw), static_cast<const uint32_t*>(sc), static_cast<T*>(out), M, N, K);
 }
 
+template <typename T, int MT, int TN, int WN, int WK, int P>
+int lean_occupancy_t() {
+  constexpr int threads = WN * WK * 32;
+  const size_t smem = (size_t)(WK - 1) * WN * TN * MT * 4 * 32 * sizeof(float);
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, w4a16_lean_kernel<T, MT, TN, WN, WK, P>, threads, smem) !=
+      cudaSuccess)
+    return 0;
+  return per_sm;
+}
+
 template <typename T>
 cudaError_t launch_lean_dispatch(int cfg, const void* x, const void* qw, const void* sc, void* out, int M, int N,
                                  int K, cudaStream_t stream) {
