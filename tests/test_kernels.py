@@ -252,12 +252,20 @@ def test_tuned_shipped_files_are_well_formed():
 
     from kernels.w4a16.op import TUNED_DIR, load_tuned
 
+    import re
+
+    api = (CSRC / "w4a16_api.h").read_text()
+    consts = {k: int(v) for k, v in re.findall(r"constexpr int (k\w+) = (\d+);", api)}
+    n_configs = consts["kFirstSk"] + consts["kNumSkConfigs"] + consts["kNumLeanConfigs"]
+    ids = [int(i) for i in re.findall(r"^\s*X\((\d+),", api, re.M)]
+    # the register, split-K and lean tables number 0..n_configs-1 without gaps (wgmma has its own ids)
+    assert sorted(ids) == sorted(list(range(n_configs)) + list(range(consts["kNumWgConfigs"])))
     for path in sorted(TUNED_DIR.glob("*.json")):
         data = json.loads(path.read_text())
         rec = _RecordingExt()
         assert load_tuned(path, rec, device_name=data["card"]) == len(data["choices"]) > 0
         for M, N, K, cfg, splits in rec.choices:
-            assert M >= 1 and N % 16 == 0 and K % 128 == 0 and 0 <= cfg < 51 and splits >= 0, (path, M, N, K, cfg)
+            assert M >= 1 and N % 16 == 0 and K % 128 == 0 and 0 <= cfg < n_configs and splits >= 0, (path, M, N, K, cfg)
 
 
 def test_sweep_decode_keeps_only_checked_clear_wins(tmp_path):
