@@ -62,30 +62,37 @@ constexpr int kNumConfigs = 19;
 constexpr int kFirstSk = 19;
 constexpr int kNumSkConfigs = 22;
 
-// Lean register configs (w4a16_lean.cuh, kernels/NOTES.md v9: raw codes into a per-group fp32
-// accumulator, scale and offset applied once per group, no ring copies): ids continue after the sk
-// ones. Columns: (id, MT token tiles of 8, TN n16 tiles per warp, WN x WK warps per CTA, P k64 blocks
-// of weights in flight per warp; even).
+// Lean configs (w4a16_lean.cuh, kernels/NOTES.md v9: raw codes into a per-group fp32 accumulator,
+// scale and offset applied once per group, no ring copies): ids continue after the sk ones.
+// Columns: (id, MT token tiles of 8, TN n16 tiles per warp, WN x WK warps per CTA, P k64 blocks of
+// weights in flight per warp (even), PS: 0 = the ring in registers, > 0 = a PS-stage cp.async ring
+// in shared memory per warp (v10; then P = PS)).
 #define GRACE_W4A16_LEAN_CONFIGS(X) \
-  X(41, 1, 2, 1, 4, 4)              \
-  X(42, 1, 2, 1, 4, 6)              \
-  X(43, 1, 1, 1, 8, 8)              \
-  X(44, 1, 2, 1, 8, 4)              \
-  X(45, 1, 1, 1, 4, 8)              \
-  X(46, 1, 4, 1, 4, 2)              \
-  X(47, 2, 2, 1, 4, 4)              \
-  X(48, 2, 1, 1, 8, 8)              \
-  X(49, 2, 4, 1, 4, 2)              \
-  X(50, 2, 2, 1, 8, 4)              \
-  X(51, 1, 3, 1, 4, 2)              \
-  X(52, 1, 4, 1, 8, 2)              \
-  X(53, 1, 4, 1, 4, 4)              \
-  X(54, 1, 8, 1, 4, 2)              \
-  X(55, 2, 4, 1, 8, 2)              \
-  X(56, 2, 3, 1, 4, 2)
+  X(41, 1, 2, 1, 4, 4, 0)    \
+  X(42, 1, 2, 1, 4, 6, 0)    \
+  X(43, 1, 1, 1, 8, 8, 0)    \
+  X(44, 1, 2, 1, 8, 4, 0)    \
+  X(45, 1, 1, 1, 4, 8, 0)    \
+  X(46, 1, 4, 1, 4, 2, 0)    \
+  X(47, 2, 2, 1, 4, 4, 0)    \
+  X(48, 2, 1, 1, 8, 8, 0)    \
+  X(49, 2, 4, 1, 4, 2, 0)    \
+  X(50, 2, 2, 1, 8, 4, 0)    \
+  X(51, 1, 3, 1, 4, 2, 0)    \
+  X(52, 1, 4, 1, 8, 2, 0)    \
+  X(53, 1, 4, 1, 4, 4, 0)    \
+  X(54, 1, 8, 1, 4, 2, 0)    \
+  X(55, 2, 4, 1, 8, 2, 0)    \
+  X(56, 2, 3, 1, 4, 2, 0)    \
+  X(57, 1, 2, 1, 4, 8, 8)    \
+  X(58, 1, 4, 1, 4, 6, 6)    \
+  X(59, 1, 1, 1, 8, 8, 8)    \
+  X(60, 1, 2, 1, 4, 12, 12)  \
+  X(61, 1, 4, 1, 8, 4, 4)    \
+  X(62, 2, 2, 1, 4, 8, 8)
 
 constexpr int kFirstLean = kFirstSk + kNumSkConfigs;
-constexpr int kNumLeanConfigs = 16;
+constexpr int kNumLeanConfigs = 22;
 constexpr int kNumAllConfigs = kFirstLean + kNumLeanConfigs;
 
 struct SkConfig {

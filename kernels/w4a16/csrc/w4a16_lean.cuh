@@ -24,6 +24,7 @@
 //    block parity). Scales are loaded once per group, activations two blocks ahead.
 #pragma once
 #include "w4a16_kernel.cuh"
+#include "w4a16_sk.cuh"  // cp.async helpers
 
 namespace grace_w4a16 {
 
@@ -64,6 +65,54 @@ __device__ __forceinline__ void mma16816_z(float d[4], const uint32_t a[4], uint
   mma16816<T>(d, a, b0, b1);
 }
 
+// One k64 block: 4 k16 steps of raw-code mma into accg (FIRST: the group's first block, which starts
+// accg and xs from zero) and of all-ones mma into xs.
+template <typename T, int MT, int TN, bool FIRST>
+__device__ __forceinline__ void lean_block(const uint4 (&w)[TN], const uint4 (&xb)[MT][2], float (&accg)[TN][MT][4],
+                                           float (&xs)[MT][4]) {
+  const uint32_t ones[4] = {LeanTraits<T>::kOne, LeanTraits<T>::kOne, LeanTraits<T>::kOne, LeanTraits<T>::kOne};
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const uint4& v = xb[mt][s >> 1];
+      const uint32_t b0 = (s & 1) ? v.z : v.x, b1 = (s & 1) ? v.w : v.y;
+      if (FIRST && s == 0) mma16816_z<T>(xs[mt], ones, b0, b1);
+      else mma16816<T>(xs[mt], ones, b0, b1);
+#pragma unroll
+      for (int tn = 0; tn < TN; ++tn) {
+        const uint32_t q = s == 0 ? w[tn].x : s == 1 ? w[tn].y : s == 2 ? w[tn].z : w[tn].w;
+        uint32_t a[4];
+        raw_word<T>(q, a);
+        if (FIRST && s == 0) mma16816_z<T>(accg[tn][mt], a, b0, b1);
+        else mma16816<T>(accg[tn][mt], a, b0, b1);
+      }
+    }
+  }
+}
+
+// End of a group: acc += s * (accg - bias * xs); rows g (r 0,1) and g+8 (r 2,3). s2: (s[g], s[g+8]).
+template <typename T, int MT, int TN>
+__device__ __forceinline__ void lean_fold(float (&acc)[TN][MT][4], const float (&accg)[TN][MT][4],
+                                          const float (&xs)[MT][4], const uint32_t (&s2)[TN]) {
+  float nb[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) nb[mt][r] = -LeanTraits<T>::kBias * xs[mt][r];
+#pragma unroll
+  for (int tn = 0; tn < TN; ++tn) {
+    const float slo = LeanTraits<T>::lo(s2[tn]), shi = LeanTraits<T>::hi(s2[tn]);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      acc[tn][mt][0] = fmaf(slo, accg[tn][mt][0] + nb[mt][0], acc[tn][mt][0]);
+      acc[tn][mt][1] = fmaf(slo, accg[tn][mt][1] + nb[mt][1], acc[tn][mt][1]);
+      acc[tn][mt][2] = fmaf(shi, accg[tn][mt][2] + nb[mt][2], acc[tn][mt][2]);
+      acc[tn][mt][3] = fmaf(shi, accg[tn][mt][3] + nb[mt][3], acc[tn][mt][3]);
+    }
+  }
+}
+
 template <typename T, int MT, int TN, int WN, int WK, int P>
 __global__ void __launch_bounds__(WN * WK * 32)
     w4a16_lean_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const uint32_t* __restrict__ sc,
@@ -78,9 +127,6 @@ __global__ void __launch_bounds__(WN * WK * 32)
   // whole groups per warp: block ranges start and end even
   const int kb_begin = 2 * (int)(((long long)G * wk) / WK), kb_end = 2 * (int)(((long long)G * (wk + 1)) / WK);
   const int n_groups = (NT + WN * TN - 1) / (WN * TN);
-  const float bias = LeanTraits<T>::kBias;
-  const uint32_t ones[4] = {LeanTraits<T>::kOne, LeanTraits<T>::kOne, LeanTraits<T>::kOne, LeanTraits<T>::kOne};
-  (void)KB;
   for (int grp = blockIdx.y; grp < n_groups; grp += gridDim.y) {
   const int tile0 = (grp * WN + wn) * TN;
   const bool active = tile0 < NT;
@@ -153,24 +199,8 @@ __global__ void __launch_bounds__(WN * WK * 32)
       for (int j = 0; j < P; ++j) {
         const int kb = base + j;
         if (kb < kb_end) {  // kb even => kb + 1 < kb_end too (whole groups)
-#pragma unroll
-          for (int s = 0; s < 4; ++s) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-              const uint4& v = xbuf[j & 1][mt][s >> 1];
-              const uint32_t b0 = (s & 1) ? v.z : v.x, b1 = (s & 1) ? v.w : v.y;
-              if (j % 2 == 0 && s == 0) mma16816_z<T>(xs[mt], ones, b0, b1);
-              else mma16816<T>(xs[mt], ones, b0, b1);
-#pragma unroll
-              for (int tn = 0; tn < TN; ++tn) {
-                const uint32_t q = s == 0 ? wbuf[j][tn].x : s == 1 ? wbuf[j][tn].y : s == 2 ? wbuf[j][tn].z : wbuf[j][tn].w;
-                uint32_t a[4];
-                raw_word<T>(q, a);
-                if (j % 2 == 0 && s == 0) mma16816_z<T>(accg[tn][mt], a, b0, b1);
-                else mma16816<T>(accg[tn][mt], a, b0, b1);
-              }
-            }
-          }
+          if (j % 2 == 0) lean_block<T, MT, TN, true>(wbuf[j], xbuf[j & 1], accg, xs);
+          else lean_block<T, MT, TN, false>(wbuf[j], xbuf[j & 1], accg, xs);
           // refill the consumed slots: weights P blocks ahead, activations 2 blocks ahead
           if (kb + P < kb_end)
 #pragma unroll
@@ -186,24 +216,7 @@ __global__ void __launch_bounds__(WN * WK * 32)
               xnext[mt] += kKBlock / 8;
             }
           if (j % 2 == 1) {
-            // end of group kb/2: acc += s * (accg - bias * xs); rows g (r 0,1) and g+8 (r 2,3)
-            float nb[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-              for (int r = 0; r < 4; ++r) nb[mt][r] = -bias * xs[mt][r];
-#pragma unroll
-            for (int tn = 0; tn < TN; ++tn) {
-              const uint32_t s2 = sbuf[j / 2][tn];
-              const float slo = LeanTraits<T>::lo(s2), shi = LeanTraits<T>::hi(s2);
-#pragma unroll
-              for (int mt = 0; mt < MT; ++mt) {
-                acc[tn][mt][0] = fmaf(slo, accg[tn][mt][0] + nb[mt][0], acc[tn][mt][0]);
-                acc[tn][mt][1] = fmaf(slo, accg[tn][mt][1] + nb[mt][1], acc[tn][mt][1]);
-                acc[tn][mt][2] = fmaf(shi, accg[tn][mt][2] + nb[mt][2], acc[tn][mt][2]);
-                acc[tn][mt][3] = fmaf(shi, accg[tn][mt][3] + nb[mt][3], acc[tn][mt][3]);
-              }
-            }
+            lean_fold<T, MT, TN>(acc, accg, xs, sbuf[j / 2]);   // end of group kb/2
             if (kb + P < kb_end)   // block kb - 1 + P starts group (kb + P) / 2
 #pragma unroll
               for (int tn = 0; tn < TN; ++tn) {
@@ -219,6 +232,140 @@ __global__ void __launch_bounds__(WN * WK * 32)
   pdl_launch_dependents();
   tc_epilogue<T, MT, TN, WN, WK>(acc, red, wn, wk, lane, active, tile0, NT, m0, M, N, out);
   if (WK > 1 && grp + (int)gridDim.y < n_groups) __syncthreads();  // red[] is reused next group
+  }  // for grp
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lean kernel with its weight ring in SHARED memory (NOTES.md v10): same math as above, but each
+// warp streams its (tile, block) pieces with 16-byte cp.async into a private PS-stage ring, so the
+// bytes in flight no longer cost registers. Why: ncu on the register ring (H200, 2026-11-29) showed
+// 25% theoretical occupancy (registers), ~13 warps per SM, DRAM at 35-53% and 43% of stall cycles
+// waiting on L1TEX: too few bytes in flight. Each lane reads back only the 16 B (and the 4-byte
+// scale word) it copied itself, so cp.async.wait_group alone orders the copy and the read: no
+// barrier. Stage st of warp w: weights at ring[w][st][tn][lane] (uint4), scales at
+// sring[w][st][tn][lane] (uint32). The split-K reduction buffer follows the rings.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
+}
+
+__host__ __device__ constexpr size_t lean_cp_smem_bytes(int MT, int TN, int WN, int WK, int PS) {
+  return (size_t)WN * WK * PS * TN * 32 * (16 + 4) + (size_t)(WK - 1) * WN * TN * MT * 4 * 32 * sizeof(float);
+}
+
+template <typename T, int MT, int TN, int WN, int WK, int PS>
+__global__ void __launch_bounds__(WN * WK * 32)
+    w4a16_lean_cp_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const uint32_t* __restrict__ sc,
+                         T* __restrict__ out, int M, int N, int K) {
+  static_assert(PS >= 2, "lean cp kernel: at least 2 stages");
+  constexpr int W = WN * WK;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint4* wring = reinterpret_cast<uint4*>(smem_raw) + (size_t)warp * PS * TN * 32 + lane;
+  uint32_t* sring = reinterpret_cast<uint32_t*>(smem_raw + (size_t)W * PS * TN * 32 * 16) + (size_t)warp * PS * TN * 32 + lane;
+  float* red = reinterpret_cast<float*>(smem_raw + (size_t)W * PS * TN * 32 * 20);
+  const int wn = warp % WN, wk = warp / WN;
+  const int g = lane >> 2, c = lane & 3;
+  const int KB = K / kKBlock, G = K / kGroup, NT = N / kNTile;
+  const int m0 = blockIdx.x * (MT * 8);
+  const int kb_begin = 2 * (int)(((long long)G * wk) / WK), kb_end = 2 * (int)(((long long)G * (wk + 1)) / WK);
+  const int n_groups = (NT + WN * TN - 1) / (WN * TN);
+  for (int grp = blockIdx.y; grp < n_groups; grp += gridDim.y) {
+  const int tile0 = (grp * WN + wn) * TN;
+  const bool active = tile0 < NT;
+
+  float acc[TN][MT][4];
+#pragma unroll
+  for (int i = 0; i < TN; ++i)
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+
+  if (active) {
+    const T* xrow[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      int t = m0 + mt * 8 + g;
+      t = t < M ? t : M - 1;
+      xrow[mt] = x + (size_t)t * K + c * 16;
+    }
+    const uint4* wp[TN];
+    const uint32_t* sp[TN];
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn) {
+      int tile = tile0 + tn < NT ? tile0 + tn : NT - 1;
+      wp[tn] = qw + (size_t)tile * KB * 32 + (size_t)kb_begin * 32 + lane;   // block kb_begin
+      sp[tn] = sc + (size_t)tile * G * 8 + (size_t)(kb_begin >> 1) * 8 + g;  // its group
+    }
+    // issue block kb_begin + i (pointers advance by one block per issue) into stage st
+    int issued = 0;
+    auto issue = [&](int st) {
+#pragma unroll
+      for (int tn = 0; tn < TN; ++tn) {
+        cp_async16_zfill(wring + (st * TN + tn) * 32, wp[tn] + (size_t)issued * 32, true);
+        cp_async4(sring + (st * TN + tn) * 32, sp[tn] + (size_t)(issued >> 1) * 8);
+      }
+      ++issued;
+    };
+#pragma unroll
+    for (int st = 0; st < PS - 1; ++st) {  // one commit group per stage, empty ones included
+      if (kb_begin + st < kb_end) issue(st);
+      cp_async_commit();
+    }
+    pdl_wait();
+    uint4 xbuf[2][MT][2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      if (kb_begin + j < kb_end)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint4* p = reinterpret_cast<const uint4*>(xrow[mt] + (size_t)(kb_begin + j) * kKBlock);
+          xbuf[j][mt][0] = __ldg(p);
+          xbuf[j][mt][1] = __ldg(p + 1);
+        }
+    const uint4* xnext[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) xnext[mt] = reinterpret_cast<const uint4*>(xrow[mt] + (size_t)(kb_begin + 2) * kKBlock);
+
+    float accg[TN][MT][4];
+    float xs[MT][4];
+    int stage = 0;
+    for (int kb = kb_begin; kb < kb_end; kb += 2) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int b = kb + h;
+        cp_async_wait<PS - 2>();  // this thread's copies of block b have landed
+        // refill the stage block b-1 used (read into registers last iteration) with block b+PS-1
+        if (b + PS - 1 < kb_end) issue(stage == 0 ? PS - 1 : stage - 1);
+        cp_async_commit();
+        uint4 w[TN];
+        uint32_t s2[TN];
+#pragma unroll
+        for (int tn = 0; tn < TN; ++tn) {
+          w[tn] = wring[(stage * TN + tn) * 32];
+          if (h == 1) s2[tn] = sring[(stage * TN + tn) * 32];
+        }
+        if (h == 0) lean_block<T, MT, TN, true>(w, xbuf[0], accg, xs);
+        else lean_block<T, MT, TN, false>(w, xbuf[1], accg, xs);
+        if (b + 2 < kb_end)
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            xbuf[h][mt][0] = __ldg(xnext[mt]);
+            xbuf[h][mt][1] = __ldg(xnext[mt] + 1);
+            xnext[mt] += kKBlock / 8;
+          }
+        if (h == 1) lean_fold<T, MT, TN>(acc, accg, xs, s2);
+        stage = stage + 1 == PS ? 0 : stage + 1;
+      }
+    }
+    cp_async_wait_all();  // no copy may still target the ring when it is reused (next grp)
+  }
+
+  pdl_launch_dependents();
+  tc_epilogue<T, MT, TN, WN, WK>(acc, red, wn, wk, lane, active, tile0, NT, m0, M, N, out);
+  if (WK > 1 && grp + (int)gridDim.y < n_groups) __syncthreads();
   }  // for grp
 }
 

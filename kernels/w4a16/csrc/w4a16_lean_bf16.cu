@@ -5,7 +5,7 @@ namespace grace_w4a16 {
 
 bool lean_config(int cfg, TcConfig* out) {
   switch (cfg) {
-#define GRACE_LEAN_CFG(id, mt, tn, wn, wk, p) \
+#define GRACE_LEAN_CFG(id, mt, tn, wn, wk, p, ps) \
   case id:                                    \
     *out = TcConfig{mt, tn, wn, wk, 0, p};    \
     return true;
@@ -23,9 +23,9 @@ int lean_blocks_per_sm(int cfg) {
   if (cache[i] > 0) return cache[i];
   int v = 0;
   switch (cfg) {
-#define GRACE_LEAN_OCC(id, mt, tn, wn, wk, p) \
-  case id:                                   \
-    v = lean_occupancy_t<__nv_bfloat16, mt, tn, wn, wk, p>(); \
+#define GRACE_LEAN_OCC(id, mt, tn, wn, wk, p, ps) \
+  case id:                                       \
+    v = lean_occupancy_t<__nv_bfloat16, mt, tn, wn, wk, p, ps>(); \
     break;
     GRACE_W4A16_LEAN_CONFIGS(GRACE_LEAN_OCC)
 #undef GRACE_LEAN_OCC
