@@ -227,35 +227,39 @@ double wave_fill(int64_t ctas, int64_t slots) {
   return (double)ctas / (double)(waves * slots);
 }
 
-// M <= 8 with the lean kernel (two H200 sweeps, 14:09 and 14:14 UTC, M=1 on the and the 7B
-// decoders' weights). Long K: 2 tiles per warp and 8 warps along K (8192x28672: 44 against 57.7 us
-// for the classic rule); narrow weights (N < 8192): 1 tile and 8 warps along K (4096x4096 5.9
-// against 6.2). Wide weights: the wave fill decides. At one token a warp's work is fixed by its
-// tiles, so the config whose CTAs fill the resident slots best wins; among configs within 0.05 of
-// the best fill the first listed is taken. Against the sweeps this picks the measured winner on
-// all 7 wide cases (e.g. 22016x4096: 3 tiles, 459 CTAs, fill 0.87, 17.4 us, against 4 tiles,
-// fill 0.65, 19.7 us; 32064x4096: 4 tiles, fill 0.95, 23.6 against 28.2
-// for 3 tiles; 12288x4096: 4 tiles x 8 warps along K, 12.3 against 17.2 for 4 tiles x 4 warps).
+// M <= 8 with the lean kernels (H200 sweeps of 14:09, 14:14 and 14:40 UTC, M=1 on the and
+// the 7B decoders' weights; kernels/NOTES.md v9, v10). Long K: 4 tiles per warp, 8 warps along K and
+// the cp.async ring for N >= 8192 (8192x28672: 36.3 us against 48.7 for the register-ring c44), 1
+// tile for narrower weights (3584x18944: c59, 17.6 against 21.3). Narrow weights (N < 8192): 1 tile,
+// 8 warps along K, the cp.async ring from K = 8192 on (4096x11008: 12.0 against 13.5) and the
+// register ring below (4096x4096: 5.8 against 6.5). Wide weights: the wave fill decides. At one
+// token a warp's work is fixed by its tiles, so the config whose CTAs fill the resident slots best
+// wins; among configs within 0.05 of the best fill the first listed is taken. Against the 14:40
+// sweep this is the measured winner or within 3% of it on all 7 wide cases (22016x4096: c58, fill
+// 0.87, 17.2 us, against c61, fill 0.65, 18.0; 12288x4096: c61, 12.0 against 12.2 for c58, fill
+// 0.48; 32064x4096: c61 23.6 against the best c46 22.9).
 int choose_lean_m8(int64_t N, int64_t K) {
-  if (K >= 16384) return N >= 8192 ? 44 : 43;
-  if (N < 8192) return 43;
+  if (K >= 16384) return N >= 8192 ? 61 : 59;
+  if (N < 8192) return K >= 8192 ? 59 : 43;
   int dev = 0, sms = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  // (TN, WK) = (4, 4), (3, 4), (4, 8), (2, 4): most tiles per warp first, then 4 warps along K (longer
-  // runs per warp) before 8 (37888x3584: 3 x 4 at 26.0 us against 4 x 8 at 29.5, equal fill)
-  const int cands[] = {46, 51, 52, 41};
+  // (TN, WK, ring) = (4, 4, smem), (4, 8, smem), (4, 4, regs), (3, 4, regs), (4, 8, regs), (2, 4, regs):
+  // at equal fill the cp.async ring first (more bytes in flight), then more tiles per warp, then 4
+  // warps along K before 8 (37888x3584: c58 25.1 us against c61 27.2, both fill 0.75)
+  const int cands[] = {58, 61, 46, 51, 52, 41};
+  constexpr int kC = sizeof(cands) / sizeof(cands[0]);
   const int64_t nt = N / 16;
   int best = 41;
-  double best_fill = -1.0, fills[4];
-  for (int i = 0; i < 4; ++i) {
+  double best_fill = -1.0, fills[kC];
+  for (int i = 0; i < kC; ++i) {
     TcConfig c;
     grace_w4a16::lean_config(cands[i], &c);
     const int64_t ctas = (nt + c.tn * c.wn - 1) / (c.tn * c.wn);
     fills[i] = wave_fill(ctas, (int64_t)sms * grace_w4a16::lean_blocks_per_sm(cands[i]));
     if (fills[i] > best_fill) best_fill = fills[i];
   }
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < kC; ++i)
     if (fills[i] >= best_fill - 0.05) {
       best = cands[i];
       break;
@@ -294,9 +298,11 @@ Choice choose(int64_t M, int64_t N, int64_t K) {
   const bool lean = lean_dispatch_flag() != 0;
   if (M <= 8) return {lean ? choose_lean_m8(N, K) : choose_config_v3(M, N, K), 0};
   if (M <= 16) {
+    // lean, 2 token tiles, cp.async ring, for wide weights with K < 16384 (14:40 sweep at 16 tokens:
+    // 28672x8192 50.6 us against 55.9 for split-K c30; 22016x4096 23.8 against 25.7; 12288x4096 14.1
+    // against 15.9 for c9). Long K stays split-K (8192x28672: c30 53.6 against 55.6).
+    if (lean && N >= 8192 && K < 16384) return {62, 0};
     if (N * K >= 100000000LL) return {30, 0};
-    // lean, 2 token tiles: 11008x4096 14.5 against 15.6 us (c9), 12288x4096 14.5 against 16.0
-    if (lean && N >= 8192 && K < 16384) return {47, 0};
     return {choose_config_v3(M, N, K), 0};
   }
   if (M <= 32) return {39, 0};
@@ -465,6 +471,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_choice", &set_choice, "measured config (and splits, 0 = auto) for an exact (M, N, K), ahead of the rules; false if invalid",
         py::arg("M"), py::arg("N"), py::arg("K"), py::arg("cfg"), py::arg("splits") = 0);
   m.def("clear_choices", &clear_choices, "forget every set_choice entry (back to the rules)");
+  m.def("lean_blocks_per_sm", [](int64_t cfg) { return (int64_t)grace_w4a16::lean_blocks_per_sm((int)cfg); },
+        "resident CTAs per SM of a lean config (occupancy API; what the wave-fill rule uses)");
   m.def("set_lean_dispatch", [](int64_t on) { lean_dispatch_flag() = on ? 1 : 0; },
         "1 (default): the rules and tuned entries may pick the lean register kernel; 0: never (GRACE_W4A16_LEAN=0)");
   m.def("lean_dispatch", []() { return (int64_t)lean_dispatch_flag(); }, "current lean dispatch flag");
