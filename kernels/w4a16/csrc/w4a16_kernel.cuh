@@ -194,6 +194,41 @@ __device__ __forceinline__ void tc_epilogue(float (&acc)[TN][MT][4], float* red,
   }
 }
 
+// Zeroes a warp's output accumulators.
+template <int MT, int TN>
+__device__ __forceinline__ void tc_zero(float (&acc)[TN][MT][4]) {
+#pragma unroll
+  for (int i = 0; i < TN; ++i)
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+}
+
+// A lane's pointers, shared by the register kernels: its activation rows (token tile mt, row g = lane/4,
+// the 16 consecutive k of c = lane%4; tokens past M clamped to M-1: valid memory, results never
+// stored) and, per n16 tile, its packed weights (block 0) and its scale word (group 0). Tiles past
+// N are clamped to the last one (stores are guarded).
+template <typename T, int MT, int TN>
+__device__ __forceinline__ void tc_lane_pointers(const T* __restrict__ x, const uint4* __restrict__ qw,
+                                                 const uint32_t* __restrict__ sc, int M, int K, int NT, int m0,
+                                                 int tile0, int lane, const T* (&xrow)[MT], const uint4* (&wp)[TN],
+                                                 const uint32_t* (&sp)[TN]) {
+  const int g = lane >> 2, c = lane & 3, KB = K / kKBlock, G = K / kGroup;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    int t = m0 + mt * 8 + g;
+    t = t < M ? t : M - 1;
+    xrow[mt] = x + (size_t)t * K + c * 16;
+  }
+#pragma unroll
+  for (int tn = 0; tn < TN; ++tn) {
+    int tile = tile0 + tn < NT ? tile0 + tn : NT - 1;
+    wp[tn] = qw + (size_t)tile * KB * 32 + lane;
+    sp[tn] = sc + (size_t)tile * G * 8 + g;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tensor-core kernel (swap AB).
 //   CTA = WN x WK warps. Warp (wn, wk) owns TN consecutive n16 tiles and the wk-th contiguous slice
@@ -228,16 +263,13 @@ __global__ void __launch_bounds__(WN * WK * 32)
   const bool active = tile0 < NT;  // warp-uniform; inactive warps still join the barrier
 
   float acc[TN][MT][4];
-#pragma unroll
-  for (int i = 0; i < TN; ++i)
-#pragma unroll
-    for (int j = 0; j < MT; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+  tc_zero<MT, TN>(acc);
 
   if (active) {
     // Row pointers of the activations this lane reads (token tile mt, row g); tokens past M are
-    // clamped to M-1 (valid memory; their results are never stored).
+    // clamped to M-1 (valid memory; their results are never stored). Written out here rather than
+    // with tc_lane_pointers: through the helper, ptxas recomputed addresses in this kernel's main
+    // loop (836 -> 1033 instructions for config 2, sm_90a), which the lean kernels do not suffer.
     const T* xrow[MT];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {

@@ -121,8 +121,7 @@ __global__ void __launch_bounds__(WN * WK * 32)
   extern __shared__ float red[];  // [WK-1][WN][TN*MT*4][32], as the classic kernel
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wn = warp % WN, wk = warp / WN;
-  const int g = lane >> 2, c = lane & 3;
-  const int KB = K / kKBlock, G = K / kGroup, NT = N / kNTile;
+  const int G = K / kGroup, NT = N / kNTile;
   const int m0 = blockIdx.x * (MT * 8);
   // whole groups per warp: block ranges start and end even
   const int kb_begin = 2 * (int)(((long long)G * wk) / WK), kb_end = 2 * (int)(((long long)G * (wk + 1)) / WK);
@@ -132,29 +131,13 @@ __global__ void __launch_bounds__(WN * WK * 32)
   const bool active = tile0 < NT;
 
   float acc[TN][MT][4];
-#pragma unroll
-  for (int i = 0; i < TN; ++i)
-#pragma unroll
-    for (int j = 0; j < MT; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+  tc_zero<MT, TN>(acc);
 
   if (active) {
     const T* xrow[MT];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      int t = m0 + mt * 8 + g;
-      t = t < M ? t : M - 1;
-      xrow[mt] = x + (size_t)t * K + c * 16;
-    }
     const uint4* wp[TN];
     const uint32_t* sp[TN];
-#pragma unroll
-    for (int tn = 0; tn < TN; ++tn) {
-      int tile = tile0 + tn < NT ? tile0 + tn : NT - 1;
-      wp[tn] = qw + (size_t)tile * KB * 32 + lane;
-      sp[tn] = sc + (size_t)tile * G * 8 + g;
-    }
+    tc_lane_pointers<T, MT, TN>(x, qw, sc, M, K, NT, m0, tile0, lane, xrow, wp, sp);
 
     // Ring: P blocks of weights, P/2 groups of scales, 2 blocks of activations. Block kb lives in
     // slot (kb - kb_begin) % P (its group's scales in slot / 2, its activations in kb % 2).
@@ -266,8 +249,7 @@ __global__ void __launch_bounds__(WN * WK * 32)
   uint32_t* sring = reinterpret_cast<uint32_t*>(smem_raw + (size_t)W * PS * TN * 32 * 16) + (size_t)warp * PS * TN * 32 + lane;
   float* red = reinterpret_cast<float*>(smem_raw + (size_t)W * PS * TN * 32 * 20);
   const int wn = warp % WN, wk = warp / WN;
-  const int g = lane >> 2, c = lane & 3;
-  const int KB = K / kKBlock, G = K / kGroup, NT = N / kNTile;
+  const int G = K / kGroup, NT = N / kNTile;
   const int m0 = blockIdx.x * (MT * 8);
   const int kb_begin = 2 * (int)(((long long)G * wk) / WK), kb_end = 2 * (int)(((long long)G * (wk + 1)) / WK);
   const int n_groups = (NT + WN * TN - 1) / (WN * TN);
@@ -276,28 +258,17 @@ __global__ void __launch_bounds__(WN * WK * 32)
   const bool active = tile0 < NT;
 
   float acc[TN][MT][4];
-#pragma unroll
-  for (int i = 0; i < TN; ++i)
-#pragma unroll
-    for (int j = 0; j < MT; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+  tc_zero<MT, TN>(acc);
 
   if (active) {
     const T* xrow[MT];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      int t = m0 + mt * 8 + g;
-      t = t < M ? t : M - 1;
-      xrow[mt] = x + (size_t)t * K + c * 16;
-    }
     const uint4* wp[TN];
     const uint32_t* sp[TN];
+    tc_lane_pointers<T, MT, TN>(x, qw, sc, M, K, NT, m0, tile0, lane, xrow, wp, sp);
 #pragma unroll
-    for (int tn = 0; tn < TN; ++tn) {
-      int tile = tile0 + tn < NT ? tile0 + tn : NT - 1;
-      wp[tn] = qw + (size_t)tile * KB * 32 + (size_t)kb_begin * 32 + lane;   // block kb_begin
-      sp[tn] = sc + (size_t)tile * G * 8 + (size_t)(kb_begin >> 1) * 8 + g;  // its group
+    for (int tn = 0; tn < TN; ++tn) {  // from block kb_begin and its group on
+      wp[tn] += (size_t)kb_begin * 32;
+      sp[tn] += (size_t)(kb_begin >> 1) * 8;
     }
     // issue block kb_begin + i (pointers advance by one block per issue) into stage st
     int issued = 0;
