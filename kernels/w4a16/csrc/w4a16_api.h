@@ -163,8 +163,9 @@ int& pdl_flag();
 bool tc_config(int cfg, TcConfig* out);
 // Lean configs as (MT, TN, WN, WK, XR = 0, P); false for an id that is not one.
 bool lean_config(int cfg, TcConfig* out);
-// Resident CTAs per SM of a lean config's bf16 kernel (occupancy API, cached; 0 for an unknown id).
-int lean_blocks_per_sm(int cfg);
+// Resident-CTA slots (SMs x CTAs per SM, occupancy API) of a lean config's bf16 kernel on the current
+// device, cached per process; 0 for an unknown id.
+int lean_resident_slots(int cfg);
 // out (M,N) = x @ W^T with a lean config (any M; built for M <= 16).
 cudaError_t lean_launch_bf16(int cfg, const void* x, const void* qw, const void* sc, void* out, int M, int N,
                              int K, cudaStream_t stream);

@@ -241,9 +241,6 @@ double wave_fill(int64_t ctas, int64_t slots) {
 int choose_lean_m8(int64_t N, int64_t K) {
   if (K >= 16384) return N >= 8192 ? 61 : 59;
   if (N < 8192) return K >= 8192 ? 59 : 43;
-  int dev = 0, sms = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   // (TN, WK, ring) = (4, 4, smem), (4, 8, smem), (4, 4, regs), (3, 4, regs), (4, 8, regs), (2, 4, regs):
   // at equal fill the cp.async ring first (more bytes in flight), then more tiles per warp, then 4
   // warps along K before 8 (37888x3584: c58 25.1 us against c61 27.2, both fill 0.75)
@@ -256,7 +253,7 @@ int choose_lean_m8(int64_t N, int64_t K) {
     TcConfig c;
     grace_w4a16::lean_config(cands[i], &c);
     const int64_t ctas = (nt + c.tn * c.wn - 1) / (c.tn * c.wn);
-    fills[i] = wave_fill(ctas, (int64_t)sms * grace_w4a16::lean_blocks_per_sm(cands[i]));
+    fills[i] = wave_fill(ctas, grace_w4a16::lean_resident_slots(cands[i]));
     if (fills[i] > best_fill) best_fill = fills[i];
   }
   for (int i = 0; i < kC; ++i)
@@ -471,8 +468,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_choice", &set_choice, "measured config (and splits, 0 = auto) for an exact (M, N, K), ahead of the rules; false if invalid",
         py::arg("M"), py::arg("N"), py::arg("K"), py::arg("cfg"), py::arg("splits") = 0);
   m.def("clear_choices", &clear_choices, "forget every set_choice entry (back to the rules)");
-  m.def("lean_blocks_per_sm", [](int64_t cfg) { return (int64_t)grace_w4a16::lean_blocks_per_sm((int)cfg); },
-        "resident CTAs per SM of a lean config (occupancy API; what the wave-fill rule uses)");
+  m.def("lean_blocks_per_sm", [](int64_t cfg) {
+        int dev = 0, sms = 0;
+        cudaGetDevice(&dev);
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+        return (int64_t)(sms > 0 ? grace_w4a16::lean_resident_slots((int)cfg) / sms : 0);
+      }, "resident CTAs per SM of a lean config (occupancy API; the wave-fill rule uses them times the SMs)");
   m.def("set_lean_dispatch", [](int64_t on) { lean_dispatch_flag() = on ? 1 : 0; },
         "1 (default): the rules and tuned entries may pick the lean register kernel; 0: never (GRACE_W4A16_LEAN=0)");
   m.def("lean_dispatch", []() { return (int64_t)lean_dispatch_flag(); }, "current lean dispatch flag");

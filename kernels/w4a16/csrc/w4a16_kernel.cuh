@@ -138,6 +138,22 @@ template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
 
+// Shared memory of the register kernels' intra-CTA split-K reduction (tc_epilogue's `red`).
+__host__ __device__ constexpr size_t tc_red_bytes(int MT, int TN, int WN, int WK) {
+  return (size_t)(WK - 1) * WN * TN * MT * 4 * 32 * sizeof(float);
+}
+
+// Raises Kern's dynamic shared-memory limit to smem when that is above the 48 KB default, once per
+// kernel (the attribute stays with the function for the process).
+template <auto Kern>
+inline cudaError_t raise_smem_limit_once(size_t smem) {
+  static bool done = false;
+  if (smem <= 48 * 1024 || done) return cudaSuccess;
+  const cudaError_t e = cudaFuncSetAttribute(Kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  done = e == cudaSuccess;
+  return e;
+}
+
 // Epilogue shared by the register kernels (this one and w4a16_lean.cuh): the WK warps along K of
 // each wn add their partial sums through shared memory (warp wk>0 -> warp wk=0), and warp wk=0
 // stores its TN tiles x MT token tiles. Every warp of the CTA must call it (it holds a barrier).

@@ -14,16 +14,9 @@ template <typename T, int MT, int TN, int WN, int WK, int XR, int P>
 cudaError_t launch_tc_t(const void* x, const void* qw, const void* sc, void* out, int M, int N, int K,
                         cudaStream_t stream) {
   constexpr int threads = WN * WK * 32;
-  const size_t smem = (size_t)(WK - 1) * WN * TN * MT * 4 * 32 * sizeof(float);
-  auto kern = w4a16_tc_kernel<T, MT, TN, WN, WK, XR, P>;
-  if (smem > 48 * 1024) {
-    static bool done = false;  // raising the dynamic limit once per instantiation is enough
-    if (!done) {
-      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-      if (e != cudaSuccess) return e;
-      done = true;
-    }
-  }
+  constexpr size_t smem = tc_red_bytes(MT, TN, WN, WK);
+  constexpr auto kern = w4a16_tc_kernel<T, MT, TN, WN, WK, XR, P>;
+  if (const cudaError_t e = raise_smem_limit_once<kern>(smem); e != cudaSuccess) return e;
   const int nt = N / kNTile;
   const int m_chunks = (M + MT * 8 - 1) / (MT * 8);
   int groups = (nt + WN * TN - 1) / (WN * TN);

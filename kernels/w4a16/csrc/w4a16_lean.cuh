@@ -113,6 +113,41 @@ __device__ __forceinline__ void lean_fold(float (&acc)[TN][MT][4], const float (
   }
 }
 
+// The k64 blocks of warp wk out of WK along K, in whole groups (both ends even).
+__device__ __forceinline__ void lean_warp_blocks(int G, int wk, int WK, int& kb_begin, int& kb_end) {
+  kb_begin = 2 * (int)(((long long)G * wk) / WK);
+  kb_end = 2 * (int)(((long long)G * (wk + 1)) / WK);
+}
+
+// The activations' two-block register ring of the lean kernels (block kb in xbuf[(kb - kb_begin) % 2]):
+// the first two blocks, then xnext pointing at block kb_begin + 2 for lean_x_refill.
+template <typename T, int MT>
+__device__ __forceinline__ void lean_x_start(const T* const (&xrow)[MT], int kb_begin, int kb_end,
+                                             uint4 (&xbuf)[2][MT][2], const uint4* (&xnext)[MT]) {
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+    if (kb_begin + j < kb_end)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const uint4* p = reinterpret_cast<const uint4*>(xrow[mt] + (size_t)(kb_begin + j) * kKBlock);
+        xbuf[j][mt][0] = __ldg(p);
+        xbuf[j][mt][1] = __ldg(p + 1);
+      }
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) xnext[mt] = reinterpret_cast<const uint4*>(xrow[mt] + (size_t)(kb_begin + 2) * kKBlock);
+}
+
+// Refill a consumed slot of that ring with the block two ahead.
+template <int MT>
+__device__ __forceinline__ void lean_x_refill(uint4 (&xb)[MT][2], const uint4* (&xnext)[MT]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    xb[mt][0] = __ldg(xnext[mt]);
+    xb[mt][1] = __ldg(xnext[mt] + 1);
+    xnext[mt] += kKBlock / 8;
+  }
+}
+
 template <typename T, int MT, int TN, int WN, int WK, int P>
 __global__ void __launch_bounds__(WN * WK * 32)
     w4a16_lean_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const uint32_t* __restrict__ sc,
@@ -123,8 +158,8 @@ __global__ void __launch_bounds__(WN * WK * 32)
   const int wn = warp % WN, wk = warp / WN;
   const int G = K / kGroup, NT = N / kNTile;
   const int m0 = blockIdx.x * (MT * 8);
-  // whole groups per warp: block ranges start and end even
-  const int kb_begin = 2 * (int)(((long long)G * wk) / WK), kb_end = 2 * (int)(((long long)G * (wk + 1)) / WK);
+  int kb_begin, kb_end;
+  lean_warp_blocks(G, wk, WK, kb_begin, kb_end);
   const int n_groups = (NT + WN * TN - 1) / (WN * TN);
   for (int grp = blockIdx.y; grp < n_groups; grp += gridDim.y) {
   const int tile0 = (grp * WN + wn) * TN;
@@ -154,27 +189,17 @@ __global__ void __launch_bounds__(WN * WK * 32)
         }
       }
     pdl_wait();  // as the classic kernel: weights in flight, activations after the wait
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      if (kb_begin + j < kb_end)
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const uint4* p = reinterpret_cast<const uint4*>(xrow[mt] + (size_t)(kb_begin + j) * kKBlock);
-          xbuf[j][mt][0] = __ldg(p);
-          xbuf[j][mt][1] = __ldg(p + 1);
-        }
+    const uint4* xnext[MT];
+    lean_x_start<T, MT>(xrow, kb_begin, kb_end, xbuf, xnext);
 
     // Running pointers of the next refills (64-bit adds instead of recomputed addresses).
     const uint4* wnext[TN];
     const uint32_t* snext[TN];
-    const uint4* xnext[MT];
 #pragma unroll
     for (int tn = 0; tn < TN; ++tn) {
       wnext[tn] = wp[tn] + (size_t)(kb_begin + P) * 32;
       snext[tn] = sp[tn] + ((kb_begin + P) >> 1) * 8;
     }
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) xnext[mt] = reinterpret_cast<const uint4*>(xrow[mt] + (size_t)(kb_begin + 2) * kKBlock);
     float accg[TN][MT][4];
     float xs[MT][4];
     for (int base = kb_begin; base < kb_end; base += P) {
@@ -191,13 +216,7 @@ __global__ void __launch_bounds__(WN * WK * 32)
               wbuf[j][tn] = ld_stream(wnext[tn]);
               wnext[tn] += 32;
             }
-          if (kb + 2 < kb_end)
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-              xbuf[j & 1][mt][0] = __ldg(xnext[mt]);
-              xbuf[j & 1][mt][1] = __ldg(xnext[mt] + 1);
-              xnext[mt] += kKBlock / 8;
-            }
+          if (kb + 2 < kb_end) lean_x_refill<MT>(xbuf[j & 1], xnext);
           if (j % 2 == 1) {
             lean_fold<T, MT, TN>(acc, accg, xs, sbuf[j / 2]);   // end of group kb/2
             if (kb + P < kb_end)   // block kb - 1 + P starts group (kb + P) / 2
@@ -234,7 +253,7 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
 }
 
 __host__ __device__ constexpr size_t lean_cp_smem_bytes(int MT, int TN, int WN, int WK, int PS) {
-  return (size_t)WN * WK * PS * TN * 32 * (16 + 4) + (size_t)(WK - 1) * WN * TN * MT * 4 * 32 * sizeof(float);
+  return (size_t)WN * WK * PS * TN * 32 * (16 + 4) + tc_red_bytes(MT, TN, WN, WK);
 }
 
 template <typename T, int MT, int TN, int WN, int WK, int PS>
@@ -251,7 +270,8 @@ __global__ void __launch_bounds__(WN * WK * 32)
   const int wn = warp % WN, wk = warp / WN;
   const int G = K / kGroup, NT = N / kNTile;
   const int m0 = blockIdx.x * (MT * 8);
-  const int kb_begin = 2 * (int)(((long long)G * wk) / WK), kb_end = 2 * (int)(((long long)G * (wk + 1)) / WK);
+  int kb_begin, kb_end;
+  lean_warp_blocks(G, wk, WK, kb_begin, kb_end);
   const int n_groups = (NT + WN * TN - 1) / (WN * TN);
   for (int grp = blockIdx.y; grp < n_groups; grp += gridDim.y) {
   const int tile0 = (grp * WN + wn) * TN;
@@ -287,18 +307,8 @@ __global__ void __launch_bounds__(WN * WK * 32)
     }
     pdl_wait();
     uint4 xbuf[2][MT][2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      if (kb_begin + j < kb_end)
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const uint4* p = reinterpret_cast<const uint4*>(xrow[mt] + (size_t)(kb_begin + j) * kKBlock);
-          xbuf[j][mt][0] = __ldg(p);
-          xbuf[j][mt][1] = __ldg(p + 1);
-        }
     const uint4* xnext[MT];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) xnext[mt] = reinterpret_cast<const uint4*>(xrow[mt] + (size_t)(kb_begin + 2) * kKBlock);
+    lean_x_start<T, MT>(xrow, kb_begin, kb_end, xbuf, xnext);
 
     float accg[TN][MT][4];
     float xs[MT][4];
@@ -320,13 +330,7 @@ __global__ void __launch_bounds__(WN * WK * 32)
         }
         if (h == 0) lean_block<T, MT, TN, true>(w, xbuf[0], accg, xs);
         else lean_block<T, MT, TN, false>(w, xbuf[1], accg, xs);
-        if (b + 2 < kb_end)
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            xbuf[h][mt][0] = __ldg(xnext[mt]);
-            xbuf[h][mt][1] = __ldg(xnext[mt] + 1);
-            xnext[mt] += kKBlock / 8;
-          }
+        if (b + 2 < kb_end) lean_x_refill<MT>(xbuf[h], xnext);
         if (h == 1) lean_fold<T, MT, TN>(acc, accg, xs, s2);
         stage = stage + 1 == PS ? 0 : stage + 1;
       }

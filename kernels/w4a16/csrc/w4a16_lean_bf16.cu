@@ -16,7 +16,7 @@ bool lean_config(int cfg, TcConfig* out) {
   }
 }
 
-int lean_blocks_per_sm(int cfg) {
+int lean_resident_slots(int cfg) {
   static int cache[kNumLeanConfigs] = {0};  // per process: one device kind is assumed (as the tuned table)
   const int i = cfg - kFirstLean;
   if (i < 0 || i >= kNumLeanConfigs) return 0;
@@ -25,7 +25,7 @@ int lean_blocks_per_sm(int cfg) {
   switch (cfg) {
 #define GRACE_LEAN_OCC(id, mt, tn, wn, wk, p, ps) \
   case id:                                       \
-    v = lean_occupancy_t<__nv_bfloat16, mt, tn, wn, wk, p, ps>(); \
+    v = lean_slots_t<__nv_bfloat16, mt, tn, wn, wk, p, ps>(); \
     break;
     GRACE_W4A16_LEAN_CONFIGS(GRACE_LEAN_OCC)
 #undef GRACE_LEAN_OCC

@@ -5,51 +5,40 @@
 
 namespace grace_w4a16 {
 
+// The kernel of a lean config (PS > 0: the cp.async ring) and its dynamic shared memory.
+template <typename T, int MT, int TN, int WN, int WK, int P, int PS>
+constexpr auto lean_kernel() {
+  if constexpr (PS > 0) return w4a16_lean_cp_kernel<T, MT, TN, WN, WK, PS>;
+  else return w4a16_lean_kernel<T, MT, TN, WN, WK, P>;
+}
+constexpr size_t lean_smem_bytes(int MT, int TN, int WN, int WK, int PS) {
+  return PS > 0 ? lean_cp_smem_bytes(MT, TN, WN, WK, PS) : tc_red_bytes(MT, TN, WN, WK);
+}
+
 // One CTA per group of WN*TN n16 tiles (grid.y), token chunks of MT*8 along grid.x: the classic
 // kernel's default launch (its persistent mode measured no faster and is not offered here).
 template <typename T, int MT, int TN, int WN, int WK, int P, int PS>
 cudaError_t launch_lean_t(const void* x, const void* qw, const void* sc, void* out, int M, int N, int K,
                           cudaStream_t stream) {
   constexpr int threads = WN * WK * 32;
+  constexpr size_t smem = lean_smem_bytes(MT, TN, WN, WK, PS);
+  static_assert(PS > 0 || smem <= 48 * 1024, "lean: reduction buffer > 48 KB");
+  constexpr auto kern = lean_kernel<T, MT, TN, WN, WK, P, PS>();
+  if (const cudaError_t e = raise_smem_limit_once<kern>(smem); e != cudaSuccess) return e;
   const int nt = N / kNTile;
   dim3 grid((M + MT * 8 - 1) / (MT * 8), (nt + WN * TN - 1) / (WN * TN));
-  if constexpr (PS > 0) {
-    constexpr size_t smem = lean_cp_smem_bytes(MT, TN, WN, WK, PS);
-    auto kern = w4a16_lean_cp_kernel<T, MT, TN, WN, WK, PS>;
-    if (smem > 48 * 1024) {
-      static bool done = false;  // raising the dynamic limit once per instantiation is enough
-      if (!done) {
-        cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (e != cudaSuccess) return e;
-        done = true;
-      }
-    }
-    return launch_kernel(kern, grid, dim3(threads), smem, stream, true, static_cast<const T*>(x),
-                         static_cast<const uint4*>(qw), static_cast<const uint32_t*>(sc), static_cast<T*>(out), M, N, K);
-  } else {
-    const size_t smem = (size_t)(WK - 1) * WN * TN * MT * 4 * 32 * sizeof(float);
-    static_assert((WK - 1) * WN * TN * MT * 4 * 32 * sizeof(float) <= 48 * 1024, "lean: reduction buffer > 48 KB");
-    auto kern = w4a16_lean_kernel<T, MT, TN, WN, WK, P>;
-    return launch_kernel(kern, grid, dim3(threads), smem, stream, true, static_cast<const T*>(x),
-                         static_cast<const uint4*>(qw), static_cast<const uint32_t*>(sc), static_cast<T*>(out), M, N, K);
-  }
+  return launch_kernel(kern, grid, dim3(threads), smem, stream, true, static_cast<const T*>(x),
+                       static_cast<const uint4*>(qw), static_cast<const uint32_t*>(sc), static_cast<T*>(out), M, N, K);
 }
 
+// Resident-CTA slots (SMs x CTAs per SM) of a lean config, from the split-K launchers' resident_slots
+// (w4a16_sk.cuh); 0 if the occupancy query fails.
 template <typename T, int MT, int TN, int WN, int WK, int P, int PS>
-int lean_occupancy_t() {
-  constexpr int threads = WN * WK * 32;
-  int per_sm = 0;
-  cudaError_t e;
-  if constexpr (PS > 0) {
-    constexpr size_t smem = lean_cp_smem_bytes(MT, TN, WN, WK, PS);
-    auto kern = w4a16_lean_cp_kernel<T, MT, TN, WN, WK, PS>;
-    if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, threads, smem);
-  } else {
-    const size_t smem = (size_t)(WK - 1) * WN * TN * MT * 4 * 32 * sizeof(float);
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, w4a16_lean_kernel<T, MT, TN, WN, WK, P>, threads, smem);
-  }
-  return e == cudaSuccess ? per_sm : 0;
+int lean_slots_t() {
+  int slots = 0;
+  const cudaError_t e = resident_slots(lean_kernel<T, MT, TN, WN, WK, P, PS>(), WN * WK * 32,
+                                       (int)lean_smem_bytes(MT, TN, WN, WK, PS), &slots);
+  return e == cudaSuccess ? slots : 0;
 }
 
 template <typename T>
