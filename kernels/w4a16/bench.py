@@ -67,6 +67,11 @@ def packed_bytes(N, K):
     return N * K // 2 + N * (K // GROUP_SIZE) * 2
 
 
+def gemm_tbs(N, K, M, us):
+    """TB/s of one (M, N, K) W4A16 GEMM taking `us`: packed weights + bf16 x + bf16 out."""
+    return (packed_bytes(N, K) + M * K * 2 + M * N * 2) / (us * 1e-6) / 1e12
+
+
 def weight_copies(N, K, total=256e6):
     """Enough distinct bf16 and packed copies of an (N, K) weight (>= total bytes of each) that timing a
     pass over all of them reads DRAM, not L2 (50-60 MB). Returns (bf16 list, packed list)."""
@@ -230,7 +235,6 @@ def main(argv=None):
     rows = []
     with open(os.path.join(args.out, "bench.jsonl"), "w") as log:
         for (N, K) in shapes:
-            wbytes_q = packed_bytes(N, K)
             W, Q = weight_copies(N, K)
             try:
                 I4 = [to_int4pack(*rand_weight(N, K, "cuda")) for _ in range(len(Q))]
@@ -267,8 +271,7 @@ def main(argv=None):
                     if M >= 64:
                         for cb in (0, 16, 32):
                             r[f"deq{cb}"] = graph_time([lambda q=q, cb=cb: ext.deq_gemm(x, q["qweight"], q["scales"], cb << 20) for q in Q], reps=10)
-                byts = wbytes_q + M * K * 2 + M * N * 2
-                r["tbs"] = byts / (r["ours"] * 1e-6) / 1e12
+                r["tbs"] = gemm_tbs(N, K, M, r["ours"])
                 r["bw_frac"] = r["tbs"] / bw
                 rows.append(r)
                 log.write(json.dumps(r) + "\n")

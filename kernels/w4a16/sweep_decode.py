@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from .bench import (SHAPE_SETS, graph_time, packed_bytes, parse_shape, rand_weight, ref64, rel_err, tile_fits,
+from .bench import (SHAPE_SETS, gemm_tbs, graph_time, parse_shape, rand_weight, ref64, rel_err, tile_fits,
                     weight_copies)
 from .op import load_extension, tuned_path
 from .pack import pack_weights
@@ -91,7 +91,6 @@ def main(argv=None):
     rows = []
     with open(os.path.join(args.out, "decode.jsonl"), "w") as log:
         for (N, K) in shapes:
-            wq = packed_bytes(N, K)
             W, Q = weight_copies(N, K)
             for M in args.ms:
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -117,7 +116,7 @@ def main(argv=None):
                 ext.tc_gemm_out(xc, p["qweight"], p["scales"], c, out, s)
                 r.update(times=times, best=best, best_us=times[best], best_cfg=c, best_splits=s,
                          best_err=rel_err(out, ref64(xc, codes, scales.to(torch.bfloat16))),
-                         tbs_op=(wq + M * K * 2 + M * N * 2) / (r["op"] * 1e-6) / 1e12)
+                         tbs_op=gemm_tbs(N, K, M, r["op"]))
                 rows.append(r)
                 log.write(json.dumps(r) + "\n")
                 log.flush()
@@ -139,7 +138,7 @@ def main(argv=None):
         return f"{k} {r['times'][k]:.1f}" if k else "-"
 
     for r in rows:
-        tbs = (packed_bytes(r["N"], r["K"]) + r["M"] * r["K"] * 2 + r["M"] * r["N"] * 2) / (r["best_us"] * 1e-6) / 1e12
+        tbs = gemm_tbs(r["N"], r["K"], r["M"], r["best_us"])
         lines.append(f"| {r['N']}x{r['K']} | {r['M']} | {r['cublas']:.1f} | {r['op']:.1f} (c{r['op_cfg']}) | "
                      f"{r['cublas'] / r['op']:.2f}x | {r['tbs_op']:.2f} | {r['best']} | {r['best_us']:.1f} | "
                      f"{r['cublas'] / r['best_us']:.2f}x | {tbs:.2f} | {r['best_err']:.1e} | "
