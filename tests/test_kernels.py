@@ -288,6 +288,29 @@ def test_sweep_decode_keeps_only_checked_clear_wins(tmp_path):
     assert load_tuned(path, rec, device_name="NVIDIA H200") == 1 and rec.choices == [(1, 4096, 4096, 21, 2)]
 
 
+def test_sweep_decode_merge_keeps_unmeasured_entries(tmp_path):
+    """write_tuned(merge=True) keeps the old file's entries for shapes this run did not measure (with their
+    date and command), replaces or drops the measured ones, and refuses a file of another card."""
+    import json
+
+    from kernels.w4a16.sweep_decode import write_tuned
+
+    def row(M, best, op=10.0):
+        return dict(M=M, N=4096, K=4096, op=op, op_cfg=0, cublas=20.0, best_us=best, best_cfg=21, best_splits=2,
+                    best_err=1e-3)
+
+    path = write_tuned([row(1, 8.0), row(16, 8.0), row(32, 8.0)], tmp_path / "t.json", "NVIDIA H200", 0.03, "old")
+    # the second run measures M=16 (a new winner) and M=32 (the rule now wins: the old entry must go)
+    write_tuned([row(16, 7.0), row(32, 9.9)], path, "NVIDIA H200", 0.03, "new", merge=True)
+    data = json.loads(open(path).read())
+    assert [(c["M"], c["us"]) for c in data["choices"]] == [(1, 8.0), (16, 7.0)]
+    assert data["choices"][0]["command"] == "old" and data["command"] == "new"
+    with pytest.raises(ValueError, match="NVIDIA H100"):
+        write_tuned([row(16, 7.0)], path, "NVIDIA H100", 0.03, "new", merge=True)
+    write_tuned([row(16, 7.0)], path, "NVIDIA H200", 0.03, "plain")   # without merge: only this run's winners
+    assert [c["M"] for c in json.loads(open(path).read())["choices"]] == [16]
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 @pytest.mark.parametrize("tu", ["w4a16_bf16.cu", "w4a16_sk_bf16.cu", "w4a16_wgmma_bf16.cu", "w4a16_lean_bf16.cu"])
 def test_kernel_compiles_for_sm90a(tmp_path, tu):
@@ -414,6 +437,9 @@ def test_gpu_lean_dispatch_switch(ext):
     N, K = 28672, 8192
     ext.clear_choices()   # the rules, not the card's tuned table
     assert ext.choose_config(1, N, K) >= ext.first_lean and ext.choose_config(16, 12288, 4096) >= ext.first_lean
+    # 9..16 tokens: 4 tiles x 2 warps along N from N = 28672 on, 2 token tiles below, split-K for long K
+    assert [ext.choose_config(16, *nk) for nk in ((28672, 8192), (152064, 3584), (22016, 4096), (8192, 28672))] \
+        == [66, 66, 62, 30]
     if torch.cuda.get_device_properties(0).multi_processor_count == 132:   # H100 / H200 SXM
         # the wave-fill rule's picks on a 132-SM card: the 14:40 H200 sweep's M=1 winner or within 3% of
         # it (kernels/NOTES.md v10); a change to the occupancy of these configs shows up here

@@ -78,6 +78,9 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--write-tuned", nargs="?", const="", default=None, metavar="FILE",
                     help="write the winners as a tuned table (default file: this card's op.tuned_path())")
+    ap.add_argument("--merge", action="store_true",
+                    help="--write-tuned into an existing table of this card: keep its entries for the (M, N, K) "
+                         "this run did not measure (e.g. --ms 16 keeps the M=1 entries)")
     ap.add_argument("--min-gain", type=float, default=0.03,
                     help="a winner enters the tuned table only if it is this fraction faster than the rule's choice")
     args = ap.parse_args(argv)
@@ -148,20 +151,32 @@ def main(argv=None):
         f.write(table + "\n")
     print(table)
     if args.write_tuned is not None:
-        path = write_tuned(rows, args.write_tuned or tuned_path(), dev, args.min_gain, " ".join(sys.argv))
+        path = write_tuned(rows, args.write_tuned or tuned_path(), dev, args.min_gain, " ".join(sys.argv),
+                           merge=args.merge)
         print(f"tuned table: {path}")
 
 
-def write_tuned(rows, path, card: str, min_gain: float, command: str):
-    """The rows' winners that beat the rule by more than min_gain and passed the float64 check."""
+def write_tuned(rows, path, card: str, min_gain: float, command: str, merge: bool = False):
+    """The rows' winners that beat the rule by more than min_gain and passed the float64 check. merge: an
+    existing file of the same card keeps its entries for the (M, N, K) the rows did not measure (each kept
+    entry records the date and command it came from); measured ones are replaced or dropped."""
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     choices = [dict(M=r["M"], N=r["N"], K=r["K"], cfg=r["best_cfg"], splits=r["best_splits"], us=round(r["best_us"], 2),
-                    rule_us=round(r["op"], 2), rule_cfg=r["op_cfg"], cublas_us=round(r["cublas"], 2))
+                    rule_us=round(r["op"], 2), rule_cfg=r["op_cfg"], cublas_us=round(r["cublas"], 2), date=date)
                for r in rows if r["best_us"] < (1 - min_gain) * r["op"] and r["best_err"] <= 1e-2]
     from grace_ds.export.io import atomic_write_json
 
-    data = dict(card=card, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=command,
-                torch=torch.__version__, choices=choices)
     path = os.fspath(path)
+    if merge and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("card") != card:
+            raise ValueError(f"--merge: {path} was measured on {old.get('card')!r}, this is {card!r}; write another file")
+        measured = {(r["M"], r["N"], r["K"]) for r in rows}
+        kept = [dict(c, date=c.get("date", old.get("date")), command=c.get("command", old.get("command")))
+                for c in old.get("choices", []) if (c["M"], c["N"], c["K"]) not in measured]
+        choices = sorted(kept + choices, key=lambda c: (c["M"], c["N"], c["K"]))
+    data = dict(card=card, date=date, command=command, torch=torch.__version__, choices=choices)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write_json(path, data)
     return path

@@ -89,10 +89,23 @@ constexpr int kNumSkConfigs = 22;
   X(59, 1, 1, 1, 8, 8, 8)    \
   X(60, 1, 2, 1, 4, 12, 12)  \
   X(61, 1, 4, 1, 8, 4, 4)    \
-  X(62, 2, 2, 1, 4, 8, 8)
+  X(62, 2, 2, 1, 4, 8, 8)    \
+  X(63, 2, 2, 2, 4, 8, 8)    \
+  X(64, 2, 2, 4, 2, 8, 8)    \
+  X(65, 2, 2, 4, 4, 6, 6)    \
+  X(66, 2, 4, 2, 2, 6, 6)    \
+  X(67, 2, 1, 4, 2, 8, 8)    \
+  X(68, 2, 2, 2, 2, 8, 8)    \
+  X(69, 4, 1, 4, 2, 6, 6)    \
+  X(70, 4, 2, 2, 2, 6, 6)    \
+  X(71, 2, 4, 2, 4, 6, 6)    \
+  X(72, 2, 4, 4, 1, 6, 6)    \
+  X(73, 2, 3, 2, 2, 8, 8)    \
+  X(74, 2, 4, 2, 2, 8, 8)    \
+  X(75, 2, 4, 1, 4, 6, 6)
 
 constexpr int kFirstLean = kFirstSk + kNumSkConfigs;
-constexpr int kNumLeanConfigs = 22;
+constexpr int kNumLeanConfigs = 35;
 constexpr int kNumAllConfigs = kFirstLean + kNumLeanConfigs;
 
 struct SkConfig {

@@ -297,8 +297,11 @@ Choice choose(int64_t M, int64_t N, int64_t K) {
   if (M <= 16) {
     // lean, 2 token tiles, cp.async ring, for wide weights with K < 16384 (14:40 sweep at 16 tokens:
     // 28672x8192 50.6 us against 55.9 for split-K c30; 22016x4096 23.8 against 25.7; 12288x4096 14.1
-    // against 15.9 for c9). Long K stays split-K (8192x28672: c30 53.6 against 55.6).
-    if (lean && N >= 8192 && K < 16384) return {62, 0};
+    // against 15.9 for c9). Long K stays split-K (8192x28672: c30 53.6 against 55.6). From N = 28672
+    // on, 4 tiles per warp and 2 warps along N sharing the activations through L1 (c66; 15:31 sweep:
+    // 152064x3584 97.2 us against 116.5 for c62, 32064x4096 27.8 against 31.9, 28672x8192 49.4
+    // against 51.0, 37888x3584 32.8 against 34.3; c62 stays ahead below, e.g. 11008x4096 14.0 / 17.5).
+    if (lean && N >= 8192 && K < 16384) return {N >= 28672 ? 66 : 62, 0};
     if (N * K >= 100000000LL) return {30, 0};
     return {choose_config_v3(M, N, K), 0};
   }
