@@ -107,6 +107,65 @@ def check_launch(device: str) -> tuple[float, float]:
     return worst, worst16
 
 
+def check_write(device: str) -> int:
+    """kv8_triton.write_kv against kv8's torch update (quantize_parts + index_copy + the scale bytes): equal
+    codes and scale bytes for keys and values, from strided states (a transposed view, as the model's
+    projections give them), at scattered positions, nothing else touched; then a compiled decode step
+    through Int8StaticLayer.update runs the op in place (no cache-sized buffer in the generated code).
+    Returns how many vectors were compared."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from grace_ds.export import kv8
+    from grace_ds.export.kv8_triton import write_kv, writes
+
+    g = torch.Generator().manual_seed(1)
+    n = 0
+    for B, Hk, T, L, D, dt in ((2, 3, 5, 40, 64, torch.bfloat16), (1, 2, 1, 17, 128, torch.float16),
+                               (3, 1, 7, 30, 32, torch.float32)):
+        # (B, T, Hk, D) -> (B, Hk, T, D): the layout of a projection's output viewed per head; one vector all zeros
+        k = (torch.randn(B, T, Hk, D, generator=g) * torch.rand(B, T, Hk, 1, generator=g) * 5).to(dt).transpose(1, 2)
+        v = (torch.randn(B, T, Hk, D, generator=g) * 3).to(dt).transpose(1, 2)
+        k[0, 0, 0] = 0
+        pos = torch.randperm(L, generator=g)[:T]
+        R = kv8.scale_rows(L, D)
+        init = torch.randint(-127, 128, (B, Hk, L + R, D), generator=g, dtype=torch.int8)
+        ref_k, ref_v = init.clone(), init.clone()
+        for packed, states in ((ref_k, k), (ref_v, v)):
+            codes, sb = kv8.quantize_parts(states)
+            packed.index_copy_(2, pos, codes)
+            rows, cols = kv8._scale_index(L, D, pos)
+            packed[:, :, rows, cols] = sb
+        pk, pv = init.clone().to(device), init.clone().to(device)
+        assert writes(k.to(device))
+        write_kv(pk, pv, k.to(device), v.to(device), pos.to(device))
+        assert torch.equal(pk.cpu(), ref_k) and torch.equal(pv.cpu(), ref_v), (B, Hk, T, L, D, dt)
+        n += 2 * B * Hk * T
+    with pytest.raises(ValueError, match="packed_k must be"):
+        write_kv(pk[..., :16], pv, k.to(device), v.to(device), pos.to(device))
+    # a compiled decode step through the layer: in place, and the same cache as the eager update
+    B, Hk, L, D = 2, 4, 512, 64
+    layers = [kv8.Int8StaticLayer(max_cache_len=L) for _ in range(2)]
+    for layer in layers:
+        layer.update(torch.randn(B, Hk, 10, D, generator=torch.Generator().manual_seed(2)).to(device),
+                     torch.randn(B, Hk, 10, D, generator=torch.Generator().manual_seed(3)).to(device))
+    k, v = torch.randn(B, Hk, 1, D, generator=g).to(device), torch.randn(B, Hk, 1, D, generator=g).to(device)
+
+    def step(k, v):
+        layers[0].update(k, v)
+        return k.sum()
+
+    torch._dynamo.reset()
+    _, code = run_and_get_code(torch.compile(step, fullgraph=True), k, v)
+    sizes = [eval(m) for m in re.findall(r"empty_strided_\w+\((\([\d, ]*\))", "\n".join(code))]
+    assert max((torch.Size(s).numel() for s in sizes), default=0) < B * Hk * D * 8, sizes
+    assert "grace_kv8.write_kv" in "\n".join(code)
+    layers[1].update(k, v)
+    assert torch.equal(layers[0].keys, layers[1].keys) and torch.equal(layers[0].values, layers[1].values)
+    return n
+
+
 def _triton_path() -> str | None:
     """Where the subprocess finds Triton: "" when this interpreter has it, else the directory
     scripts/setup.sh installs it into (.venv/triton-interp; GRACE_TRITON_PATH overrides), else None.
@@ -182,12 +241,26 @@ def compile_for_gpus() -> int:
                                target=GPUTarget("cuda", arch, 32))
             assert len(k.asm["cubin"]) > 0
             n += 1
+        for st in ("*bf16", "*fp16"):   # the cache write, from the model's 16-bit states
+            ints_w = ["sk_b", "sk_h", "sk_t", "sv_b", "sv_h", "sv_t", "pk_b", "pk_h", "pv_b", "pv_h", "Hk", "T", "L"]
+            sig = {"PK": "*i8", "PV": "*i8", "SK": st, "SV": st, "Pos": "*i64", **{k: "i32" for k in ints_w},
+                   "D": "constexpr"}
+            attrs = {(kt._kv8_write_kernel.arg_names.index(a),): [["tt.divisibility", 16]]
+                     for a in ("PK", "PV", "SK", "SV", "pk_b", "pk_h", "pv_b", "pv_h")}
+            k = triton.compile(ASTSource(fn=kt._kv8_write_kernel, signature=sig, constexprs={"D": 128}, attrs=attrs),
+                               target=GPUTarget("cuda", arch, 32))
+            assert len(k.asm["cubin"]) > 0 and "div.rn.f32" in k.asm["ptx"]
+            n += 1
     return n
+
+
+def test_cache_write_kernel_matches_the_torch_update_in_the_interpreter():
+    assert "write_kv matched on" in _run_this_file(["write"], TRITON_INTERPRET="1", GRACE_KV8_TRITON="1")
 
 
 def test_kernels_compile_to_cubin_for_hopper_and_ampere():
     out = _run_this_file(["aot"], TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(ROOT / ".venv" / "triton-cache"))
-    assert "compiled 24 kernels" in out
+    assert "compiled 28 kernels" in out
 
 
 def test_kernel_is_the_default_on_a_gpu_or_the_interpreter(monkeypatch):
@@ -224,5 +297,7 @@ def test_gpu_kernel_matches_float64_reference(monkeypatch):
 if __name__ == "__main__":   # subprocesses of the tests above: "aot", or the interpreter run (TRITON_INTERPRET=1)
     if sys.argv[1:] == ["aot"]:
         print(f"compiled {compile_for_gpus()} kernels")
+    elif sys.argv[1:] == ["write"]:
+        print(f"write_kv matched on {check_write('cpu')} vectors")
     else:
         print(f"worst rel err {check('cpu'):.2e}")

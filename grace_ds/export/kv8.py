@@ -188,11 +188,15 @@ class Int8StaticLayer(StaticLayer):
         self.cumulative_length.add_(kv_length)
         # Both writes index the packed tensor itself, not a view of it: a compiled step then updates the
         # cache in place (through views, inductor copied the whole cache at every step)
-        for packed, states in ((self.keys, key_states), (self.values, value_states)):
-            codes, sb = quantize_parts(states)
-            packed.index_copy_(2, cache_position, codes)            # rows < L: the codes
-            rows, cols = _scale_index(self.max_cache_len, packed.shape[-1], cache_position)
-            packed[:, :, rows, cols] = sb                           # the scales' bytes after them
+        if kv8_triton.writes(key_states) and key_states.shape == value_states.shape:
+            # one kernel for keys and values (inductor's fusion of the code below took 4-18 us a layer)
+            kv8_triton.write_kv(self.keys, self.values, key_states, value_states, cache_position)
+        else:
+            for packed, states in ((self.keys, key_states), (self.values, value_states)):
+                codes, sb = quantize_parts(states)
+                packed.index_copy_(2, cache_position, codes)            # rows < L: the codes
+                rows, cols = _scale_index(self.max_cache_len, packed.shape[-1], cache_position)
+                packed[:, :, rows, cols] = sb                           # the scales' bytes after them
         if kv_length > 1 and self.written is not None and not torch.compiler.is_compiling():
             # an eager prompt pass (a prefill, or one chunk of it) since the reset: the attention needs
             # only the positions written so far, dequantised once here (not the whole static cache)

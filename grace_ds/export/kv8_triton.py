@@ -317,6 +317,81 @@ if triton is not None:
         tl.store(Out + r * D + d, (tl.sum(acc * w[:, None], 0) / l).to(Out.dtype.element_ty))
 
 
+if triton is not None:
+
+    @triton.jit
+    def _kv8_write_kernel(PK, PV, SK, SV, Pos, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, pk_b, pk_h, pv_b, pv_h, Hk, T, L,
+                          D: tl.constexpr):
+        """One program per (key or value, row b, kv head h, new token t): the vector's absmax, its int8 codes
+        (round half to even, as torch.round) written to row pos of its packed cache and its fp32 scale to
+        the scale array after the L code rows - kv8.Int8StaticLayer.update's quantise-and-write in one
+        launch for keys and values. The divisions are IEEE (div_rn), so the codes equal round_int8's."""
+        pid = tl.program_id(0)
+        n = pid // 2
+        t = n % T
+        h = (n // T) % Hk
+        b = n // (T * Hk)
+        d = tl.arange(0, D)
+        if pid % 2 == 0:
+            x = tl.load(SK + b * sk_b + h * sk_h + t * sk_t + d).to(tl.float32)
+            base = PK + b * pk_b + h * pk_h
+        else:
+            x = tl.load(SV + b * sv_b + h * sv_h + t * sv_t + d).to(tl.float32)
+            base = PV + b * pv_b + h * pv_h
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), 0), 1e-12), 127.0)
+        r = tl.math.div_rn(x, scale)
+        r = (r + 12582912.0) - 12582912.0          # 1.5 * 2^23: round half to even (|r| <= 127)
+        codes = tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8)
+        pos = tl.load(Pos + t)
+        tl.store(base + pos * D + d, codes)
+        tl.store((base + L * D).to(tl.pointer_type(tl.float32)) + pos, scale)
+
+
+def writes(states: torch.Tensor) -> bool:
+    """Whether kv8's cache update runs write_kv (the kernel): the attention kernel's switches (Triton,
+    a CUDA tensor or the interpreter, GRACE_KV8_TRITON) and a head_dim it takes."""
+    return available(states)
+
+
+def write_kv(packed_k: torch.Tensor, packed_v: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor,
+             cache_position: torch.Tensor) -> None:
+    """Quantise (B, H_kv, T, D) keys and values to int8 (kv8.round_int8's codes and scales) and write them at
+    `cache_position` (T,) into kv8's packed (B, H_kv, L + R, D) caches, in place: one kernel launch (the custom
+    op `torch.ops.grace_kv8.write_kv`, which torch.compile and CUDA graphs see as one opaque mutating call).
+    On an H200 inductor's own fusion of the same update took 4-18 us a layer at batch 16 (docs/benchmarks.md)."""
+    D = key_states.shape[-1]
+    for t, name in ((packed_k, "packed_k"), (packed_v, "packed_v")):
+        if t.dtype != torch.int8 or t.dim() != 4 or t.shape[-1] != D or t.stride(-1) != 1 or t.stride(-2) != D:
+            raise ValueError(f"kv8 write: {name} must be kv8's packed (B, H_kv, L + R, {D}) int8 tensor with contiguous "
+                             f"rows; got {tuple(t.shape)} {t.dtype} strides {t.stride()}")
+    if key_states.shape != value_states.shape or not takes_head_dim(D):
+        raise ValueError(f"kv8 write: keys {tuple(key_states.shape)} and values {tuple(value_states.shape)} must have one "
+                         "shape with a power-of-two head_dim >= 16")
+    torch.ops.grace_kv8.write_kv(packed_k, packed_v, key_states, value_states, cache_position)
+
+
+if triton is not None:
+
+    @torch.library.custom_op("grace_kv8::write_kv", mutates_args=("packed_k", "packed_v"))
+    def _write_kv(packed_k: torch.Tensor, packed_v: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor,
+                  cache_position: torch.Tensor) -> None:
+        B, Hk, T, D = key_states.shape
+        if T == 0:
+            return
+        L = _cache_length(packed_k.shape[2], D)
+        sk = key_states if key_states.stride(-1) == 1 else key_states.contiguous()
+        sv = value_states if value_states.stride(-1) == 1 else value_states.contiguous()
+        pos = cache_position.to(device=packed_k.device, dtype=torch.int64)
+        _kv8_write_kernel[(2 * B * Hk * T,)](packed_k, packed_v, sk, sv, pos, sk.stride(0), sk.stride(1), sk.stride(2),
+                                             sv.stride(0), sv.stride(1), sv.stride(2), packed_k.stride(0),
+                                             packed_k.stride(1), packed_v.stride(0), packed_v.stride(1), Hk, T, L, D=D,
+                                             num_warps=1)
+
+    @_write_kv.register_fake
+    def _(packed_k, packed_v, key_states, value_states, cache_position):
+        return None
+
+
 def n_splits_for(batch_kv_heads: int, length: int, launch: dict | None = None) -> int:
     """Splits along the positions so the grid has about launch["programs"] programs (launch: LAUNCH, the
     default, or LAUNCH16), at least one block of positions each."""
