@@ -26,6 +26,10 @@ attention function registered here ("grace_kv8"), which reads codes and scales f
   returns the positions written so far dequantised to the states' dtype (16-bit tensors), and the
   attention hands them to SDPA with the mask cut to their length; after a decode step has run,
   multi-token passes get the whole packed cache, dequantised here.
+Writing: `update` quantises the new positions and writes codes and scales in place. On the GPU that is one
+Triton kernel for keys and values (`kv8_triton.write_kv`, 2.2 us a layer for LLaVA-1.5-7B at batch 16 on an
+H200, where inductor's fusion of the torch code took 12.7 us); elsewhere, or with GRACE_KV8_TRITON=0, the
+torch code (the same codes and scales, bit for bit).
 GQA is handled by grouping the query heads of each kv head. The rounding error per element is at
 most scale / 2 = absmax / 254 (tests/test_kv8.py checks the attention against a float64 reference).
 

@@ -21,6 +21,9 @@ and 65 us for SDPA over the bf16 cache; benchmarks/bench_kv8_attention.py):
 - each program writes its running max, sum and unnormalised output; a second small kernel merges
   the splits (one program per row and head) and writes the result in the query's dtype.
 
+The same module holds the cache's write kernel (`write_kv`): one program per new (key or value, row, kv
+head, position) vector computes round_int8's codes and scale and stores them into the packed cache.
+
 The probabilities are rounded to fp16 before the value product, as in flash attention; the result
 matches a float64 reference to 16-bit accuracy (tests/test_kv8_triton.py, run on the CPU with
 Triton's interpreter and on the GPU). Every option in LAUNCH can be switched off, back to plain
