@@ -142,6 +142,10 @@ def check_write(device: str) -> int:
         write_kv(pk, pv, k.to(device), v.to(device), pos.to(device))
         assert torch.equal(pk.cpu(), ref_k) and torch.equal(pv.cpu(), ref_v), (B, Hk, T, L, D, dt)
         n += 2 * B * Hk * T
+    # a position past the cache writes nothing (not the scale rows that follow the codes)
+    before = pk.clone()
+    write_kv(pk, pv, k.to(device)[:, :, :1], v.to(device)[:, :, :1], torch.tensor([L], device=device))
+    assert torch.equal(pk, before)
     with pytest.raises(ValueError, match="packed_k must be"):
         write_kv(pk[..., :16], pv, k.to(device), v.to(device), pos.to(device))
     # a compiled decode step through the layer: in place, and the same cache as the eager update

@@ -346,8 +346,9 @@ if triton is not None:
         r = (r + 12582912.0) - 12582912.0          # 1.5 * 2^23: round half to even (|r| <= 127)
         codes = tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8)
         pos = tl.load(Pos + t)
-        tl.store(base + pos * D + d, codes)
-        tl.store((base + L * D).to(tl.pointer_type(tl.float32)) + pos, scale)
+        pd = pos + d * 0                 # the position per lane: a position past the cache is not written
+        tl.store(base + pos * D + d, codes, mask=(pd >= 0) & (pd < L))   # (it would land in the scale rows)
+        tl.store((base + L * D).to(tl.pointer_type(tl.float32)) + pos, scale, mask=(pos >= 0) & (pos < L))
 
 
 def writes(states: torch.Tensor) -> bool:
@@ -361,7 +362,9 @@ def write_kv(packed_k: torch.Tensor, packed_v: torch.Tensor, key_states: torch.T
     """Quantise (B, H_kv, T, D) keys and values to int8 (kv8.round_int8's codes and scales) and write them at
     `cache_position` (T,) into kv8's packed (B, H_kv, L + R, D) caches, in place: one kernel launch (the custom
     op `torch.ops.grace_kv8.write_kv`, which torch.compile and CUDA graphs see as one opaque mutating call).
-    On an H200 inductor's own fusion of the same update took 4-18 us a layer at batch 16 (docs/benchmarks.md)."""
+    On an H200 inductor's own fusion of the same update took 4-18 us a layer at batch 16 (docs/benchmarks.md).
+    Positions outside [0, L) are not written (the kernel cannot raise without a host sync; transformers'
+    static cache is sized for the whole generation, as the torch update's index_copy_ requires too)."""
     D = key_states.shape[-1]
     for t, name in ((packed_k, "packed_k"), (packed_v, "packed_v")):
         if t.dtype != torch.int8 or t.dim() != 4 or t.shape[-1] != D or t.stride(-1) != 1 or t.stride(-2) != D:
