@@ -26,7 +26,7 @@ CASES = [
 ]
 # kernel options (kv8_triton.LAUNCH) each case runs under: the defaults, then each option switched
 VARIANTS = [{}, {"skip": True}, {"qk_int8": False}, {"vwords": False, "asm": False, "qk_int8": False},
-            {"block": 64, "num_warps": 8}, {"block": 32, "num_stages": 4}]
+            {"block": 64, "num_warps": 8}, {"block": 32, "num_stages": 4}, {"fma": 8, "block": 32, "num_warps": 8}]
 
 
 def check(device: str) -> float:
@@ -217,13 +217,13 @@ def compile_for_gpus() -> int:
     div = ("Q", "K", "V", "Bias", "M_out", "L_out", "Acc_out", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l", "sv_b", "sv_h",
            "sv_l", "sb_b")
 
-    def decode_kernel(fn, arch, qt, kvt, **consts):
+    def decode_kernel(fn, arch, qt, kvt, mma=True, **consts):
         sig = {"Q": qt, "K": kvt, "V": kvt, "Bias": "*fp32", "M_out": "*fp32", "L_out": "*fp32", "Acc_out": "*fp32",
                **{k: "i32" for k in ints}, "scaling": "fp32", **{k: "constexpr" for k in consts}}
         attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", arch, 32))
-        assert "mma" in k.asm["ptx"] and len(k.asm["cubin"]) > 0, (fn.__name__, arch, qt, consts)
+        assert ("mma" in k.asm["ptx"]) == mma and len(k.asm["cubin"]) > 0, (fn.__name__, arch, qt, consts)
 
     n = 0
     for arch in (90, 80):
@@ -232,8 +232,13 @@ def compile_for_gpus() -> int:
                 decode_kernel(kt._kv8_decode_kernel, arch, qt, "*i8", G=G, GP=max(kt.MIN_ROWS, triton.next_power_of_2(G)),
                               D=D, BLOCK=kt.LAUNCH["block"], HAS_BIAS=has_bias, VIA_FP32=False, EVEN=has_bias,
                               SKIP=kt.LAUNCH["skip"], ASM=kt.LAUNCH["asm"], VWORDS=kt.LAUNCH["vwords"],
-                              QK_INT8=kt.LAUNCH["qk_int8"] and D >= 32)
+                              QK_INT8=kt.LAUNCH["qk_int8"] and D >= 32, FMA=False)
                 n += 1
+            # the CUDA-core variant (LAUNCH["fma"]) for MHA: no tensor-core instruction
+            decode_kernel(kt._kv8_decode_kernel, arch, qt, "*i8", mma=False, G=1, GP=1, D=128, BLOCK=kt.LAUNCH["block"],
+                          HAS_BIAS=True, VIA_FP32=False, EVEN=True, SKIP=False, ASM=True, VWORDS=True, QK_INT8=True,
+                          FMA=True)
+            n += 1
             for G, has_bias in ((1, True), (7, False)):     # the 16-bit kernel, over a cache of the query's dtype
                 decode_kernel(kt._kv16_decode_kernel, arch, qt, qt, G=G, GP=max(kt.MIN_ROWS, triton.next_power_of_2(G)),
                               D=128, BLOCK=kt.LAUNCH16["block"], HAS_BIAS=has_bias, VIA_FP32=False, EVEN=has_bias)
@@ -264,7 +269,7 @@ def test_cache_write_kernel_matches_the_torch_update_in_the_interpreter():
 
 def test_kernels_compile_to_cubin_for_hopper_and_ampere():
     out = _run_this_file(["aot"], TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(ROOT / ".venv" / "triton-cache"))
-    assert "compiled 28 kernels" in out
+    assert "compiled 32 kernels" in out
 
 
 def test_kernel_is_the_default_on_a_gpu_or_the_interpreter(monkeypatch):
