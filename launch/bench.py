@@ -5,7 +5,7 @@
     python launch/bench.py --checkpoint runs/demo/final       # the trained demo student (its own config)
     python launch/bench.py --smoke                            # tiny configs on the CPU, 8 new tokens (CI check)
     python launch/bench.py --arch qwen2-vl-7b --int4-lm-head  # INT4 lm_head too (serving option, RTN)
-    python launch/bench.py --mode compile --int4-lm-head --fuse-proj   # the fastest serving setup measured
+    python launch/bench.py --serving                          # the fastest serving setup measured (every option)
 
 What one measurement is (per architecture x variant x batch):
 - prompt: one image (576 visual tokens: LLaVA 336 px CLIP; Qwen2-VL a 48x48-patch grid merged 2x2)
@@ -30,6 +30,12 @@ What one measurement is (per architecture x variant x batch):
 - `--kv-int8-min-batch B`: with `--kv-int8`, the int8 cache only from batch B on (smaller batches keep
   the 16-bit cache, with `--attn16-kernel` its kernel): at LLaVA batch 1 the int8 cache's
   quantise-on-write kernels cost more than its smaller reads save (H200, 2026-11-29);
+- `--kv-int8-auto`: the int8 cache only for the batches whose 16-bit cache would exceed half the INT4
+  model's bytes (KV_INT8_AUTO_FRACTION; LLaVA-1.5-7B at batch 16, never Qwen2-VL-7B's 4 kv heads);
+- `--serving`: every option of the fastest setup measured (H200, docs/export.md) in one flag:
+  `--mode compile --int4-lm-head --int8-embed --int8-vision --fuse-proj --attn16-kernel --pdl
+  --expandable-segments --kv-int8-auto --prefill-tokens 2048` (explicit `--mode`, `--kv-int8` or a
+  prefill option win);
 - `--kv8-portable`: with `--kv-int8`, the portable multiply + reduce attention instead of the kernel
   (sets GRACE_KV8_TRITON=0; fused by `--mode compile`, slow eagerly); `--kv8-triton`, the kernel,
   is the default and stays accepted;
@@ -219,6 +225,37 @@ def profile_kernels(fn, n: int, is_cuda: bool) -> dict:
                 top=[dict(name=name[:90], calls=c / n, us=t / n) for name, (c, t) in top])
 
 
+def cache16_bytes(config, batch: int, length: int, dtype) -> int:
+    """Bytes of a 16-bit static KV cache (keys and values, every layer) for `batch` rows of `length` positions."""
+    tc = config.get_text_config()
+    heads = tc.num_attention_heads
+    kv_heads = getattr(tc, "num_key_value_heads", None) or heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    return 2 * tc.num_hidden_layers * batch * kv_heads * head_dim * length * torch.finfo(dtype).bits // 8
+
+
+def model_bytes(model) -> int:
+    """Bytes of a model's parameters and buffers (packed INT4 weights are buffers)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+# --kv-int8-auto: the int8 cache where the 16-bit one would exceed this fraction of the INT4 model's bytes.
+# H200, 2026-11-29: LLaVA-1.5-7B at batch 16 (a 16-bit cache of 1.9x its INT4 model) needs the int8 cache to
+# save 60% of peak memory; Qwen2-VL-7B at batch 16 (0.19x) saves 60-61% over the 16-bit cache and decodes
+# faster there (1.76x against 1.45x); at batch 1 (0.01-0.12x) the int8 cache's writes cost more than they save
+KV_INT8_AUTO_FRACTION = 0.5
+
+
+def use_kv_int8(args, model, config, batch: int, length: int, dtype) -> bool:
+    """Whether this (variant, batch) decodes over the int8 cache: --kv-int8 (from --kv-int8-min-batch on) or
+    --kv-int8-auto (by the 16-bit cache's size against the model's); the int4 variant only."""
+    if args.variant != "int4":
+        return False
+    if args.kv_int8:
+        return batch >= args.kv_int8_min_batch
+    return bool(args.kv_int8_auto) and cache16_bytes(config, batch, length, dtype) > KV_INT8_AUTO_FRACTION * model_bytes(model)
+
+
 @torch.no_grad()
 def bench_batch(model, config, batch, args, device, dtype) -> dict:
     from grace_ds.export.arch import make_prompt
@@ -229,7 +266,7 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     n_visual = int((inputs["input_ids"] == (config.image_token_index if config.model_type == "llava"
                                              else config.image_token_id)).sum()) // batch
     steps = args.new_tokens - 1  # the first new token comes from the prefill
-    kv_int8 = bool(args.kv_int8 and args.variant == "int4" and batch >= args.kv_int8_min_batch)
+    kv_int8 = use_kv_int8(args, model, config, batch, prompt_len + args.new_tokens, dtype)
     kernel16 = bool(args.attn16_kernel and not kv_int8)
     dec = StaticDecoder(model, config, batch, prompt_len + args.new_tokens, device, kv_int8=kv_int8,
                         decode_kernel16=kernel16)
@@ -449,6 +486,13 @@ def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
+def _caches_chosen(results: list[dict]) -> str:
+    """'arch batch b: int8, ...' for the int4 runs (the cache --kv-int8-auto chose)."""
+    got = [f"{res['arch']} batch {r['batch']}: {r['kv_cache']}" for res in results if res.get("variant") == "int4"
+           for r in res.get("runs", []) if "kv_cache" in r]
+    return ", ".join(got) or "no run finished"
+
+
 def render(results: list[dict], args, command: str) -> str:
     lines = ["## End-to-end generation: bf16 vs INT4 (W4A16)",
              "",
@@ -464,6 +508,7 @@ def render(results: list[dict], args, command: str) -> str:
              + (f" from batch {args.kv_int8_min_batch} on, 16-bit below (--kv-int8-min-batch)"
                 if args.kv_int8 and args.kv_int8_min_batch > 1 else "")
              + (f", its decode attention: {_attention_used(results, 'kv8_attention', KV8_NAMES)}" if args.kv_int8 else "")
+             + (f"; int4 variant: KV cache by size (--kv-int8-auto): {_caches_chosen(results)}" if args.kv_int8_auto else "")
              + (f"; decode attention over 16-bit caches: {_attention_used(results, 'decode_attention', DECODE16_NAMES)}"
                 if args.attn16_kernel else "")
              + (f"; prefill in chunks of {args.prefill_chunk} tokens, both variants" if args.prefill_chunk else "")
@@ -573,6 +618,15 @@ def parse_args(argv=None):
                    help="int4 variant: KV cache in int8 with per-vector scales (grace_ds.export.kv8); its decode "
                         "attention is the Triton kernel where Triton runs, else the portable form, which wants "
                         "--mode compile (it fuses the int8 reads into the attention reductions)")
+    p.add_argument("--kv-int8-auto", action="store_true",
+                   help="int4 variant: the int8 KV cache for the batches whose 16-bit cache would exceed half the INT4 "
+                        "model's bytes, the 16-bit cache for the others (measured: LLaVA-1.5-7B gets it at batch 16 only, "
+                        "Qwen2-VL-7B never)")
+    p.add_argument("--serving", action="store_true",
+                   help="the fastest serving setup measured (H200, 2026-11-29; docs/export.md): --mode compile "
+                        "--int4-lm-head --int8-embed --int8-vision --fuse-proj --attn16-kernel --pdl "
+                        "--expandable-segments --kv-int8-auto and, unless a prefill option is given, "
+                        "--prefill-tokens 2048")
     p.add_argument("--kv-int8-min-batch", type=int, default=1, metavar="B",
                    help="with --kv-int8: the int8 cache only for batches of at least B; smaller ones keep the 16-bit "
                         "cache (and, with --attn16-kernel, its kernel). Default 1: every batch")
@@ -601,6 +655,16 @@ def parse_args(argv=None):
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.serving:
+        for name in ("int4_lm_head", "int8_embed", "int8_vision", "fuse_proj", "attn16_kernel", "pdl",
+                     "expandable_segments"):
+            setattr(args, name, True)
+        if "--mode" not in (argv if argv is not None else sys.argv[1:]):
+            args.mode = "compile"
+        if not args.kv_int8:
+            args.kv_int8_auto = True
+        if args.prefill_tokens is None and args.prefill_chunk is None:
+            args.prefill_tokens = 2048
     if args.smoke:
         args.arch = args.arch if args.arch is not None else ([] if args.checkpoint else list(SMOKE_ARCHS))
         args.batch = args.batch or [1, 2]
@@ -622,6 +686,8 @@ def parse_args(argv=None):
         p.error(f"--prefill-tokens {args.prefill_tokens}: must be a positive number of tokens (e.g. 2048)")
     if args.kv_int8_min_batch < 1:
         p.error(f"--kv-int8-min-batch {args.kv_int8_min_batch}: must be a batch size >= 1 (e.g. 16)")
+    if args.kv_int8 and args.kv_int8_auto:
+        p.error("--kv-int8 and --kv-int8-auto: choose one (every batch from --kv-int8-min-batch on, or by cache size)")
     if args.kv_int8_min_batch > 1 and not args.kv_int8:
         p.error(f"--kv-int8-min-batch {args.kv_int8_min_batch}: only means something with --kv-int8")
     if args.prefill_tokens and args.prefill_chunk:
@@ -631,7 +697,7 @@ def parse_args(argv=None):
 
 # options the parent hands to every worker as given (a flag when set, or the flag and its value)
 FORWARDED = ("int4_lm_head", "int8_embed", "int8_vision", "attn16_kernel", "profile_steps", "fuse_proj", "kv_int8",
-             "kv_int8_min_batch", "pdl", "prefill_chunk", "prefill_tokens")
+             "kv_int8_auto", "kv_int8_min_batch", "pdl", "prefill_chunk", "prefill_tokens")
 
 
 def _forwarded(args) -> list[str]:

@@ -194,6 +194,40 @@ def test_bench_kv_int8_min_batch_keeps_small_batches_16bit(tmp_path, capsys):
         assert msg in capsys.readouterr().err
 
 
+def test_bench_kv_int8_auto_and_serving_preset(tmp_path, monkeypatch, capsys):
+    """--serving turns on every option of the measured serving setup, with --kv-int8-auto: the int8 cache
+    only for the batches whose 16-bit cache exceeds half the model's bytes (here batch 2, by stand-in
+    sizes); the 16-bit cache formula gives the 7B models' known sizes; --kv-int8 with --kv-int8-auto is refused."""
+    import json
+
+    import torch
+
+    from grace_ds.export.arch import bench_config
+
+    bench = load_script("bench")
+    # keys + values, every layer, bf16: LLaVA-1.5-7B (32 kv heads) 7.5 GB at batch 16 x 896 positions,
+    # Qwen2-VL-7B (4 kv heads over 28 layers) 0.82 GB
+    assert bench.cache16_bytes(bench_config("llava-1.5-7b"), 16, 896, torch.bfloat16) == 2 * 32 * 16 * 32 * 128 * 896 * 2
+    assert bench.cache16_bytes(bench_config("qwen2-vl-7b"), 16, 896, torch.bfloat16) == 2 * 28 * 16 * 4 * 128 * 896 * 2
+    monkeypatch.setattr(bench, "cache16_bytes", lambda config, batch, length, dtype: 100 * batch)
+    monkeypatch.setattr(bench, "model_bytes", lambda model: 300)      # threshold 150: batch 2 only
+    args = bench.parse_args(["--smoke", "--serving"])
+    assert args.mode == "compile" and args.kv_int8_auto and not args.kv_int8 and args.prefill_tokens == 2048
+    assert all(getattr(args, n) for n in ("int4_lm_head", "int8_embed", "int8_vision", "fuse_proj", "attn16_kernel",
+                                           "pdl", "expandable_segments"))
+    assert bench.parse_args(["--serving", "--mode", "graph", "--prefill-chunk", "64"]).mode == "graph"
+    rc = bench.main(["--smoke", "--in-process", "--arch", "tiny-qwen2vl", "--batch", "1", "2", "--new-tokens", "3",
+                     "--kv-int8-auto", "--json", str(tmp_path / "t.json"), "--out", str(tmp_path / "t.md")])
+    res = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert rc == 0, res
+    kinds = {r["variant"]: [(run["batch"], run["kv_cache"]) for run in r["runs"]] for r in res}
+    assert kinds == {"bf16": [(1, "16-bit"), (2, "16-bit")], "int4": [(1, "16-bit"), (2, "int8")]}
+    assert "(--kv-int8-auto): tiny-qwen2vl batch 1: 16-bit, tiny-qwen2vl batch 2: int8" in (tmp_path / "t.md").read_text()
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--kv-int8", "--kv-int8-auto"])
+    assert "choose one" in capsys.readouterr().err
+
+
 def test_bench_smoke_prefill_chunk(tmp_path, capsys):
 
     bench = load_script("bench")
