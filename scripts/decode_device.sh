@@ -3,7 +3,7 @@
 # weights a fused 7B decoder runs (kernels/w4a16/sweep_decode.py) and write the card's tuned table
 # (kernels/w4a16/tuned/<card>.json, copied to $OUT to be committed), then the end-to-end bench with that
 # table loaded (the arguments), then - time allowing - the decode attention kernels' launch sweep and
-# the W4A16 GPU tests. Tables land under $OUT, at most 7 files (the device returns 8): the sweep's
+# the W4A16 and kv8 attention GPU tests (the latter runs every kv8_triton.LAUNCH variant, fma included). Tables land under $OUT, at most 7 files (the device returns 8): the sweep's
 # jsonl and table, the tuned table, the bench's table, JSON and log, the attention table. The other logs
 # stay in /tmp/decode_logs; their tails are printed.
 #   bash scripts/decode_device.sh --arch llava-1.5-7b --mode compile --int4-lm-head ... --timeout 240
@@ -42,8 +42,8 @@ if [ "${DECODE_ATTN:-1}" != 0 ] && [ "$(left)" -gt 75 ]; then
   echo "attention sweep rc=$? $(( $(date +%s) - T0 ))s"; grep -E "kernel16|kv8 b|Error" $LOGS/attn.log | tail -40
 fi
 if [ "$(left)" -gt 25 ]; then
-  timeout $(( $(left) - 5 )) python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py -k "set_choice or op_matches or graph" \
-    > $LOGS/pytest.log 2>&1
+  timeout $(( $(left) - 5 )) python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py tests/test_kv8_triton.py \
+    -k "set_choice or op_matches or graph or gpu_kernel_matches" > $LOGS/pytest.log 2>&1
   echo "gpu tests rc=$? $(( $(date +%s) - T0 ))s"; grep -E "passed|failed|^FAILED|^ERROR|Fatal|File \"/work" $LOGS/pytest.log | tail -12
 fi
 date -u
