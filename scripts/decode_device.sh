@@ -3,8 +3,8 @@
 # weights a fused 7B decoder runs (kernels/w4a16/sweep_decode.py) and write the card's tuned table
 # (kernels/w4a16/tuned/<card>.json, copied to $OUT to be committed), then the end-to-end bench with that
 # table loaded (the arguments), then - time allowing - the decode attention kernels' launch sweep and
-# the W4A16 and kv8 attention GPU tests (the latter runs every kv8_triton.LAUNCH variant, fma included). Tables land under $OUT, at most 7 files (the device returns 8): the sweep's
-# jsonl and table, the tuned table, the bench's table, JSON and log, the attention table. The other logs
+# the W4A16 and kv8 attention GPU tests (the latter runs every kv8_triton.LAUNCH variant, fma included).
+# Tables land under $OUT, at most 7 files (the device returns 8): the sweep's jsonl and table, the tuned table, the bench's table, JSON and log, the attention table. The other logs
 # stay in /tmp/decode_logs; their tails are printed.
 #   bash scripts/decode_device.sh --arch llava-1.5-7b --mode compile --int4-lm-head ... --timeout 240
 # (device call: carry [".whl"], timeout_s 598; DECODE_LIMIT seconds in all, default 570)
