@@ -51,8 +51,9 @@ MIN_ROWS = 16          # tl.dot's smallest M
 # int8 came back from shared memory one byte per load); qk_int8: scores by int8 tensor-core dots
 # (a two-part int8 query; no conversion of the keys); fma: for at most this many query heads per kv head,
 # scores and value product on the CUDA cores, fp32 multiply + reduce, instead of tl.dot's 16 padded rows
-# (0 = never; written 2026-11-29 for MHA's one head, not yet timed on a GPU). Defaults: the fastest on an H200 for LLaVA-1.5-7B
-# at batch 16 and within 0.3 us of it for the other cases (2026-11-29 10:58 UTC, docs/benchmarks.md).
+# (0 = never; written 2026-11-29 for MHA's one head, not yet timed on a GPU). Defaults: the fastest on an
+# H200 for LLaVA-1.5-7B at batch 16 and within 0.3 us of it for the other cases (2026-11-29 10:58 UTC,
+# docs/benchmarks.md).
 LAUNCH = {"block": 128, "num_warps": 4, "num_stages": 3, "programs": 264, "skip": False, "asm": True, "vwords": True,
           "qk_int8": True, "fma": 0}
 # The 16-bit kernel's (decode_attention16): the fastest of the sweep's 24 launches on an H200 for both
