@@ -239,6 +239,9 @@ def model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
+# the on/off options --serving turns on (with --mode compile, --kv-int8-auto and --prefill-tokens 2048)
+SERVING_FLAGS = ("int4_lm_head", "int8_embed", "int8_vision", "fuse_proj", "attn16_kernel", "pdl", "expandable_segments")
+
 # --kv-int8-auto: the int8 cache where the 16-bit one would exceed this fraction of the INT4 model's bytes.
 # H200, 2026-11-29: LLaVA-1.5-7B at batch 16 (a 16-bit cache of 1.9x its INT4 model) needs the int8 cache to
 # save 60% of peak memory; Qwen2-VL-7B at batch 16 (0.19x) saves 60-61% over the 16-bit cache and decodes
@@ -586,7 +589,8 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default 256; smoke: 8)")
     p.add_argument("--text-tokens", type=int, default=64)
     p.add_argument("--visual-tokens", type=int, default=576, help="visual tokens per image (Qwen: grid chosen to match)")
-    p.add_argument("--mode", default="graph", choices=["graph", "compile", "eager"], help="decode-step execution")
+    p.add_argument("--mode", default=None, choices=["graph", "compile", "eager"],
+                   help="decode-step execution (default graph; compile with --serving)")
     p.add_argument("--device", default=None, help="default cuda if available (smoke: cpu)")
     p.add_argument("--timeout", type=int, default=400, help="seconds per (architecture, variant) subprocess")
     p.add_argument("--budget", type=int, default=560,
@@ -624,9 +628,8 @@ def parse_args(argv=None):
                         "Qwen2-VL-7B never)")
     p.add_argument("--serving", action="store_true",
                    help="the fastest serving setup measured (H200, 2026-11-29; docs/export.md): --mode compile "
-                        "--int4-lm-head --int8-embed --int8-vision --fuse-proj --attn16-kernel --pdl "
-                        "--expandable-segments --kv-int8-auto and, unless a prefill option is given, "
-                        "--prefill-tokens 2048")
+                        + " ".join("--" + n.replace("_", "-") for n in SERVING_FLAGS)
+                        + " --kv-int8-auto and, unless a prefill option is given, --prefill-tokens 2048")
     p.add_argument("--kv-int8-min-batch", type=int, default=1, metavar="B",
                    help="with --kv-int8: the int8 cache only for batches of at least B; smaller ones keep the 16-bit "
                         "cache (and, with --attn16-kernel, its kernel). Default 1: every batch")
@@ -655,12 +658,11 @@ def parse_args(argv=None):
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.mode is None:
+        args.mode = "compile" if args.serving else "graph"
     if args.serving:
-        for name in ("int4_lm_head", "int8_embed", "int8_vision", "fuse_proj", "attn16_kernel", "pdl",
-                     "expandable_segments"):
+        for name in SERVING_FLAGS:
             setattr(args, name, True)
-        if "--mode" not in (argv if argv is not None else sys.argv[1:]):
-            args.mode = "compile"
         if not args.kv_int8:
             args.kv_int8_auto = True
         if args.prefill_tokens is None and args.prefill_chunk is None:

@@ -108,7 +108,7 @@ def check_launch(device: str) -> tuple[float, float]:
 
 
 def check_write(device: str) -> int:
-    """kv8_triton.write_kv against kv8's torch update (quantize_parts + index_copy + the scale bytes): equal
+    """kv8_triton.write_kv against kv8's torch update (kv8.write_packed): equal
     codes and scale bytes for keys and values, from strided states (a transposed view, as the model's
     projections give them), at scattered positions, nothing else touched; then a compiled decode step
     through Int8StaticLayer.update runs the op in place (no cache-sized buffer in the generated code).
@@ -118,7 +118,7 @@ def check_write(device: str) -> int:
     from torch._inductor.utils import run_and_get_code
 
     from grace_ds.export import kv8
-    from grace_ds.export.kv8_triton import write_kv, writes
+    from grace_ds.export.kv8_triton import available, write_kv
 
     g = torch.Generator().manual_seed(1)
     n = 0
@@ -132,13 +132,10 @@ def check_write(device: str) -> int:
         R = kv8.scale_rows(L, D)
         init = torch.randint(-127, 128, (B, Hk, L + R, D), generator=g, dtype=torch.int8)
         ref_k, ref_v = init.clone(), init.clone()
-        for packed, states in ((ref_k, k), (ref_v, v)):
-            codes, sb = kv8.quantize_parts(states)
-            packed.index_copy_(2, pos, codes)
-            rows, cols = kv8._scale_index(L, D, pos)
-            packed[:, :, rows, cols] = sb
+        kv8.write_packed(ref_k, k, pos, L)
+        kv8.write_packed(ref_v, v, pos, L)
         pk, pv = init.clone().to(device), init.clone().to(device)
-        assert writes(k.to(device))
+        assert available(k.to(device))
         write_kv(pk, pv, k.to(device), v.to(device), pos.to(device))
         assert torch.equal(pk.cpu(), ref_k) and torch.equal(pv.cpu(), ref_v), (B, Hk, T, L, D, dt)
         n += 2 * B * Hk * T

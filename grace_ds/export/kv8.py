@@ -152,6 +152,17 @@ def _scale_index(length: int, head_dim: int, positions: torch.Tensor) -> tuple[t
     return flat // head_dim, flat % head_dim
 
 
+def write_packed(packed: torch.Tensor, states: torch.Tensor, positions: torch.Tensor, length: int) -> None:
+    """Quantise (B, H_kv, T, D) states and write them in place at `positions` (T,) of a packed (B, H_kv,
+    length + R, D) cache: the torch form of kv8_triton.write_kv. Both writes index the packed tensor itself,
+    not a view of it: a compiled step then updates the cache in place (through views, inductor copied the
+    whole cache at every step)."""
+    codes, sb = quantize_parts(states)
+    packed.index_copy_(2, positions, codes)                             # rows < length: the codes
+    rows, cols = _scale_index(length, packed.shape[-1], positions)
+    packed[:, :, rows, cols] = sb                                       # the scales' bytes after them
+
+
 class Int8StaticLayer(StaticLayer):
     """StaticLayer whose keys/values are the packed int8 tensors described in the module docstring:
     (B, H_kv, max_cache_len + R, head_dim) int8, allocated on the first update; `update` writes the
@@ -190,17 +201,12 @@ class Int8StaticLayer(StaticLayer):
         kv_length = key_states.shape[-2]
         cache_position = torch.arange(kv_length, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(kv_length)
-        # Both writes index the packed tensor itself, not a view of it: a compiled step then updates the
-        # cache in place (through views, inductor copied the whole cache at every step)
-        if kv8_triton.writes(key_states) and key_states.shape == value_states.shape:
-            # one kernel for keys and values (inductor's fusion of the code below took 4-18 us a layer)
+        if kv8_triton.available(key_states) and key_states.shape == value_states.shape:
+            # one kernel for keys and values (inductor's fusion of write_packed took 4-18 us a layer)
             kv8_triton.write_kv(self.keys, self.values, key_states, value_states, cache_position)
         else:
-            for packed, states in ((self.keys, key_states), (self.values, value_states)):
-                codes, sb = quantize_parts(states)
-                packed.index_copy_(2, cache_position, codes)            # rows < L: the codes
-                rows, cols = _scale_index(self.max_cache_len, packed.shape[-1], cache_position)
-                packed[:, :, rows, cols] = sb                           # the scales' bytes after them
+            write_packed(self.keys, key_states, cache_position, self.max_cache_len)
+            write_packed(self.values, value_states, cache_position, self.max_cache_len)
         if kv_length > 1 and self.written is not None and not torch.compiler.is_compiling():
             # an eager prompt pass (a prefill, or one chunk of it) since the reset: the attention needs
             # only the positions written so far, dequantised once here (not the whole static cache)

@@ -364,16 +364,11 @@ if triton is not None:
         tl.store((base + L * D).to(tl.pointer_type(tl.float32)) + pos, scale, mask=(pos >= 0) & (pos < L))
 
 
-def writes(states: torch.Tensor) -> bool:
-    """Whether kv8's cache update runs write_kv (the kernel): the attention kernel's switches (Triton,
-    a CUDA tensor or the interpreter, GRACE_KV8_TRITON) and a head_dim it takes."""
-    return available(states)
-
-
 def write_kv(packed_k: torch.Tensor, packed_v: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor,
              cache_position: torch.Tensor) -> None:
     """Quantise (B, H_kv, T, D) keys and values to int8 (kv8.round_int8's codes and scales) and write them at
-    `cache_position` (T,) into kv8's packed (B, H_kv, L + R, D) caches, in place: one kernel launch (the custom
+    `cache_position` (T,) into kv8's packed (B, H_kv, L + R, D) caches, in place (kv8.write_packed's result, for
+    the states `available` accepts): one kernel launch (the custom
     op `torch.ops.grace_kv8.write_kv`, which torch.compile and CUDA graphs see as one opaque mutating call).
     On an H200 inductor's own fusion of the same update took 4-18 us a layer at batch 16 (docs/benchmarks.md).
     Positions outside [0, L) are not written (the kernel cannot raise without a host sync; transformers'
