@@ -215,12 +215,15 @@ def compile_for_gpus() -> int:
            "sv_l", "sb_b")
 
     def decode_kernel(fn, arch, qt, kvt, mma=True, **consts):
+        consts.setdefault("PDL", False)   # every constexpr of the kernel is named in an AOT compile
         sig = {"Q": qt, "K": kvt, "V": kvt, "Bias": "*fp32", "M_out": "*fp32", "L_out": "*fp32", "Acc_out": "*fp32",
                **{k: "i32" for k in ints}, "scaling": "fp32", **{k: "constexpr" for k in consts}}
         attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", arch, 32))
         assert ("mma" in k.asm["ptx"]) == mma and len(k.asm["cubin"]) > 0, (fn.__name__, arch, qt, consts)
+        # set_pdl's kernels wait for the kernel before them before any load; the others never do
+        assert ("griddepcontrol.wait" in k.asm["ptx"]) == consts.get("PDL", False), (fn.__name__, consts)
 
     n = 0
     for arch in (90, 80):
@@ -240,22 +243,35 @@ def compile_for_gpus() -> int:
                 decode_kernel(kt._kv16_decode_kernel, arch, qt, qt, G=G, GP=max(kt.MIN_ROWS, triton.next_power_of_2(G)),
                               D=128, BLOCK=kt.LAUNCH16["block"], HAS_BIAS=has_bias, VIA_FP32=False, EVEN=has_bias)
                 n += 1
-        for out_t in ("*bf16", "*fp16"):   # the merge writes the query's dtype
+        if arch == 90:   # programmatic dependent launch (set_pdl, Hopper only)
+            decode_kernel(kt._kv8_decode_kernel, arch, "*bf16", "*i8", G=1, GP=kt.MIN_ROWS, D=128, BLOCK=kt.LAUNCH["block"],
+                          HAS_BIAS=True, VIA_FP32=False, EVEN=True, SKIP=False, ASM=True, VWORDS=True, QK_INT8=True,
+                          FMA=False, PDL=True)
+            decode_kernel(kt._kv16_decode_kernel, arch, "*bf16", "*bf16", G=7, GP=kt.MIN_ROWS, D=128,
+                          BLOCK=kt.LAUNCH16["block"], HAS_BIAS=True, VIA_FP32=False, EVEN=True, PDL=True)
+            n += 2
+        for out_t, pdl in (("*bf16", False), ("*fp16", False), ("*bf16", True)):
+            if pdl and arch != 90:
+                continue
             sig = {"M_in": "*fp32", "L_in": "*fp32", "Acc_in": "*fp32", "Out": out_t, "n_splits": "i32",
-                   "SP": "constexpr", "D": "constexpr"}
-            k = triton.compile(ASTSource(fn=kt._kv8_merge_kernel, signature=sig, constexprs={"SP": 16, "D": 128}),
+                   "SP": "constexpr", "D": "constexpr", "PDL": "constexpr"}
+            k = triton.compile(ASTSource(fn=kt._kv8_merge_kernel, signature=sig, constexprs={"SP": 16, "D": 128, "PDL": pdl}),
                                target=GPUTarget("cuda", arch, 32))
-            assert len(k.asm["cubin"]) > 0
+            # with PDL the merge lets the next kernel (the output projection) launch once it has waited
+            assert len(k.asm["cubin"]) > 0 and ("griddepcontrol.launch_dependents" in k.asm["ptx"]) == pdl
             n += 1
-        for st in ("*bf16", "*fp16"):   # the cache write, from the model's 16-bit states
+        for st, pdl in (("*bf16", False), ("*fp16", False), ("*bf16", True)):   # the cache write, from 16-bit states
+            if pdl and arch != 90:
+                continue
             ints_w = ["sk_b", "sk_h", "sk_t", "sv_b", "sv_h", "sv_t", "pk_b", "pk_h", "pv_b", "pv_h", "Hk", "T", "L"]
             sig = {"PK": "*i8", "PV": "*i8", "SK": st, "SV": st, "Pos": "*i64", **{k: "i32" for k in ints_w},
-                   "D": "constexpr"}
+                   "D": "constexpr", "PDL": "constexpr"}
             attrs = {(kt._kv8_write_kernel.arg_names.index(a),): [["tt.divisibility", 16]]
                      for a in ("PK", "PV", "SK", "SV", "pk_b", "pk_h", "pv_b", "pv_h")}
-            k = triton.compile(ASTSource(fn=kt._kv8_write_kernel, signature=sig, constexprs={"D": 128}, attrs=attrs),
-                               target=GPUTarget("cuda", arch, 32))
+            k = triton.compile(ASTSource(fn=kt._kv8_write_kernel, signature=sig, constexprs={"D": 128, "PDL": pdl},
+                                         attrs=attrs), target=GPUTarget("cuda", arch, 32))
             assert len(k.asm["cubin"]) > 0 and "div.rn.f32" in k.asm["ptx"]
+            assert ("griddepcontrol.wait" in k.asm["ptx"]) == pdl
             n += 1
     return n
 
@@ -266,7 +282,7 @@ def test_cache_write_kernel_matches_the_torch_update_in_the_interpreter():
 
 def test_kernels_compile_to_cubin_for_hopper_and_ampere():
     out = _run_this_file(["aot"], TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(ROOT / ".venv" / "triton-cache"))
-    assert "compiled 32 kernels" in out
+    assert "compiled 36 kernels" in out
 
 
 def test_kernel_is_the_default_on_a_gpu_or_the_interpreter(monkeypatch):
@@ -300,9 +316,85 @@ def test_gpu_kernel_matches_float64_reference(monkeypatch):
     check("cuda")
 
 
+@pytest.mark.gpu
+def test_gpu_pdl_gives_the_same_bits(monkeypatch):
+    """kv8_triton.set_pdl: the attention kernels (int8 and 16-bit cache, one split and many, with the merge)
+    and the cache write give the same bits launched with programmatic dependent launch, eagerly and
+    replayed from a CUDA graph, as a chain in which each reads what the one before wrote."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs a Hopper GPU")
+    monkeypatch.setenv("GRACE_KV8_TRITON", "1")
+    from grace_ds.export import kv8
+    from grace_ds.export import kv8_triton as kt
+
+    g = torch.Generator().manual_seed(5)
+    for B, H, Hk, L, D in ((1, 32, 32, 900, 128), (16, 28, 4, 700, 128), (2, 8, 2, 64, 64)):
+        q = torch.randn(B, H, 1, D, generator=g).cuda().to(torch.bfloat16)
+        k16 = torch.randn(B, Hk, L, D, generator=g).cuda().to(torch.bfloat16)
+        v16 = torch.randn(B, Hk, L, D, generator=g).cuda().to(torch.bfloat16)
+        pk, pv = kv8.quantize_kv(k16.float()), kv8.quantize_kv(v16.float())
+        kn = torch.randn(B, Hk, 1, D, generator=g).cuda().to(torch.bfloat16)
+        pos = torch.tensor([L - 3], device="cuda")
+        bias = torch.zeros(B, L, device="cuda")
+
+        def chain(pk, pv):   # write, then attend over what was written, then attend over the 16-bit cache
+            kt.write_kv(pk, pv, kn, kn * 2, pos)
+            a = kt.kv8_decode_attention(q, pk, pv, bias, D ** -0.5)
+            return a, kt.decode_attention16(a.to(torch.bfloat16), k16, v16, None, D ** -0.5)
+
+        try:
+            kt.set_pdl(False)
+            ref = (*chain(pk.clone(), pv.clone()),)
+            kt.set_pdl(True)
+            eager = (*chain(pk.clone(), pv.clone()),)
+            ck, cv = pk.clone(), pv.clone()
+            chain(ck.clone(), cv.clone())   # warm-up: compile the PDL kernels outside the capture
+            gr = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(gr):
+                graphed = chain(ck, cv)
+            gr.replay()
+            torch.cuda.synchronize()
+        finally:
+            kt.set_pdl(False)
+        for a, b, c in zip(ref, eager, graphed):
+            assert torch.equal(a, b) and torch.equal(a, c), (B, H, Hk, L, D)
+
+
+def check_pdl_switch() -> None:
+    """set_pdl(True) adds the PDL constexpr and Triton's launch_pdl to every launch of the module, except in
+    Triton's interpreter (which has no PDL); set_pdl(False) removes them; a pre-Hopper GPU is refused."""
+    from grace_ds.export import kv8_triton as kt
+
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9:
+        with pytest.raises(ValueError, match="Hopper"):
+            kt.set_pdl(True)
+        return
+    interp = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        kt.set_pdl(True)
+        assert kt._pdl_launch() == {"PDL": True, "launch_pdl": True}
+        os.environ["TRITON_INTERPRET"] = "1"
+        assert kt._pdl_launch() == {}
+        del os.environ["TRITON_INTERPRET"]
+        kt.set_pdl(False)
+        assert kt._pdl_launch() == {}
+    finally:
+        kt.set_pdl(False)
+        if interp is not None:
+            os.environ["TRITON_INTERPRET"] = interp
+
+
+def test_set_pdl_switches_the_launch_options():
+    assert "pdl switch ok" in _run_this_file(["pdl"])
+
+
 if __name__ == "__main__":   # subprocesses of the tests above: "aot", or the interpreter run (TRITON_INTERPRET=1)
     if sys.argv[1:] == ["aot"]:
         print(f"compiled {compile_for_gpus()} kernels")
+    elif sys.argv[1:] == ["pdl"]:
+        check_pdl_switch()
+        print("pdl switch ok")
     elif sys.argv[1:] == ["write"]:
         print(f"write_kv matched on {check_write('cpu')} vectors")
     else:

@@ -153,12 +153,23 @@ class StaticDecoder:
         self._restore(st)  # capture does not run kernels, but keep the state exact regardless
         self.graph = g
 
-    def compile(self) -> None:
+    def compile(self, pdl: bool = False) -> None:
         """Inductor-compile the step (fuses the norms, rotary, residuals and cache writes around the
         matmuls). No inductor CUDA graphs ("reduce-overhead"): the step mutates the KV cache and its
         own token buffers, inputs that make inductor skip its graphs. `capture()` graphs the
-        compiled step instead. Shapes are static (dynamic=False): one compile per batch size."""
-        self.compiled = torch.compile(self.step, dynamic=False)
+        compiled step instead. Shapes are static (dynamic=False): one compile per batch size.
+        pdl: inductor's Triton kernels use programmatic dependent launch (`triton.enable_pdl`, Hopper):
+        each waits for the kernel before it only before its first dependent load and lets the next
+        one launch after its loads, so launches overlap the tails of the kernels before them."""
+        options = None
+        if pdl:
+            from torch._inductor import config as inductor_config
+
+            if not hasattr(inductor_config.triton, "enable_pdl"):
+                raise ValueError(f"compile(pdl=True): torch {torch.__version__}'s inductor has no triton.enable_pdl; "
+                                 "compile without it")
+            options = {"triton.enable_pdl": True}
+        self.compiled = torch.compile(self.step, dynamic=False, options=options)
 
     def run_steps(self, n: int) -> None:
         for _ in range(n):

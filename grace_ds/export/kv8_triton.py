@@ -60,6 +60,31 @@ LAUNCH = {"block": 128, "num_warps": 4, "num_stages": 3, "programs": 264, "skip"
 # models at batch 16 (LLaVA-1.5-7B 60.9 us = 95% of the copy rate; Qwen2-VL-7B 16.1 us) and within 0.2 us
 # of it at batch 1 (2026-11-29 12:45 UTC, docs/benchmarks.md).
 LAUNCH16 = {"block": 32, "num_warps": 4, "num_stages": 3, "programs": 264}
+# Programmatic dependent launch for every kernel of this module (set_pdl; Hopper, off by default): each is
+# launched with Triton's launch_pdl and waits (gdc_wait) before it reads anything, so it may be scheduled
+# while the kernel before it finishes; the merge kernel lets the next kernel launch (gdc_launch_dependents)
+# as soon as it has waited: the W4A16 output projection after it then streams its weights meanwhile.
+_PDL = {"on": False}
+
+
+def set_pdl(on: bool = True) -> None:
+    """Programmatic dependent launch for the attention, merge and cache-write kernels (Hopper, Triton with
+    launch_pdl and tl.extra.cuda.gdc_wait); process-wide, off by default. Results are unchanged: every
+    kernel waits for the one before it before its first load."""
+    if on:
+        if triton is None or not hasattr(tl.extra.cuda, "gdc_wait"):
+            raise ValueError("kv8_triton.set_pdl: this Triton has no tl.extra.cuda.gdc_wait (needs Triton >= 3.4); "
+                             "leave it off")
+        if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9:
+            raise ValueError(f"kv8_triton.set_pdl: programmatic dependent launch needs a Hopper GPU (sm_90+), this is "
+                             f"{torch.cuda.get_device_name()}; leave it off")
+    _PDL["on"] = bool(on)
+
+
+def _pdl_launch() -> dict:
+    """The PDL constexpr and launch option of this module's kernels (none in Triton's interpreter)."""
+    on = _PDL["on"] and os.environ.get("TRITON_INTERPRET") != "1"
+    return dict(PDL=True, launch_pdl=True) if on else {}
 
 
 def takes_head_dim(d: int) -> bool:
@@ -175,7 +200,10 @@ if triton is not None:
                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                            HAS_BIAS: tl.constexpr, VIA_FP32: tl.constexpr, EVEN: tl.constexpr = False,
                            SKIP: tl.constexpr = False, ASM: tl.constexpr = True,
-                           VWORDS: tl.constexpr = False, QK_INT8: tl.constexpr = False, FMA: tl.constexpr = False):
+                           VWORDS: tl.constexpr = False, QK_INT8: tl.constexpr = False, FMA: tl.constexpr = False,
+                           PDL: tl.constexpr = False):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         pid_s = tl.program_id(1)
         b, hk, g, gmask, d, q = _program_query(Q, sq_b, sq_h, sq_d, Hk, G, GP, D)
         q = q.to(tl.float32)
@@ -276,10 +304,12 @@ if triton is not None:
                             sq_b, sq_h, sq_d, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sb_b,
                             H, Hk, L, n_splits, per_split, scaling,
                             G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                            HAS_BIAS: tl.constexpr, VIA_FP32: tl.constexpr, EVEN: tl.constexpr):
+                            HAS_BIAS: tl.constexpr, VIA_FP32: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr = False):
         """_kv8_decode_kernel over a 16-bit cache (transformers' StaticCache: (B, H_kv, L, D) bf16 or fp16):
         the same split-K walk and GQA grouping, the dots on 16-bit tensor cores with no conversion
         (VIA_FP32: in fp32, for Triton's interpreter, whose bf16 dot is wrong)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         pid_s = tl.program_id(1)
         b, hk, g, gmask, d, q = _program_query(Q, sq_b, sq_h, sq_d, Hk, G, GP, D)
         q = q.to(tl.float32).to(K.dtype.element_ty) if not VIA_FP32 else q.to(tl.float32)
@@ -318,8 +348,11 @@ if triton is not None:
         _store_split(M_out, L_out, Acc_out, m_i, l_i, acc, b, hk, g, gmask, d, H, G, D, n_splits, pid_s)
 
     @triton.jit
-    def _kv8_merge_kernel(M_in, L_in, Acc_in, Out, n_splits, SP: tl.constexpr, D: tl.constexpr):
+    def _kv8_merge_kernel(M_in, L_in, Acc_in, Out, n_splits, SP: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr = False):
         """One (row, head): combine the splits' (max, sum, unnormalised output)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         r = tl.program_id(0)
         sp = tl.arange(0, SP)
         smask = sp < n_splits
@@ -337,11 +370,13 @@ if triton is not None:
 
     @triton.jit
     def _kv8_write_kernel(PK, PV, SK, SV, Pos, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, pk_b, pk_h, pv_b, pv_h, Hk, T, L,
-                          D: tl.constexpr):
+                          D: tl.constexpr, PDL: tl.constexpr = False):
         """One program per (key or value, row b, kv head h, new token t): the vector's absmax, its int8 codes
         (round half to even, as torch.round) written to row pos of its packed cache and its fp32 scale to
         the scale array after the L code rows - kv8.Int8StaticLayer.update's quantise-and-write in one
         launch for keys and values. The divisions are IEEE (div_rn), so the codes equal round_int8's."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         n = pid // 2
         t = n % T
@@ -399,7 +434,7 @@ if triton is not None:
         _kv8_write_kernel[(2 * B * Hk * T,)](packed_k, packed_v, sk, sv, pos, sk.stride(0), sk.stride(1), sk.stride(2),
                                              sv.stride(0), sv.stride(1), sv.stride(2), packed_k.stride(0),
                                              packed_k.stride(1), packed_v.stride(0), packed_v.stride(1), Hk, T, L, D=D,
-                                             num_warps=1)
+                                             num_warps=1, **_pdl_launch())
 
     @_write_kv.register_fake
     def _(packed_k, packed_v, key_states, value_states, cache_position):
@@ -496,14 +531,14 @@ if triton is not None:
                 value.stride(0), value.stride(1), value.stride(2), bias.stride(0) if has_bias else 0,
                 H, Hk, L, S, per_split, scaling)
         common = dict(G=G, GP=GP, D=D, BLOCK=block, HAS_BIAS=has_bias, VIA_FP32=os.environ.get("TRITON_INTERPRET") == "1",
-                      EVEN=L % block == 0, num_warps=launch["num_warps"], num_stages=launch["num_stages"])
+                      EVEN=L % block == 0, num_warps=launch["num_warps"], num_stages=launch["num_stages"], **_pdl_launch())
         if packed:
             _kv8_decode_kernel[(B * Hk, S)](*args, **common, SKIP=LAUNCH["skip"], ASM=LAUNCH["asm"],
                                             VWORDS=LAUNCH["vwords"], QK_INT8=LAUNCH["qk_int8"] and D >= 32, FMA=fma)
         else:
             _kv16_decode_kernel[(B * Hk, S)](*args, **common)
         out = torch.empty(B, H, 1, D, device=dev, dtype=query.dtype)   # the merge writes the query's dtype
-        _kv8_merge_kernel[(B * H,)](m, lsum, acc, out, S, SP=max(2, triton.next_power_of_2(S)), D=D)
+        _kv8_merge_kernel[(B * H,)](m, lsum, acc, out, S, SP=max(2, triton.next_power_of_2(S)), D=D, **_pdl_launch())
         return out
 
     @_decode_attention.register_fake
