@@ -419,11 +419,6 @@ def worker(args) -> None:
 
             kw.set_pdl(True)   # after the build, fusion and the head: every weight is in place
             result["pdl"] = True
-        if args.variant == "int4" and args.l2_prefetch and torch.device(device).type == "cuda":
-            import kernels.w4a16 as kw
-
-            kw.set_l2_prefetch(int(args.l2_prefetch * 2**20))
-            result["l2_prefetch_mib"] = args.l2_prefetch
         if args.variant == "int4" and torch.device(device).type == "cuda":
             import kernels.w4a16.op as kop
 
@@ -528,8 +523,6 @@ def render(results: list[dict], args, command: str) -> str:
              + (f"; prefill in passes of at most {args.prefill_tokens} tokens over the batch (--prefill-tokens), both "
                 f"variants" if args.prefill_tokens else "")
              + ("; int4 variant: programmatic dependent launch (--pdl)" if args.pdl else "")
-             + (f"; int4 variant: L2 prefetch of {args.l2_prefetch:g} MiB per lean W4A16 launch (--l2-prefetch)"
-                if args.l2_prefetch else "")
              + ("; both variants: programmatic dependent launch for the Triton kernels (--triton-pdl)"
                 if args.triton_pdl else "")
              + "".join(sorted({f"; int4 variant: W4A16 configs from the card's tuned table ({Path(t[0]).name}, "
@@ -626,10 +619,6 @@ def parse_args(argv=None):
     p.add_argument("--pdl", action="store_true",
                    help="int4 variant on CUDA: programmatic dependent launch for the W4A16 decode kernels "
                         "(kernels.w4a16.set_pdl)")
-    p.add_argument("--l2-prefetch", type=float, default=0, metavar="MIB",
-                   help="int4 variant on CUDA: each lean W4A16 launch's first wave asks for up to MIB MiB of its weights "
-                        "to be brought into L2 before the PDL wait (kernels.w4a16.set_l2_prefetch; with --pdl the reads "
-                        "overlap the kernel before the GEMM). 0 (default): off")
     p.add_argument("--triton-pdl", action="store_true",
                    help="both variants on a Hopper GPU: programmatic dependent launch for the Triton kernels too - "
                         "inductor's (triton.enable_pdl, with --mode compile) and the attention, merge and int8 "
@@ -706,8 +695,6 @@ def parse_args(argv=None):
         p.error(f"--new-tokens {args.new_tokens}: need at least 2 (one from the prefill, one decoded)")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         p.error(f"--prefill-chunk {args.prefill_chunk}: must be a positive number of tokens (e.g. 128)")
-    if args.l2_prefetch < 0:
-        p.error(f"--l2-prefetch {args.l2_prefetch}: a budget in MiB >= 0 (e.g. 16); 0 turns it off")
     if args.prefill_tokens is not None and args.prefill_tokens < 1:
         p.error(f"--prefill-tokens {args.prefill_tokens}: must be a positive number of tokens (e.g. 2048)")
     if args.kv_int8_min_batch < 1:
@@ -723,7 +710,7 @@ def parse_args(argv=None):
 
 # options the parent hands to every worker as given (a flag when set, or the flag and its value)
 FORWARDED = ("int4_lm_head", "int8_embed", "int8_vision", "attn16_kernel", "profile_steps", "fuse_proj", "kv_int8",
-             "kv_int8_auto", "kv_int8_min_batch", "pdl", "triton_pdl", "l2_prefetch", "prefill_chunk", "prefill_tokens")
+             "kv_int8_auto", "kv_int8_min_batch", "pdl", "triton_pdl", "prefill_chunk", "prefill_tokens")
 
 
 def _forwarded(args) -> list[str]:

@@ -6,6 +6,7 @@
 #   E2E_TESTS=1 bash scripts/e2e_device.sh ... --fuse-proj     # GPU tests of kernels and serving path first
 #   E2E_TESTS=after E2E_TESTS_S=150 bash scripts/e2e_device.sh ... # bench first, tests in the last 150 s
 #   E2E_ATTN=1 bash scripts/e2e_device.sh ... --kv-int8             # + benchmarks/bench_kv8_attention.py first
+#   E2E_ATTN=1 E2E_ATTN_ARGS="--sweep --arch llava-1.5-7b --batch 16" ...  # its launch sweep and options, one case
 #   E2E_TEST_FILES="tests/test_kv8.py" E2E_TESTS=after ...          # only these files' GPU tests
 # (device call: carry [".whl"], timeout_s 598; the wheels come from ../shared/tools/device-wheels.sh)
 set -o pipefail
@@ -24,8 +25,8 @@ gpu_tests() {  # the kernels (every config, PDL), then the serving path (fusion,
 }
 [ "$E2E_TESTS" = 1 ] && gpu_tests 240
 if [ "$E2E_ATTN" = 1 ]; then   # one layer's decode attention: bf16 SDPA vs the int8 cache, portable and Triton
-  timeout 150 python3 benchmarks/bench_kv8_attention.py --out "$OUT/attn.md" > /tmp/attn.log 2>&1
-  echo "attention bench rc=$? $(( $(date +%s) - T0 ))s"; tail -16 /tmp/attn.log
+  timeout 150 python3 benchmarks/bench_kv8_attention.py $E2E_ATTN_ARGS --out "$OUT/attn.md" > /tmp/attn.log 2>&1
+  echo "attention bench rc=$? $(( $(date +%s) - T0 ))s"; tail -${E2E_ATTN_LINES:-16} /tmp/attn.log
 fi
 left=$(( LIMIT - ($(date +%s) - T0) ))
 budget=$(( left - 10 )); [ "$E2E_TESTS" = after ] && budget=$(( left - ${E2E_TESTS_S:-150} ))

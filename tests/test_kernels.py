@@ -525,46 +525,6 @@ def test_gpu_pdl_gives_the_same_bits(ext):
 
 
 @gpu
-def test_gpu_l2_prefetch_gives_the_same_bits(ext):
-    """The lean kernels' L2 prefetch (set_l2_prefetch) is a hint: every lean config gives the same bits
-    with it off, with a budget that covers every CTA's weights (the whole range, partial last tile
-    group included: N = 1040 is 65 tiles) and with one that rounds to nothing per CTA, with and without
-    PDL, eagerly and replayed from a CUDA graph."""
-    from kernels.w4a16 import set_l2_prefetch, set_pdl
-
-    N, K = 1040, 1152
-    codes, scales = rand_weight(N, K, "cuda")
-    p = pack_weights(codes, scales)
-    try:
-        for cfg in range(ext.first_lean, ext.num_configs):
-            for M in (1, 16):
-                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-                set_l2_prefetch(0)
-                ref = ext.tc_gemm(x, p["qweight"], p["scales"], cfg, 0)
-                for budget, pdl in ((1 << 30, False), (1 << 30, True), (4096, True)):
-                    set_l2_prefetch(budget)
-                    set_pdl(pdl)
-                    assert ext.l2_prefetch() == budget
-                    eager = ext.tc_gemm(x, p["qweight"], p["scales"], cfg, 0)
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g):
-                        graphed = ext.tc_gemm(x, p["qweight"], p["scales"], cfg, 0)
-                    g.replay()
-                    torch.cuda.synchronize()
-                    assert torch.equal(ref, eager) and torch.equal(ref, graphed), (cfg, M, budget, pdl)
-    finally:
-        set_l2_prefetch(0)
-        set_pdl(False)
-
-
-def test_l2_prefetch_refuses_a_negative_budget():
-    from kernels.w4a16 import set_l2_prefetch
-
-    with pytest.raises(ValueError, match="budget >= 0"):
-        set_l2_prefetch(-1)
-
-
-@gpu
 def test_gpu_leading_dims_and_noncontiguous(ext):
     N, K = 256, 512
     codes, scales = rand_weight(N, K, "cuda")

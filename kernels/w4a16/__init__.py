@@ -7,11 +7,10 @@ Public API:
     w4a16_gemm(x, packed, group_size=128) -> (..., N)   # torch.ops.grace.w4a16_gemm on CUDA
     set_pdl(on=True)                                    # programmatic dependent launch (opt-in)
     set_lean(on=True)                                   # lean decode kernel in the op's choice (default on)
-    set_l2_prefetch(nbytes)                             # lean kernels: L2 prefetch budget per launch (opt-in)
 """
-from .op import load_extension, set_l2_prefetch, set_lean, set_pdl, w4a16_gemm
+from .op import load_extension, set_lean, set_pdl, w4a16_gemm
 from .pack import pack_weights, packed_shape, unpack_weights
 from .reference import dequantize, reference_w4a16
 
 __all__ = ["reference_w4a16", "dequantize", "pack_weights", "unpack_weights", "packed_shape", "w4a16_gemm",
-           "load_extension", "set_l2_prefetch", "set_lean", "set_pdl"]
+           "load_extension", "set_lean", "set_pdl"]

@@ -201,9 +201,6 @@ def main(argv=None):
     ap.add_argument("--ms", nargs="+", type=int, default=None, help=f"token counts to time (default {MS})")
     ap.add_argument("--pdl", action="store_true",
                     help="also time our op with programmatic dependent launch (column ours_pdl)")
-    ap.add_argument("--l2-prefetch", nargs="+", type=float, default=[], metavar="MIB",
-                    help="also time the op with these L2 prefetch budgets (MiB per launch; set_l2_prefetch), with PDL "
-                         "when --pdl is given")
     ap.add_argument("--no-check", action="store_true")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -264,12 +261,6 @@ def main(argv=None):
                     ext.set_pdl(1)
                     r["ours_pdl"] = ours()
                     ext.set_pdl(0)
-                for mib in args.l2_prefetch:   # the lean kernels' L2 prefetch (with PDL when --pdl)
-                    ext.set_l2_prefetch(int(mib * 2**20))
-                    ext.set_pdl(1 if args.pdl else 0)
-                    r[f"ours_l2pf{mib:g}"] = ours()
-                    ext.set_pdl(0)
-                    ext.set_l2_prefetch(0)
                 if args.configs and r["cfg"] >= 0:
                     ext.set_persistent(1)
                     r["ours_persist"] = ours()
@@ -291,7 +282,6 @@ def main(argv=None):
                     best = min(ks, key=lambda k: r[k])
                     extra = f" [cfg {r['cfg']} persistent {r.get('ours_persist', float('nan')):.1f}us] best {best} {r[best]:.1f}us | " + " ".join(f"{k}={r[k]:.1f}" for k in ks)
                 pdl = f" pdl {r['ours_pdl']:.1f}us ({r['cublas'] / r['ours_pdl']:.2f}x)" if "ours_pdl" in r else ""
-                pdl += "".join(f" l2pf{mib:g} {r[f'ours_l2pf{mib:g}']:.1f}us" for mib in args.l2_prefetch)
                 print(f"{N}x{K} M={M}: cublas {r['cublas']:.1f}us int4pack {r.get('int4pack', float('nan')):.1f}us "
                       f"ours {r['ours']:.1f}us ({r['cublas'] / r['ours']:.2f}x){pdl} {r['tbs']:.2f}TB/s{extra}", flush=True)
             del W, Q, I4

@@ -77,8 +77,6 @@ def load_extension(verbose: bool = False):
         )
         if os.environ.get("GRACE_W4A16_PDL", "0") not in ("", "0"):
             set_pdl(True)
-        if os.environ.get("GRACE_W4A16_L2PF", "0") not in ("", "0"):
-            set_l2_prefetch(int(float(os.environ["GRACE_W4A16_L2PF"]) * 2**20))
         tuned = os.environ.get("GRACE_W4A16_TUNED", "1")
         if tuned not in ("", "0") and torch.cuda.is_available():
             path = Path(tuned) if tuned != "1" else tuned_path()
@@ -146,20 +144,6 @@ def set_pdl(on: bool = True) -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     ext.set_pdl(1 if on else 0)
-
-
-def set_l2_prefetch(nbytes: int) -> None:
-    """L2 prefetch budget of a lean-kernel launch in bytes (kernels/NOTES.md v12), 0 (default) = off;
-    process-wide. `GRACE_W4A16_L2PF=<MiB>` sets it when the extension loads.
-
-    Each CTA of a launch's first wave asks for its own weights (at most budget / first-wave CTAs bytes)
-    to be brought into L2 with sm_90 bulk prefetches, issued before the PDL wait: with `set_pdl` on, the
-    DRAM reads of the first wave overlap the kernel before the GEMM. A hint: results are unchanged.
-    Keep the budget well under the card's L2 (50 MB on an H100 / H200).
-    """
-    if nbytes < 0:
-        raise ValueError(f"set_l2_prefetch: {nbytes} bytes; give a budget >= 0 (e.g. 16 << 20), 0 turns it off")
-    load_extension().set_l2_prefetch(int(nbytes))
 
 
 def set_lean(on: bool = True) -> None:

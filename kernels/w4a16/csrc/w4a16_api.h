@@ -171,9 +171,6 @@ void set_persistent(int on);
 // (enable after the weights are loaded), 0 = off (default). Process-wide.
 void set_pdl(int on);
 int& pdl_flag();
-// L2 prefetch budget of a lean-kernel launch in bytes (w4a16_lean.cuh, NOTES.md v12): the CTAs of the
-// first wave share it, each at most its own weights. 0 = off (default). Process-wide.
-long long& l2_prefetch_bytes();
 
 // Returns false for an unknown id.
 bool tc_config(int cfg, TcConfig* out);

@@ -15,11 +15,6 @@ int& pdl_flag() {
 }
 void set_pdl(int on) { pdl_flag() = on; }
 
-long long& l2_prefetch_bytes() {
-  static long long bytes = 0;  // off until measured on the device (kernels/NOTES.md v12)
-  return bytes;
-}
-
 bool tc_config(int cfg, TcConfig* out) {
   switch (cfg) {
 #define GRACE_CFG(id, mt, tn, wn, wk, xr, p) \

@@ -464,9 +464,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "1: programmatic dependent launch for the tensor-core / split-K kernels (enable after the weights "
         "are loaded); 0 (default): plain launches");
   m.def("pdl_enabled", []() { return (int64_t)grace_w4a16::pdl_flag(); }, "current PDL flag");
-  m.def("set_l2_prefetch", [](int64_t bytes) { grace_w4a16::l2_prefetch_bytes() = bytes > 0 ? bytes : 0; },
-        "L2 prefetch budget of a lean-kernel launch in bytes, shared by the first wave's CTAs (0 = off, default)");
-  m.def("l2_prefetch", []() { return (int64_t)grace_w4a16::l2_prefetch_bytes(); }, "current L2 prefetch budget");
   m.def("config_info", &config_info, "(MT, TN, WN, WK, XR, P) of a config id");
   m.def("choose_config", &choose_config, "config id the op uses for (M,N,K); -1 = dequant + cuBLAS");
   m.def("choose_splits", [](int64_t M, int64_t N, int64_t K) { return (int64_t)choose(M, N, K).splits; },

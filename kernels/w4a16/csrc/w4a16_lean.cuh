@@ -148,31 +148,10 @@ __device__ __forceinline__ void lean_x_refill(uint4 (&xb)[MT][2], const uint4* (
   }
 }
 
-// L2 prefetch of a CTA's weights (NOTES.md v12): the CTA's WN*TN tiles are consecutive, so their
-// weights (tile-major, every K block of a tile together) and scales are two contiguous ranges. Warp 0
-// asks for the first pf_bytes of the weights (16 KB per lane and request) and lane 0 for all the
-// scales, before pdl_wait: under PDL the DRAM reads of a CTA of the first wave then overlap the
-// kernel before this one, and without PDL the CTA's whole share is in flight from its start.
-// pf_bytes: a multiple of 512 (host: launch_lean_t), 0 = off.
-__device__ __forceinline__ void lean_prefetch_l2(const uint4* qw, const uint32_t* sc, int K, int NT, int tile0,
-                                                 int ntiles, int pf_bytes, int warp, int lane) {
-  if (pf_bytes <= 0 || warp != 0 || tile0 >= NT) return;
-  if (ntiles > NT - tile0) ntiles = NT - tile0;
-  const size_t tile_bytes = (size_t)(K / kKBlock) * 512;
-  size_t bytes = (size_t)ntiles * tile_bytes;
-  if (bytes > (size_t)pf_bytes) bytes = (size_t)pf_bytes;
-  const char* base = reinterpret_cast<const char*>(qw + (size_t)tile0 * (K / kKBlock) * 32);
-  constexpr size_t kPiece = 16384;
-  for (size_t off = (size_t)lane * kPiece; off < bytes; off += 32 * kPiece)
-    prefetch_l2_bulk(base + off, (uint32_t)(bytes - off < kPiece ? bytes - off : kPiece));
-  if (lane == 0)
-    prefetch_l2_bulk(sc + (size_t)tile0 * (K / kGroup) * 8, (uint32_t)((size_t)ntiles * (K / kGroup) * 32));
-}
-
 template <typename T, int MT, int TN, int WN, int WK, int P>
 __global__ void __launch_bounds__(WN * WK * 32)
     w4a16_lean_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const uint32_t* __restrict__ sc,
-                      T* __restrict__ out, int M, int N, int K, int pf_bytes) {
+                      T* __restrict__ out, int M, int N, int K) {
   static_assert(P % 2 == 0 && P >= 2, "lean kernel: P must be even (a group is 2 k64 blocks)");
   extern __shared__ float red[];  // [WK-1][WN][TN*MT*4][32], as the classic kernel
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -185,7 +164,6 @@ __global__ void __launch_bounds__(WN * WK * 32)
   for (int grp = blockIdx.y; grp < n_groups; grp += gridDim.y) {
   const int tile0 = (grp * WN + wn) * TN;
   const bool active = tile0 < NT;
-  lean_prefetch_l2(qw, sc, K, NT, grp * WN * TN, WN * TN, pf_bytes, warp, lane);
 
   float acc[TN][MT][4];
   tc_zero<MT, TN>(acc);
@@ -281,7 +259,7 @@ __host__ __device__ constexpr size_t lean_cp_smem_bytes(int MT, int TN, int WN, 
 template <typename T, int MT, int TN, int WN, int WK, int PS>
 __global__ void __launch_bounds__(WN * WK * 32)
     w4a16_lean_cp_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const uint32_t* __restrict__ sc,
-                         T* __restrict__ out, int M, int N, int K, int pf_bytes) {
+                         T* __restrict__ out, int M, int N, int K) {
   static_assert(PS >= 2, "lean cp kernel: at least 2 stages");
   constexpr int W = WN * WK;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -298,7 +276,6 @@ __global__ void __launch_bounds__(WN * WK * 32)
   for (int grp = blockIdx.y; grp < n_groups; grp += gridDim.y) {
   const int tile0 = (grp * WN + wn) * TN;
   const bool active = tile0 < NT;
-  lean_prefetch_l2(qw, sc, K, NT, grp * WN * TN, WN * TN, pf_bytes, warp, lane);
 
   float acc[TN][MT][4];
   tc_zero<MT, TN>(acc);

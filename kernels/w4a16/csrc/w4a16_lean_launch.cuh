@@ -15,9 +15,6 @@ constexpr size_t lean_smem_bytes(int MT, int TN, int WN, int WK, int PS) {
   return PS > 0 ? lean_cp_smem_bytes(MT, TN, WN, WK, PS) : tc_red_bytes(MT, TN, WN, WK);
 }
 
-template <typename T, int MT, int TN, int WN, int WK, int P, int PS>
-int lean_slots_t();
-
 // One CTA per group of WN*TN n16 tiles (grid.y), token chunks of MT*8 along grid.x: the classic
 // kernel's default launch (its persistent mode measured no faster and is not offered here).
 template <typename T, int MT, int TN, int WN, int WK, int P, int PS>
@@ -30,19 +27,8 @@ cudaError_t launch_lean_t(const void* x, const void* qw, const void* sc, void* o
   if (const cudaError_t e = raise_smem_limit_once<kern>(smem); e != cudaSuccess) return e;
   const int nt = N / kNTile;
   dim3 grid((M + MT * 8 - 1) / (MT * 8), (nt + WN * TN - 1) / (WN * TN));
-  // L2 prefetch (l2_prefetch_bytes(), NOTES.md v12): the budget shared by the CTAs of the first wave
-  // (resident slots from the occupancy API, queried once per config), at most a CTA's own weights.
-  int pf = 0;
-  if (const long long budget = l2_prefetch_bytes(); budget > 0) {
-    static const int slots = lean_slots_t<T, MT, TN, WN, WK, P, PS>();
-    const long long ctas = (long long)grid.x * grid.y, first = slots > 0 && slots < ctas ? slots : ctas;
-    const long long cta_bytes = (long long)WN * TN * (K / kKBlock) * 512, per = budget / first;
-    pf = (int)((per < cta_bytes ? per : cta_bytes) & ~511LL);
-    if (pf < 4096) pf = 0;  // fewer than 8 blocks a CTA: not worth the requests
-  }
   return launch_kernel(kern, grid, dim3(threads), smem, stream, true, static_cast<const T*>(x),
-                       static_cast<const uint4*>(qw), static_cast<const uint32_t*>(sc), static_cast<T*>(out), M, N, K,
-                       pf);
+                       static_cast<const uint4*>(qw), static_cast<const uint32_t*>(sc), static_cast<T*>(out), M, N, K);
 }
 
 // Resident-CTA slots (SMs x CTAs per SM) of a lean config, from the split-K launchers' resident_slots

@@ -15,8 +15,7 @@
 
 namespace grace_w4a16 {
 
-int& pdl_flag();           // defined in w4a16_bf16.cu
-long long& l2_prefetch_bytes();  // same: the lean kernels' L2 prefetch budget per launch (0 = off)
+int& pdl_flag();  // defined in w4a16_bf16.cu
 
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
@@ -29,15 +28,6 @@ __device__ __forceinline__ void pdl_wait() {
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
-// Asks the memory system to bring [p, p + bytes) into L2 (sm_90 bulk prefetch: one instruction, no
-// registers or shared memory, nothing to wait for). bytes: a multiple of 16, p 16-byte aligned. A
-// hint: it changes no result. Used by the lean kernels before pdl_wait (l2_prefetch_bytes()).
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
 #endif
 }
 
