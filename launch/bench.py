@@ -308,7 +308,7 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
         if mode == "graph":
             dec.capture()
         elif mode == "compile":
-            dec.compile(pdl=args.triton_pdl)
+            dec.compile(pdl=args.triton_pdl in ("all", "inductor"))
             dec.capture()
     except Exception as exc:  # noqa: BLE001 - report, then measure the next mode down
         failed = f"{mode} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
@@ -332,10 +332,13 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     t_dec = time.perf_counter() - t0
     tokens = dec.out[:, : args.new_tokens]
     same = bool(torch.equal(tokens[:, : check + 1], eager_tokens))
+    differ = (tokens[:, : check + 1] != eager_tokens).cpu()
+    mismatch = None if same else dict(rows=int(differ.any(1).sum()), first_step=int(differ.any(0).nonzero()[0]))
     kernel_where = _kv8_attention(model, device)
     res = dict(batch=batch, prompt_len=prompt_len, visual_tokens=n_visual, new_tokens=args.new_tokens,
                ttft_s=ttft, decode_s=t_dec, decode_steps=steps, decode_tok_s=batch * steps / t_dec,
-               ms_per_step=1000 * t_dec / steps, mode=mode, graph_matches_eager=same, note=note, prefill_chunk=chunk,
+               ms_per_step=1000 * t_dec / steps, mode=mode, graph_matches_eager=same, mismatch=mismatch, note=note,
+               prefill_chunk=chunk,
                kv_cache="int8" if kv_int8 else "16-bit",
                # what attended over the int8 cache, or over the 16-bit one (the kernel runs where Triton does)
                kv8_attention=kernel_where if kv_int8 else None,
@@ -409,11 +412,11 @@ def worker(args) -> None:
             from grace_ds.export.load import quantize_vision_
 
             result["vision"] = f"int8 ({quantize_vision_(model)} linears)"
-        if args.triton_pdl and torch.device(device).type == "cuda":
+        if args.triton_pdl in ("all", "attention") and torch.device(device).type == "cuda":
             from grace_ds.export import kv8_triton
 
             kv8_triton.set_pdl(True)
-            result["triton_pdl"] = True
+            result["triton_pdl"] = args.triton_pdl
         if args.variant == "int4" and args.pdl and torch.device(device).type == "cuda":
             import kernels.w4a16 as kw
 
@@ -523,7 +526,7 @@ def render(results: list[dict], args, command: str) -> str:
              + (f"; prefill in passes of at most {args.prefill_tokens} tokens over the batch (--prefill-tokens), both "
                 f"variants" if args.prefill_tokens else "")
              + ("; int4 variant: programmatic dependent launch (--pdl)" if args.pdl else "")
-             + ("; both variants: programmatic dependent launch for the Triton kernels (--triton-pdl)"
+             + (f"; both variants: programmatic dependent launch for the Triton kernels (--triton-pdl {args.triton_pdl})"
                 if args.triton_pdl else "")
              + "".join(sorted({f"; int4 variant: W4A16 configs from the card's tuned table ({Path(t[0]).name}, "
                                f"{t[1]} shapes; kernels/w4a16/sweep_decode.py)" for res in results
@@ -544,7 +547,9 @@ def render(results: list[dict], args, command: str) -> str:
                 continue
             note = r.get("note", "")
             if not r.get("graph_matches_eager", True):
-                note = (note + "; " if note else "") + "replayed tokens != eager tokens"
+                mm = r.get("mismatch") or {}
+                note = (note + "; " if note else "") + "replayed tokens != eager tokens" + (
+                    f" ({mm['rows']} of {r['batch']} rows, from token {mm['first_step']})" if mm else "")
             lines.append(
                 f"| {res['arch']} | {res['variant']} | {r['batch']} | {r['prompt_len']} ({r['visual_tokens']}) | "
                 f"{1000 * r['ttft_s']:.1f} | {r['decode_tok_s']:.1f} | {r['ms_per_step']:.2f} | "
@@ -619,10 +624,10 @@ def parse_args(argv=None):
     p.add_argument("--pdl", action="store_true",
                    help="int4 variant on CUDA: programmatic dependent launch for the W4A16 decode kernels "
                         "(kernels.w4a16.set_pdl)")
-    p.add_argument("--triton-pdl", action="store_true",
+    p.add_argument("--triton-pdl", nargs="?", const="all", default=None, choices=["all", "inductor", "attention"],
                    help="both variants on a Hopper GPU: programmatic dependent launch for the Triton kernels too - "
                         "inductor's (triton.enable_pdl, with --mode compile) and the attention, merge and int8 "
-                        "cache-write kernels (kv8_triton.set_pdl)")
+                        "cache-write kernels (kv8_triton.set_pdl); `inductor` or `attention`: only those")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="both variants: prompt tokens per language-model pass at prefill (chunked prefill)")
     p.add_argument("--prefill-tokens", type=int, default=None, metavar="N",
