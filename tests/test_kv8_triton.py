@@ -257,8 +257,9 @@ def compile_for_gpus() -> int:
                    "SP": "constexpr", "D": "constexpr", "PDL": "constexpr"}
             k = triton.compile(ASTSource(fn=kt._kv8_merge_kernel, signature=sig, constexprs={"SP": 16, "D": 128, "PDL": pdl}),
                                target=GPUTarget("cuda", arch, 32))
-            # with PDL the merge lets the next kernel (the output projection) launch once it has waited
-            assert len(k.asm["cubin"]) > 0 and ("griddepcontrol.launch_dependents" in k.asm["ptx"]) == pdl
+            # with PDL the merge waits for the attention kernel, and never lets the next kernel launch early
+            assert len(k.asm["cubin"]) > 0 and ("griddepcontrol.wait" in k.asm["ptx"]) == pdl
+            assert "griddepcontrol.launch_dependents" not in k.asm["ptx"]
             n += 1
         for st, pdl in (("*bf16", False), ("*fp16", False), ("*bf16", True)):   # the cache write, from 16-bit states
             if pdl and arch != 90:

@@ -62,8 +62,9 @@ LAUNCH = {"block": 128, "num_warps": 4, "num_stages": 3, "programs": 264, "skip"
 LAUNCH16 = {"block": 32, "num_warps": 4, "num_stages": 3, "programs": 264}
 # Programmatic dependent launch for every kernel of this module (set_pdl; Hopper, off by default): each is
 # launched with Triton's launch_pdl and waits (gdc_wait) before it reads anything, so it may be scheduled
-# while the kernel before it finishes; the merge kernel lets the next kernel launch (gdc_launch_dependents)
-# as soon as it has waited: the W4A16 output projection after it then streams its weights meanwhile.
+# while the kernel before it finishes. None of them lets the next kernel launch early
+# (gdc_launch_dependents): the kernel after the merge may be one that does not wait (H200 17:39 UTC: with
+# an early trigger in the merge, bf16 batch-16 decode tokens differed between eager and graph replay).
 _PDL = {"on": False}
 
 
@@ -352,7 +353,6 @@ if triton is not None:
         """One (row, head): combine the splits' (max, sum, unnormalised output)."""
         if PDL:
             tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         r = tl.program_id(0)
         sp = tl.arange(0, SP)
         smask = sp < n_splits
