@@ -88,7 +88,6 @@ SWEEP16 = ([32, 64], [4], [2, 3, 4], [264, 1056])
 # kernel options (kv8_triton.LAUNCH) timed at the fastest launch configuration, each switched on its own
 # ("none": all off, the kernel as first measured, with plain int8 -> fp16 casts)
 OPTIONS = {"skip": {"skip": True}, "no qk_int8": {"qk_int8": False}, "no vwords": {"vwords": False},
-           "fma (MHA)": {"fma": 1},
            "no asm": {"asm": False}, "none": {"skip": False, "asm": False, "vwords": False, "qk_int8": False}}
 
 

@@ -34,8 +34,8 @@ What one measurement is (per architecture x variant x batch):
   model's bytes (KV_INT8_AUTO_FRACTION; LLaVA-1.5-7B at batch 16, never Qwen2-VL-7B's 4 kv heads);
 - `--serving`: every option of the fastest setup measured (H200, docs/export.md) in one flag:
   `--mode compile --int4-lm-head --int8-embed --int8-vision --fuse-proj --attn16-kernel --pdl
-  --expandable-segments --kv-int8-auto --prefill-tokens 2048` (explicit `--mode`, `--kv-int8` or a
-  prefill option win);
+  --expandable-segments --triton-pdl --kv-int8-auto --prefill-tokens 2048` (explicit `--mode`,
+  `--triton-pdl WHICH`, `--kv-int8` or a prefill option win);
 - `--kv8-portable`: with `--kv-int8`, the portable multiply + reduce attention instead of the kernel
   (sets GRACE_KV8_TRITON=0; fused by `--mode compile`, slow eagerly); `--kv8-triton`, the kernel,
   is the default and stays accepted;
@@ -51,6 +51,10 @@ What one measurement is (per architecture x variant x batch):
 - `--expandable-segments`: both variants' workers run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   (peak reserved memory nearer peak allocated);
 - `--pdl`: the int4 variant's W4A16 kernels use programmatic dependent launch (Hopper);
+- `--triton-pdl [all|inductor|attention]`: both variants' Triton kernels use it too: inductor's
+  (`triton.enable_pdl`, `--mode compile`) and the attention, merge and int8 cache-write kernels
+  (kv8_triton.set_pdl). H200, 2026-11-29: LLaVA-1.5-7B's INT4 batch-1 step 2.30 -> 1.93-1.96 ms, its
+  bf16 step 4.52 -> 4.24 ms (docs/benchmarks.md);
 - `--prefill-chunk N`: both variants run the prompt through the language model N tokens at a time
   (less activation memory at batch 16; the vision tower still sees every image at once);
 - `--prefill-tokens N`: a token budget per prompt pass over the batch instead: one pass where the
@@ -239,7 +243,8 @@ def model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-# the on/off options --serving turns on (with --mode compile, --kv-int8-auto and --prefill-tokens 2048)
+# the on/off options --serving turns on (with --mode compile, --triton-pdl all, --kv-int8-auto and
+# --prefill-tokens 2048)
 SERVING_FLAGS = ("int4_lm_head", "int8_embed", "int8_vision", "fuse_proj", "attn16_kernel", "pdl", "expandable_segments")
 
 # --kv-int8-auto: the int8 cache where the 16-bit one would exceed this fraction of the INT4 model's bytes.
@@ -645,7 +650,7 @@ def parse_args(argv=None):
     p.add_argument("--serving", action="store_true",
                    help="the fastest serving setup measured (H200, 2026-11-29; docs/export.md): --mode compile "
                         + " ".join("--" + n.replace("_", "-") for n in SERVING_FLAGS)
-                        + " --kv-int8-auto and, unless a prefill option is given, --prefill-tokens 2048")
+                        + " --triton-pdl --kv-int8-auto and, unless a prefill option is given, --prefill-tokens 2048")
     p.add_argument("--kv-int8-min-batch", type=int, default=1, metavar="B",
                    help="with --kv-int8: the int8 cache only for batches of at least B; smaller ones keep the 16-bit "
                         "cache (and, with --attn16-kernel, its kernel). Default 1: every batch")
@@ -681,6 +686,8 @@ def parse_args(argv=None):
             setattr(args, name, True)
         if not args.kv_int8:
             args.kv_int8_auto = True
+        if args.triton_pdl is None:
+            args.triton_pdl = "all"
         if args.prefill_tokens is None and args.prefill_chunk is None:
             args.prefill_tokens = 2048
     if args.smoke:

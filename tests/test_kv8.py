@@ -215,6 +215,9 @@ def test_bench_kv_int8_auto_and_serving_preset(tmp_path, monkeypatch, capsys):
     assert args.mode == "compile" and args.kv_int8_auto and not args.kv_int8 and args.prefill_tokens == 2048
     assert all(getattr(args, n) for n in ("int4_lm_head", "int8_embed", "int8_vision", "fuse_proj", "attn16_kernel",
                                            "pdl", "expandable_segments"))
+    assert args.triton_pdl == "all" and bench.parse_args([]).triton_pdl is None
+    assert bench.parse_args(["--serving", "--triton-pdl", "inductor"]).triton_pdl == "inductor"
+    assert "--triton-pdl" in bench._forwarded(args)
     assert bench.parse_args(["--serving", "--mode", "graph", "--prefill-chunk", "64"]).mode == "graph"
     rc = bench.main(["--smoke", "--in-process", "--arch", "tiny-qwen2vl", "--batch", "1", "2", "--new-tokens", "3",
                      "--kv-int8-auto", "--json", str(tmp_path / "t.json"), "--out", str(tmp_path / "t.md")])
@@ -304,7 +307,7 @@ def test_all_serving_options_compose_in_one_graph(arch):
 def test_composed_decode_step_compiles_with_inductor():
     """`--mode compile` for real (inductor's C++ backend here, Triton on the GPU): the INT4 model
     with INT4 head, fused projections and INT8 KV cache lowers (the W4A16 op through its fake
-    kernel, the int8 attention, the scale views) and decodes the eager tokens."""
+    kernel, the int8 attention, the scale views) and decodes the eager tokens, with inductor's PDL option on."""
     import shutil
 
     import torch._dynamo
@@ -323,7 +326,7 @@ def test_composed_decode_step_compiles_with_inductor():
         dec, ref = _run(model, cfg, True)
         dec.prefill(tiny_prompt(cfg)[0])
         torch._dynamo.reset()
-        dec.compile()
+        dec.compile(pdl=True)   # --triton-pdl's inductor option: accepted here, inert on the C++ backend
         dec.run_steps(6)
     assert torch.equal(dec.out[:, :7], ref)
 

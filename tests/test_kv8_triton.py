@@ -26,7 +26,7 @@ CASES = [
 ]
 # kernel options (kv8_triton.LAUNCH) each case runs under: the defaults, then each option switched
 VARIANTS = [{}, {"skip": True}, {"qk_int8": False}, {"vwords": False, "asm": False, "qk_int8": False},
-            {"block": 64, "num_warps": 8}, {"block": 32, "num_stages": 4}, {"fma": 8, "block": 32, "num_warps": 8}]
+            {"block": 64, "num_warps": 8}, {"block": 32, "num_stages": 4}]
 
 
 def check(device: str) -> float:
@@ -214,14 +214,14 @@ def compile_for_gpus() -> int:
     div = ("Q", "K", "V", "Bias", "M_out", "L_out", "Acc_out", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l", "sv_b", "sv_h",
            "sv_l", "sb_b")
 
-    def decode_kernel(fn, arch, qt, kvt, mma=True, **consts):
+    def decode_kernel(fn, arch, qt, kvt, **consts):
         consts.setdefault("PDL", False)   # every constexpr of the kernel is named in an AOT compile
         sig = {"Q": qt, "K": kvt, "V": kvt, "Bias": "*fp32", "M_out": "*fp32", "L_out": "*fp32", "Acc_out": "*fp32",
                **{k: "i32" for k in ints}, "scaling": "fp32", **{k: "constexpr" for k in consts}}
         attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", arch, 32))
-        assert ("mma" in k.asm["ptx"]) == mma and len(k.asm["cubin"]) > 0, (fn.__name__, arch, qt, consts)
+        assert "mma" in k.asm["ptx"] and len(k.asm["cubin"]) > 0, (fn.__name__, arch, qt, consts)
         # set_pdl's kernels wait for the kernel before them before any load; the others never do
         assert ("griddepcontrol.wait" in k.asm["ptx"]) == consts.get("PDL", False), (fn.__name__, consts)
 
@@ -232,13 +232,8 @@ def compile_for_gpus() -> int:
                 decode_kernel(kt._kv8_decode_kernel, arch, qt, "*i8", G=G, GP=max(kt.MIN_ROWS, triton.next_power_of_2(G)),
                               D=D, BLOCK=kt.LAUNCH["block"], HAS_BIAS=has_bias, VIA_FP32=False, EVEN=has_bias,
                               SKIP=kt.LAUNCH["skip"], ASM=kt.LAUNCH["asm"], VWORDS=kt.LAUNCH["vwords"],
-                              QK_INT8=kt.LAUNCH["qk_int8"] and D >= 32, FMA=False)
+                              QK_INT8=kt.LAUNCH["qk_int8"] and D >= 32)
                 n += 1
-            # the CUDA-core variant (LAUNCH["fma"]) for MHA: no tensor-core instruction
-            decode_kernel(kt._kv8_decode_kernel, arch, qt, "*i8", mma=False, G=1, GP=1, D=128, BLOCK=kt.LAUNCH["block"],
-                          HAS_BIAS=True, VIA_FP32=False, EVEN=True, SKIP=False, ASM=True, VWORDS=True, QK_INT8=True,
-                          FMA=True)
-            n += 1
             for G, has_bias in ((1, True), (7, False)):     # the 16-bit kernel, over a cache of the query's dtype
                 decode_kernel(kt._kv16_decode_kernel, arch, qt, qt, G=G, GP=max(kt.MIN_ROWS, triton.next_power_of_2(G)),
                               D=128, BLOCK=kt.LAUNCH16["block"], HAS_BIAS=has_bias, VIA_FP32=False, EVEN=has_bias)
@@ -246,7 +241,7 @@ def compile_for_gpus() -> int:
         if arch == 90:   # programmatic dependent launch (set_pdl, Hopper only)
             decode_kernel(kt._kv8_decode_kernel, arch, "*bf16", "*i8", G=1, GP=kt.MIN_ROWS, D=128, BLOCK=kt.LAUNCH["block"],
                           HAS_BIAS=True, VIA_FP32=False, EVEN=True, SKIP=False, ASM=True, VWORDS=True, QK_INT8=True,
-                          FMA=False, PDL=True)
+                          PDL=True)
             decode_kernel(kt._kv16_decode_kernel, arch, "*bf16", "*bf16", G=7, GP=kt.MIN_ROWS, D=128,
                           BLOCK=kt.LAUNCH16["block"], HAS_BIAS=True, VIA_FP32=False, EVEN=True, PDL=True)
             n += 2
@@ -283,7 +278,7 @@ def test_cache_write_kernel_matches_the_torch_update_in_the_interpreter():
 
 def test_kernels_compile_to_cubin_for_hopper_and_ampere():
     out = _run_this_file(["aot"], TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(ROOT / ".venv" / "triton-cache"))
-    assert "compiled 36 kernels" in out
+    assert "compiled 32 kernels" in out
 
 
 def test_kernel_is_the_default_on_a_gpu_or_the_interpreter(monkeypatch):

@@ -49,13 +49,11 @@ MIN_ROWS = 16          # tl.dot's smallest M
 # asm: int8 -> fp16 by byte arithmetic in inline PTX, not one I2F per value; vwords: the value codes
 # loaded as int32 words and converted before tl.dot's transposed layout (fp16 takes ldmatrix.trans;
 # int8 came back from shared memory one byte per load); qk_int8: scores by int8 tensor-core dots
-# (a two-part int8 query; no conversion of the keys); fma: for at most this many query heads per kv head,
-# scores and value product on the CUDA cores, fp32 multiply + reduce, instead of tl.dot's 16 padded rows
-# (0 = never; written 2026-11-29 for MHA's one head, not yet timed on a GPU). Defaults: the fastest on an
+# (a two-part int8 query; no conversion of the keys). Defaults: the fastest on an
 # H200 for LLaVA-1.5-7B at batch 16 and within 0.3 us of it for the other cases (2026-11-29 10:58 UTC,
 # docs/benchmarks.md).
 LAUNCH = {"block": 128, "num_warps": 4, "num_stages": 3, "programs": 264, "skip": False, "asm": True, "vwords": True,
-          "qk_int8": True, "fma": 0}
+          "qk_int8": True}
 # The 16-bit kernel's (decode_attention16): the fastest of the sweep's 24 launches on an H200 for both
 # models at batch 16 (LLaVA-1.5-7B 60.9 us = 95% of the copy rate; Qwen2-VL-7B 16.1 us) and within 0.2 us
 # of it at batch 1 (2026-11-29 12:45 UTC, docs/benchmarks.md).
@@ -63,8 +61,9 @@ LAUNCH16 = {"block": 32, "num_warps": 4, "num_stages": 3, "programs": 264}
 # Programmatic dependent launch for every kernel of this module (set_pdl; Hopper, off by default): each is
 # launched with Triton's launch_pdl and waits (gdc_wait) before it reads anything, so it may be scheduled
 # while the kernel before it finishes. None of them lets the next kernel launch early
-# (gdc_launch_dependents): the kernel after the merge may be one that does not wait (H200 17:39 UTC: with
-# an early trigger in the merge, bf16 batch-16 decode tokens differed between eager and graph replay).
+# (gdc_launch_dependents): the kernel after the merge may be one that does not wait for it (a library
+# GEMM), and an early trigger in the merge measured no faster (H200, 2026-11-29: LLaVA-1.5-7B INT4 batch 1
+# 1.93-1.96 ms a step with it, 1.95 without; docs/benchmarks.md).
 _PDL = {"on": False}
 
 
@@ -201,7 +200,7 @@ if triton is not None:
                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                            HAS_BIAS: tl.constexpr, VIA_FP32: tl.constexpr, EVEN: tl.constexpr = False,
                            SKIP: tl.constexpr = False, ASM: tl.constexpr = True,
-                           VWORDS: tl.constexpr = False, QK_INT8: tl.constexpr = False, FMA: tl.constexpr = False,
+                           VWORDS: tl.constexpr = False, QK_INT8: tl.constexpr = False,
                            PDL: tl.constexpr = False):
         if PDL:
             tl.extra.cuda.gdc_wait()
@@ -212,12 +211,7 @@ if triton is not None:
         # absmax (folded back into the scores), the codes are exact, p * v_scale by the block's max scale
         qmax = tl.max(tl.abs(q), 1)
         qmax = tl.where(qmax > 0, qmax, 1.0)
-        if FMA:
-            # FMA (LAUNCH["fma"], for few query heads per kv head, e.g. MHA's one): no tensor cores - GP is
-            # G rounded up to a power of two, not to tl.dot's 16 rows, and the scores and the value product
-            # are fp32 multiply + reduce over the codes as loaded (no layout change through shared memory)
-            qs = qmax * 0.0 + scaling
-        elif QK_INT8:
+        if QK_INT8:
             # the query as two int8 parts, x = q * 127 / |q|max ~ hi + lo / 254 (error <= 1 / 508 of a step:
             # finer than fp16), so the scores are two int8 x int8 dots (IMMA, exact in int32) with the key
             # codes as they are stored: no conversion of the keys. One part alone costs ~1% of the output
@@ -267,9 +261,7 @@ if triton is not None:
                 ks = tl.load(ks_ptrs, mask=live, other=0.0)
                 vc = tl.load(v_ptrs, mask=live[:, None], other=0)
                 vs = tl.load(vs_ptrs, mask=live, other=0.0)
-            if FMA:
-                s = tl.sum(q[:, None, :] * kc.to(tl.float32)[None, :, :], 2)
-            elif QK_INT8:
+            if QK_INT8:
                 kt = tl.trans(kc)
                 s = tl.dot(qn, kt, out_dtype=tl.int32).to(tl.float32) + \
                     tl.dot(qlo, kt, out_dtype=tl.int32).to(tl.float32) * (1.0 / 254.0)
@@ -285,13 +277,10 @@ if triton is not None:
                 vc = _words_to_f16(vc, BLOCK, D, VIA_FP32, ASM)
             else:
                 vc = _i8_to_f16(vc, VIA_FP32, ASM)
-            if FMA:
-                acc = acc * alpha[:, None] + tl.sum((p * vs[None, :])[:, :, None] * vc.to(tl.float32)[None, :, :], 1)
-            else:
-                vmax = tl.max(vs, 0)
-                vmax = tl.where(vmax > 0, vmax, 1.0)
-                pv = (p * (vs / vmax)[None, :]).to(tl.float16)
-                acc = acc * alpha[:, None] + tl.dot(pv, vc) * vmax
+            vmax = tl.max(vs, 0)
+            vmax = tl.where(vmax > 0, vmax, 1.0)
+            pv = (p * (vs / vmax)[None, :]).to(tl.float16)
+            acc = acc * alpha[:, None] + tl.dot(pv, vc) * vmax
             m_i = m_new
             k_ptrs += BLOCK * sk_l
             v_ptrs += BLOCK * sv_l // 4 if VWORDS else BLOCK * sv_l
@@ -513,8 +502,7 @@ if triton is not None:
         packed = key.dtype == torch.int8          # kv8's packed cache, or a 16-bit one (decode_attention16)
         L = _cache_length(key.shape[2], D) if packed else key.shape[2]
         G = H // Hk
-        fma = packed and G <= LAUNCH["fma"]
-        GP = triton.next_power_of_2(G) if fma else max(MIN_ROWS, triton.next_power_of_2(G))
+        GP = max(MIN_ROWS, triton.next_power_of_2(G))
         launch = LAUNCH if packed else LAUNCH16
         block = launch["block"]
         S = n_splits_for(B * Hk, L, launch=launch)
@@ -534,7 +522,7 @@ if triton is not None:
                       EVEN=L % block == 0, num_warps=launch["num_warps"], num_stages=launch["num_stages"], **_pdl_launch())
         if packed:
             _kv8_decode_kernel[(B * Hk, S)](*args, **common, SKIP=LAUNCH["skip"], ASM=LAUNCH["asm"],
-                                            VWORDS=LAUNCH["vwords"], QK_INT8=LAUNCH["qk_int8"] and D >= 32, FMA=fma)
+                                            VWORDS=LAUNCH["vwords"], QK_INT8=LAUNCH["qk_int8"] and D >= 32)
         else:
             _kv16_decode_kernel[(B * Hk, S)](*args, **common)
         out = torch.empty(B, H, 1, D, device=dev, dtype=query.dtype)   # the merge writes the query's dtype
