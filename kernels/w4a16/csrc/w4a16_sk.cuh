@@ -80,12 +80,7 @@ __global__ void __launch_bounds__(WN * 32, MB)
   }
 
   float acc[TN][MT][4];
-#pragma unroll
-  for (int i = 0; i < TN; ++i)
-#pragma unroll
-    for (int j = 0; j < MT; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+  tc_zero<MT, TN>(acc);
 
   uint4 wbuf[P][TN];
   uint32_t sbuf[P][TN];
