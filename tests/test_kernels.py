@@ -21,7 +21,7 @@ from kernels.w4a16.pack import _index_tables
 
 CSRC = Path(__file__).resolve().parents[1] / "kernels" / "w4a16" / "csrc"
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192), (8192, 28672)]
-GPU_MS = [1, 3, 16, 33, 64, 256, 1024]
+GPU_MS = [1, 3, 16, 33, 48, 64, 100, 160, 256, 1024]  # 48-384: the wgmma kernel on Hopper
 
 
 def rand_weight(N, K, device="cpu", seed=None):
@@ -426,6 +426,28 @@ def test_gpu_lean_configs_against_float64(ext, N, K):
                 ext.tc_gemm_out(x, p["qweight"], p["scales"], cfg, out, 0)
                 err = rel_err(out, ref64(x, codes, scales.to(dtype)))
                 assert err <= tol, (cfg, ext.config_info(cfg), M, N, K, dtype, err)
+
+
+@gpu
+@pytest.mark.parametrize("M", [1, 17, 48, 64, 100, 130])
+def test_gpu_every_wgmma_config_poisoned(ext, M):
+    """Every Hopper wgmma config (register and shared weight rings, token tiles 16-256) against float64, with
+    its automatic split count and forced splits 1 and 3 (uneven K ranges: fp32 atomics + finalize), partial
+    token tiles, NaN-poisoned outputs, both dtypes. N = 11072 is not a multiple of any CTA's rows (64-256),
+    so clamped warpgroups and tiles run too."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma kernel needs an sm_90 GPU")
+    N, K = 11072, 4096
+    codes, scales = rand_weight(N, K, "cuda")
+    for dtype in (torch.bfloat16, torch.float16):
+        p = pack_weights(codes, scales, dtype=dtype)
+        ref_w = scales.to(dtype)
+        for cfg in range(ext.num_wgmma_configs):
+            for splits in (0, 1, 3):
+                x = torch.randn(M, K, device="cuda", dtype=dtype)
+                out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+                ext.wgmma_gemm_out(x, p["qweight"], p["scales"], cfg, out, splits)
+                assert rel_err(out, ref64(x, codes, ref_w)) <= 1e-2, (cfg, splits, M, dtype)
 
 
 @gpu

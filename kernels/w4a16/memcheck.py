@@ -29,7 +29,7 @@ def main():
             scales = torch.rand(N, K // 128) * 0.01 + 0.005
             for dt in (torch.bfloat16, torch.float16):
                 p = {k: v.cuda() for k, v in pack_weights(codes, scales, dtype=dt).items()}
-                for M in (1, 65, 130, 257):
+                for M in (1, 17, 33, 65, 130, 257):
                     x = torch.randn(M, K, dtype=dt, device="cuda")
                     for c in range(ext.num_wgmma_configs):
                         ext.wgmma_gemm(x, p["qweight"], p["scales"], c)

@@ -157,8 +157,8 @@ def set_lean(on: bool = True) -> None:
 def w4a16_gemm(x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int = GROUP_SIZE) -> torch.Tensor:
     """out (..., N) = x (..., K) @ W.T for a weight packed by ``pack_weights``.
 
-    CUDA: ``torch.ops.grace.w4a16_gemm`` (mma.sync kernels up to M = 128, the Hopper wgmma kernel
-    for 129..384, dequantise + cuBLAS above). Elsewhere: the pure-PyTorch reference. x: bf16 or fp16 on CUDA; the packed scales are
+    CUDA: ``torch.ops.grace.w4a16_gemm`` (mma.sync kernels up to M = 47, on Hopper the wgmma kernel for
+    48..384 when N % 64 == 0 (mma.sync up to 128 elsewhere), dequantise + cuBLAS above). Elsewhere: the pure-PyTorch reference. x: bf16 or fp16 on CUDA; the packed scales are
     converted to x's dtype if they differ (pack for the serving dtype to avoid that).
     """
     if group_size != GROUP_SIZE:

@@ -1,7 +1,7 @@
 """Device check + sweep of the Hopper wgmma W4A16 kernel (csrc/w4a16_wgmma.cuh; first run on an H100
 2026-11-28: 271/271 correct, results in kernels/BENCHMARKS.md).
 
-    python -m kernels.w4a16.wgmma_check --out DIR [--quick]
+    python -m kernels.w4a16.wgmma_check --out DIR [--quick] [--configs 6,7] [--ms 16,64] [--no-op]
 
 One device call (H100/H200, < 3 min including the ~60-100 s build):
 1. build the extension (subprocess `python -m kernels.w4a16.build`);
@@ -40,7 +40,8 @@ TOL = 1e-2
 
 def _fits(x_tile: int, M: int) -> bool:
     """Token tiles worth timing at M (correctness runs every config at every M)."""
-    return x_tile == 64 or (x_tile == 128 and M >= 100) or (x_tile == 256 and M >= 256)
+    return (x_tile <= 32 and M <= 2 * x_tile) or x_tile == 64 or (x_tile == 128 and M >= 100) or \
+        (x_tile == 256 and M >= 256)
 
 
 # ------------------------------------------------------------------------------------------ workers
@@ -55,7 +56,7 @@ def _done_keys(path, kind):
     return {r["key"] for r in _load(path, kind)}
 
 
-def worker_check(out, skip_cfgs, quick):
+def worker_check(out, skip_cfgs, quick, only=(), ms_sel=(), no_op=False):
     import torch
 
     from .bench import rand_weight, rel_err
@@ -67,14 +68,16 @@ def worker_check(out, skip_cfgs, quick):
     path = os.path.join(out, "wg_check.jsonl")
     done = _done_keys(path, "result")
     ncfg = int(ext.num_wgmma_configs)
-    cfgs = [c for c in range(ncfg) if c not in skip_cfgs]
+    cfgs = [c for c in range(ncfg) if c not in skip_cfgs and (not only or c in only)]
     shapes = SHAPES[:2] if quick else SHAPES
-    plan = [(s, torch.bfloat16, MS) for s in shapes] + [(s, torch.float16, FP16_MS) for s in FP16_SHAPES if s in shapes]
+    ms_b = list(ms_sel) or MS
+    ms_h = [m for m in ms_b if m in FP16_MS or m < 64][:3] if ms_sel else FP16_MS
+    plan = [(s, torch.bfloat16, ms_b) for s in shapes] + [(s, torch.float16, ms_h) for s in FP16_SHAPES if s in shapes]
     for (N, K), dt, ms in plan:
         codes = scales = p = w64 = None
         for M in ms:
-            cases = [(f"c{c}", c, 0) for c in cfgs] + [(f"c{c}s3", c, 3) for c in cfgs[:1] if M <= 128]
-            if -1 not in skip_cfgs:
+            cases = [(f"c{c}", c, 0) for c in cfgs] + [(f"c{c}s3", c, 3) for c in (cfgs if only else cfgs[:1]) if M <= 128]
+            if -1 not in skip_cfgs and not no_op:
                 cases.append(("op_wg", -1, 0))
             for name, cfg, splits in cases:
                 key = f"{N}x{K}|{M}|{str(dt)[6:]}|{name}"
@@ -124,7 +127,7 @@ def worker_check(out, skip_cfgs, quick):
         torch.cuda.empty_cache()
 
 
-def worker_time(out, cfgs, quick, skip_cfgs=frozenset()):
+def worker_time(out, cfgs, quick, skip_cfgs=frozenset(), ms_sel=(), no_op=False):
     import torch
 
     from .bench import graph_time, weight_copies
@@ -135,7 +138,7 @@ def worker_time(out, cfgs, quick, skip_cfgs=frozenset()):
     done = _done_keys(path, "result")
     info = {c: list(ext.wgmma_info(c)) for c in cfgs}
     shapes = SHAPES[:2] if quick else SHAPES
-    ms = MS[:4] if quick else MS
+    ms = list(ms_sel) or (MS[:4] if quick else MS)
     for (N, K) in shapes:
         W, Q = weight_copies(N, K)
         for M in ms:
@@ -145,7 +148,7 @@ def worker_time(out, cfgs, quick, skip_cfgs=frozenset()):
                        ("op", lambda: [lambda q=q: torch.ops.grace.w4a16_gemm(x, q["qweight"], q["scales"], 128) for q in Q])]
             methods += [(f"c{c}", lambda c=c: [lambda q=q: ext.wgmma_gemm(x, q["qweight"], q["scales"], c) for q in Q])
                         for c in cfgs if _fits(info[c][0], M)]
-            if -1 not in skip_cfgs:
+            if -1 not in skip_cfgs and not no_op:
                 methods.append(("op_wg", None))
             for name, fns in methods:
                 key = f"{N}x{K}|{M}|{name}"
@@ -201,7 +204,7 @@ def _last_start_cfg(path):
     return None, None, False
 
 
-def _run_worker(kind, out, extra, deadline, quick, crashed):
+def _run_worker(kind, out, extra, deadline, quick, crashed, sel=()):
     """Runs a worker until it finishes, restarting without the config that crashed it."""
     path = os.path.join(out, "wg_check.jsonl" if kind == "check" else "wg_time.jsonl")
     for _attempt in range(8):
@@ -213,6 +216,7 @@ def _run_worker(kind, out, extra, deadline, quick, crashed):
                "--cfgs", ",".join(map(str, extra)), "--skip", ",".join(map(str, sorted(crashed)))]
         if quick:
             cmd.append("--quick")
+        cmd += sel
         try:
             rc = subprocess.run(cmd, timeout=left).returncode
         except subprocess.TimeoutExpired:
@@ -248,6 +252,10 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="two shapes, M <= 256 (timing)")
     ap.add_argument("--budget", type=float, default=175.0, help="seconds for the whole run, build included")
+    ap.add_argument("--configs", default="", help="comma-separated wg config ids to check and time (default: all)")
+    ap.add_argument("--ms", default="", help="comma-separated token counts for both the checks and the timing")
+    ap.add_argument("--time-ms", default="", help="comma-separated token counts for the timing (default: --ms)")
+    ap.add_argument("--no-op", action="store_true", help="leave out the op with the opt-in wgmma dispatch")
     ap.add_argument("--worker", choices=["check", "time"], help=argparse.SUPPRESS)
     ap.add_argument("--cfgs", default="", help=argparse.SUPPRESS)
     ap.add_argument("--skip", default="", help=argparse.SUPPRESS)
@@ -258,9 +266,9 @@ def main(argv=None):
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     ids = lambda s: [int(v) for v in s.split(",") if v != ""]  # noqa: E731
     if args.worker == "check":
-        return worker_check(args.out, set(ids(args.skip)), args.quick)
+        return worker_check(args.out, set(ids(args.skip)), args.quick, set(ids(args.configs)), ids(args.ms), args.no_op)
     if args.worker == "time":
-        return worker_time(args.out, ids(args.cfgs), args.quick, set(ids(args.skip)))
+        return worker_time(args.out, ids(args.cfgs), args.quick, set(ids(args.skip)), ids(args.time_ms or args.ms), args.no_op)
 
     t0 = time.time()
     deadline = t0 + args.budget
@@ -282,7 +290,9 @@ def main(argv=None):
     crashed: set[int] = set()
     # 60% of what is left goes to correctness, the rest to timing
     t_check_end = time.time() + 0.6 * (deadline - time.time())
-    _run_worker("check", args.out, [], t_check_end, args.quick, crashed)
+    sel = (["--configs", args.configs] if args.configs else []) + (["--ms", args.ms] if args.ms else []) + \
+        (["--time-ms", args.time_ms] if args.time_ms else []) + (["--no-op"] if args.no_op else [])
+    _run_worker("check", args.out, [], t_check_end, args.quick, crashed, sel)
     checks = _load(os.path.join(args.out, "wg_check.jsonl"))
     # a config is timed only if its automatic-split cases all passed (forced-split failures are reported)
     bad_cfgs = {r["cfg"] for r in checks if not r.get("ok") and r.get("cfg", -1) >= 0 and not r.get("splits")}
@@ -296,7 +306,7 @@ def main(argv=None):
     for r in [r for r in checks if not r.get("ok")][:25]:
         print("  FAIL", {k: r.get(k) for k in ("key", "rel_err", "error", "crashed", "bad_frac", "bad_tokens", "bad_features")}, flush=True)
 
-    _run_worker("time", args.out, list(good), deadline, args.quick, {-1} if -1 in crashed else set())
+    _run_worker("time", args.out, list(good), deadline, args.quick, {-1} if -1 in crashed else set(), sel)
     times = _load(os.path.join(args.out, "wg_time.jsonl"))
 
     # ---- table: one row per (shape, M)

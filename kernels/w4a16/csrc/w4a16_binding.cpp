@@ -46,9 +46,9 @@ at::Tensor contiguous_aligned(const at::Tensor& x) {
 }
 
 // ---- Hopper wgmma kernel (w4a16_wgmma.cuh). Verified on an H100 (kernels/NOTES.md v5: 271 checks, worst
-// rel err 2.2e-3). Dispatch flag: 0 = auto (default: the op uses it where it measured faster than the
-// other paths, 129 <= M <= 384 on sm_90 with N % 64 == 0), 1 = every M >= 64 (GRACE_W4A16_WGMMA=1),
-// -1 = never (GRACE_W4A16_WGMMA=0).
+// rel err 2.2e-3) and, with the shared weight ring (v13), on an H200. Dispatch flag: 0 = auto (default: the
+// op uses it where it measured faster than the other paths, 48 <= M <= 384 on sm_90 with N % 64 == 0),
+// 1 = every M >= 48 (GRACE_W4A16_WGMMA=1), -1 = never (GRACE_W4A16_WGMMA=0).
 bool device_is_sm90(const at::Tensor& t) {
   int major = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device());
@@ -64,15 +64,19 @@ int& wgmma_dispatch_flag() {
   return flag;
 }
 
-// Which wg config the dispatch uses (H100 sweep, kernels/NOTES.md v5: c2 best at M 100-128, c4 at M >= 256).
-int choose_wgmma(int64_t M) { return M <= 96 ? 0 : (M <= 192 ? 2 : 4); }
+// Which wg config the dispatch uses. H200 sweep of 2026-11-29 19:08 UTC (kernels/NOTES.md v13, the five
+// issue shapes): the shared-ring c6 (64 tokens per CTA) was the fastest at M = 48-96 and 192, c17 (128
+// tokens) at M = 128, the register-ring c4 (256 tokens) at M = 256.
+int choose_wgmma(int64_t M) { return M <= 64 ? 6 : (M <= 128 ? 17 : (M <= 192 ? 6 : 4)); }
 
-// Auto range: at M = 256 the wgmma kernel measured 1.24-1.90x faster than split-K / dequantise+cuBLAS on
-// all five shapes; at M = 100-128 within +-8% of the sk kernel; at M = 64 and M >= 1024 slower.
+// Auto range. 48 <= M <= 128: c6 / c17 measured 1.03-1.36x faster than the split-K kernels on the five
+// issue shapes (H200, v13); M = 192: c6 1.13-1.63x faster than v5's choice there (c2); 193-384: c4 (v5, H100:
+// 1.24-1.90x faster than split-K / dequantise + cuBLAS at M = 256). Below M = 48 the mma.sync kernels win
+// (M = 32: the best wg config 0.9-1.0x of them); at M >= 1024 dequantise + cuBLAS does.
 bool use_wgmma(int64_t M, int64_t N, const at::Tensor& x) {
   const int flag = wgmma_dispatch_flag();
   if (flag < 0 || N % 64 != 0) return false;
-  const bool in_range = flag > 0 ? M >= 64 : (M > 128 && M <= 384);
+  const bool in_range = flag > 0 ? M >= 48 : (M >= 48 && M <= 384);
   return in_range && device_is_sm90(x);
 }
 
@@ -429,11 +433,11 @@ at::Tensor wgmma_gemm_out(const at::Tensor& x, const at::Tensor& qweight, const 
   return out;
 }
 
-// (X, WGS, NS, P, MB) of a wg config.
+// (X, WGS, NS, P, MB, PW, T64) of a wg config.
 std::vector<int64_t> wgmma_info(int64_t cfg) {
   grace_w4a16::WgConfig w;
   TORCH_CHECK(grace_w4a16::wg_config((int)cfg, &w), "w4a16 wgmma: unknown config ", cfg);
-  return {w.x, w.wgs, w.ns, w.p, w.mb};
+  return {w.x, w.wgs, w.ns, w.p, w.mb, w.pw, w.t64};
 }
 
 // Effective CTAs along K of a wg config for (M, N, K, requested splits; 0 = auto).
@@ -487,7 +491,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("cfg"), py::arg("splits") = 0);
   m.def("wgmma_gemm_out", &wgmma_gemm_out, "same, into a preallocated output", py::arg("x"), py::arg("qweight"),
         py::arg("scales"), py::arg("cfg"), py::arg("out"), py::arg("splits") = 0);
-  m.def("wgmma_info", &wgmma_info, "(X, WGS, NS, P, MB) of a wg config");
+  m.def("wgmma_info", &wgmma_info, "(X, WGS, NS, P, MB, PW, T64) of a wg config");
   m.def("wgmma_splits", &wgmma_splits, "effective CTAs along K of a wg config (cfg, M, N, K, splits, fp16)");
   m.def("choose_wgmma", &choose_wgmma, "wg config the opt-in dispatch uses for M");
   m.def("set_wgmma_dispatch", [](int64_t on) { wgmma_dispatch_flag() = (int)on; },

@@ -1,5 +1,7 @@
-// Hopper (sm_90a) wgmma W4A16 kernel for M >= 64 tokens ("wg" configs). Written without a device;
-// its first H100 run (kernels/w4a16/wgmma_check.py, 2026-11-28) passed 271/271 checks.
+// Hopper (sm_90a) wgmma W4A16 kernel for M >= 48 tokens ("wg" configs). Written without a device;
+// its first H100 run (kernels/w4a16/wgmma_check.py, 2026-11-28) passed 271/271 checks. v13 (2026-11-29,
+// H200): weights through a per-warp shared-memory cp.async ring (PW > 0), token tiles of 16 and 32, two
+// n64 tiles per warpgroup (T64); the op's choice for 48 <= M <= 192 (kernels/NOTES.md v13).
 //
 // Same problem and the same packed layout as w4a16_kernel.cuh (read its header first); swap AB as
 // there: y^T (N x M) = W (N x K) . x^T, computed with
@@ -11,7 +13,8 @@
 // CLayout_64x16): a0 = (row g, k 2c,2c+1), a1 = (row g+8, same k), a2 = (row g, k 2c+8,2c+9),
 // a3 = (row g+8, k 2c+8,2c+9). Word s of a packed (n16 tile, k64 block) gives those 4 registers
 // after dequant_word() for k16 step s; so warp w of a warpgroup streams n16 tile 4*n64 + w with
-// one 16-byte load per lane per k64 block, through a P-deep register ring (as the other kernels).
+// one 16-byte load per lane per k64 block, through a P-deep register ring (as the other kernels) or,
+// with PW > 0, a PW-stage cp.async ring in shared memory (see the kernel's template comment).
 //
 // The K permutation. Packed word s of lane (g, c) holds the PHYSICAL k = 16c + 4s + {0,1} (a0/a1)
 // and 16c + 4s + {2,3} (a2/a3) of its 64-block, i.e. wgmma step s, mma-k position p in 0..15
@@ -40,8 +43,8 @@
 //     dequantise block r into A registers set r%2 (set (r-2)%2 was last read by wgmma r-2: done)
 //     wgmma.fence; 4 x wgmma (k16 steps); commit_group; wait_group<1> (block r-1 done)
 //   The wgmma of block r runs while the next iteration dequantises block r+1.
-//   CTA = WGS warpgroups, each owning 64 rows of W (WGS*64 rows per CTA), all sharing the x stages.
-//   grid = (token tiles of X, N / (64*WGS), splits along K). Token rows >= M are zero-filled
+//   CTA = WGS warpgroups, each owning T64 x 64 rows of W (WGS*T64*64 rows per CTA), all sharing the x
+//   stages. grid = (token tiles of X, N / (64*WGS*T64), splits along K). Token rows >= M are zero-filled
 //   (cp.async src-size 0) and never stored. Split K > 1: float2 atomics into the token-pair fp32
 //   workspace of the sk kernel, then sk_finalize_kernel (same as w4a16_sk.cuh).
 //
@@ -134,6 +137,59 @@ struct WgmmaRS<__half, 256> {
 };
 
 
+// Token tiles of 16 and 32 (the small-M configs).
+template <>
+struct WgmmaRS<__nv_bfloat16, 16> {
+  static __device__ __forceinline__ void mma(float* d, const uint32_t* a, uint64_t desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7}, "
+        "{%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+  }
+};
+
+template <>
+struct WgmmaRS<__nv_bfloat16, 32> {
+  static __device__ __forceinline__ void mma(float* d, const uint32_t* a, uint64_t desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+        "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+  }
+};
+
+template <>
+struct WgmmaRS<__half, 16> {
+  static __device__ __forceinline__ void mma(float* d, const uint32_t* a, uint64_t desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7}, "
+        "{%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+  }
+};
+
+template <>
+struct WgmmaRS<__half, 32> {
+  static __device__ __forceinline__ void mma(float* d, const uint32_t* a, uint64_t desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+        "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+  }
+};
+
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -161,24 +217,50 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr) {
   return d;
 }
 
-// Dynamic shared memory of one CTA (+1 KB to align the stages to 1024 bytes).
-__host__ __device__ constexpr int wg_smem_bytes(int X, int NS) { return NS * X * 128 + 1024; }
+// Dynamic shared memory of one CTA: the x stages (+1 KB to align them to 1024 bytes), then, with the
+// shared-memory weight ring (PW > 0), per warp PW stages of T64 tiles x 32 lanes x (16 B of codes + one
+// 4-byte scale word).
+__host__ __device__ constexpr int wg_smem_bytes(int X, int NS, int WGS = 1, int PW = 0, int T64 = 1) {
+  return NS * X * 128 + 1024 + WGS * 4 * PW * T64 * 32 * 20;
+}
 
-// X: tokens per CTA (wgmma N: 64, 128, 256); WGS: warpgroups per CTA (64 rows of W each);
-// NS: shared x stages (>= 3; prefetch distance NS-2); P: k64 blocks of weights in flight per warp
-// (even: the A registers are double-buffered by block parity); MB: min CTAs per SM (launch bounds).
-template <typename T, int X, int WGS, int NS, int P, int MB>
+__device__ __forceinline__ void cp_async16(uint32_t saddr, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(saddr), "l"(gmem));
+}
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t saddr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(saddr));
+  return v;
+}
+__device__ __forceinline__ uint32_t ld_shared_u32(uint32_t saddr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(saddr));
+  return v;
+}
+
+// X: tokens per CTA (wgmma N: 16, 32, 64, 128, 256); WGS: warpgroups per CTA; NS: shared x stages
+// (>= 3; prefetch distance NS-2); P: with the register ring (PW = 0) the k64 blocks of weights in
+// flight per warp, with the shared ring the unroll of the k loop (even either way: the A registers are
+// double-buffered by block parity); MB: min CTAs per SM (launch bounds).
+// PW = 0: weights + scales stream through the P-deep register ring (v5). PW > 0 (v13): each warp
+// streams its pieces with cp.async into a private PW-stage ring in shared memory (PW - 1 blocks in
+// flight, no registers spent on them) and each lane reads back only the 16 B and the scale word it
+// copied itself, as in the lean cp kernel; block b's copies go into the commit group of iteration
+// b - PW + 1, which the wait of iteration b covers when PW >= NS - 1. T64: n64 tiles per warpgroup
+// (2 halves the x traffic per row of W; shared ring only).
+template <typename T, int X, int WGS, int NS, int P, int MB, int PW, int T64>
 __global__ void __launch_bounds__(WGS * 128, MB)
     w4a16_wgmma_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const uint32_t* __restrict__ sc,
                        T* __restrict__ out, float2* __restrict__ ws, int M, int N, int K, int kb_per_split) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ < 900)
   __trap();  // wgmma needs sm_90; the host dispatch launches this kernel on sm_90 only
 #else
-  static_assert(X == 64 || X == 128 || X == 256, "token tile must be 64, 128 or 256");
+  static_assert(X == 16 || X == 32 || X == 64 || X == 128 || X == 256, "token tile must be 16, 32, 64, 128 or 256");
   static_assert(NS >= 3, "need >= 3 stages (prefetch distance NS-2)");
   static_assert(P % 2 == 0, "P must be even (A registers double-buffered by block parity)");
+  static_assert(PW == 0 || PW >= NS - 1, "the shared weight ring must be >= NS-1 stages deep");
+  static_assert(T64 == 1 || (T64 == 2 && PW > 0), "two n64 tiles per warpgroup need the shared weight ring");
   constexpr int NWARP = WGS * 4;
-  static_assert(X % NWARP == 0, "token rows per warp");
   constexpr int STAGE = X * 128;  // bytes
   extern __shared__ uint8_t wg_smem[];
   const uint32_t sbase = (static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem)) + 1023u) & ~1023u;
@@ -188,19 +270,32 @@ __global__ void __launch_bounds__(WGS * 128, MB)
   const int g = lane >> 2, c = lane & 3;
   const int KB = K / kKBlock, G = K / kGroup, NT64 = N / 64;
   const int m0 = blockIdx.x * X;
-  const int n64 = blockIdx.y * WGS + wgi;
-  const bool active = n64 < NT64;  // warpgroup-uniform; inactive ones compute a clamped tile, store nothing
-  const int tile16 = (active ? n64 : NT64 - 1) * 4 + wq;
+  // Warpgroup wgi owns the n64 tiles (blockIdx.y * WGS + wgi) * T64 + t. Tiles past N are clamped to
+  // the last one (warpgroup-uniform: computed, never stored), so every barrier stays uniform.
+  int n64[T64];
+  bool active[T64];
+  const uint4* wp[T64];
+  const uint32_t* sp[T64];
+#pragma unroll
+  for (int t = 0; t < T64; ++t) {
+    n64[t] = (blockIdx.y * WGS + wgi) * T64 + t;
+    active[t] = n64[t] < NT64;
+    const int tile16 = (active[t] ? n64[t] : NT64 - 1) * 4 + wq;
+    wp[t] = qw + (size_t)tile16 * KB * 32 + lane;
+    sp[t] = sc + (size_t)tile16 * G * 8 + g;
+  }
   const int kb_begin = blockIdx.z * kb_per_split;
   const int kb_end = min(KB, kb_begin + kb_per_split);
   const int nkb = kb_end - kb_begin;  // > 0 (the launcher sizes grid.z so)
 
-  // x stage copy: warp w copies the RPW consecutive token rows [w*RPW, (w+1)*RPW) of the stage,
-  // one row per instruction; lane = k pair (see header). RPW is a multiple of 8, so the swizzle
-  // term (row % 8) of unrolled row i is the constant i % 8. The row pointer advances through an
-  // opaque register (asm) so the compiler cannot hoist RPW 64-bit row addresses out of the k loop.
-  constexpr int RPW = X / NWARP;
-  static_assert(RPW % 8 == 0, "rows per warp must be a multiple of 8");
+  // x stage copy: the first CW warps each copy RPW consecutive token rows of the stage (a multiple of
+  // 8), one row per instruction; lane = k pair (see header). The swizzle term (row % 8) of unrolled row
+  // i is the constant i % 8. The row pointer advances through an opaque register (asm) so the compiler
+  // cannot hoist RPW 64-bit row addresses out of the k loop.
+  constexpr int CW = (X / 8 < NWARP) ? X / 8 : NWARP;
+  constexpr int RPW = X / CW;
+  static_assert(X % CW == 0 && RPW % 8 == 0, "rows per copying warp must be a multiple of 8");
+  const bool copier = warp < CW;  // warp-uniform
   const int row0 = warp * RPW;
   const int rows_valid = M - m0 - row0;  // rows i < rows_valid are real tokens
   const uint32_t dst_lane = (uint32_t)(row0 * 128 + 4 * (lane >> 3));  // + word c of the chunk
@@ -209,6 +304,7 @@ __global__ void __launch_bounds__(WGS * 128, MB)
       reinterpret_cast<unsigned long long>(x) + ((size_t)(rows_valid > 0 ? m0 + row0 : 0) * K + 2 * lane) * sizeof(T);
   const unsigned long long row_bytes = (unsigned long long)K * sizeof(T);
   auto load_stage = [&](int kbi, int slot) {
+    if (!copier) return;
     const uint32_t st = sbase + (uint32_t)(slot * STAGE) + dst_lane;
     unsigned long long p = xw + (unsigned long long)(kb_begin + kbi) * (kKBlock * sizeof(T));
     if (rows_valid >= RPW) {
@@ -230,92 +326,139 @@ __global__ void __launch_bounds__(WGS * 128, MB)
     }
   };
 
-  // Weights + scales register ring (block r lives in slot r % P).
-  const uint4* wp = qw + (size_t)tile16 * KB * 32 + lane;
-  const uint32_t* sp = sc + (size_t)tile16 * G * 8 + g;
-  uint4 wbuf[P];
-  uint32_t sbuf[P];
+  // Shared weight ring (PW > 0) of this warp: stage st, tile t at wring + (st * T64 + t) * 512 (the
+  // lane's 16 B at + 16 * lane), its scale words at sring + (st * T64 + t) * 128 (+ 4 * lane).
+  const uint32_t wring = sbase + (uint32_t)(NS * STAGE) + (uint32_t)(warp * PW * T64 * 512) + 16u * lane;
+  const uint32_t sring = sbase + (uint32_t)(NS * STAGE) + (uint32_t)(NWARP * PW * T64 * 512) +
+                         (uint32_t)(warp * PW * T64 * 128) + 4u * lane;
+  auto issue_w = [&](int b, int st) {  // block b of this CTA's range into stage st
 #pragma unroll
-  for (int j = 0; j < P; ++j)
-    if (j < nkb) {
-      wbuf[j] = ld_stream(wp + (size_t)(kb_begin + j) * 32);
-      sbuf[j] = __ldg(sp + ((kb_begin + j) >> 1) * 8);
+    for (int t = 0; t < T64; ++t) {
+      cp_async16(wring + (uint32_t)((st * T64 + t) * 512), wp[t] + (size_t)(kb_begin + b) * 32);
+      cp_async4(sring + (uint32_t)((st * T64 + t) * 128), sp[t] + ((kb_begin + b) >> 1) * 8);
     }
+  };
+  // Register ring (PW == 0, T64 == 1): block r lives in slot r % P.
+  uint4 wbuf[PW == 0 ? P : 1];
+  uint32_t sbuf[PW == 0 ? P : 1];
+  if constexpr (PW > 0) {
+#pragma unroll
+    for (int j = 0; j < PW - 1; ++j)  // into the first commit group
+      if (j < nkb) issue_w(j, j);
+  } else {
+#pragma unroll
+    for (int j = 0; j < P; ++j)
+      if (j < nkb) {
+        wbuf[j] = ld_stream(wp[0] + (size_t)(kb_begin + j) * 32);
+        sbuf[j] = __ldg(sp[0] + ((kb_begin + j) >> 1) * 8);
+      }
+  }
 #pragma unroll
   for (int st = 0; st < NS - 2; ++st) {  // one commit group per stage, empty ones included
     if (st < nkb) load_stage(st, st);
     cp_async_commit();
   }
 
-  float acc[X / 2];
+  float acc[T64][X / 2];
 #pragma unroll
-  for (int i = 0; i < X / 2; ++i) acc[i] = 0.f;
-  uint32_t afrag[2][4][4];
+  for (int t = 0; t < T64; ++t)
+#pragma unroll
+    for (int i = 0; i < X / 2; ++i) acc[t][i] = 0.f;
+  uint32_t afrag[2][T64][4][4];
+  int wslot = 0;  // shared ring stage of block r
 
   for (int base = 0; base < nkb; base += P) {
 #pragma unroll
     for (int j = 0; j < P; ++j) {
       const int r = base + j;
       if (r < nkb) {  // CTA-uniform
-        cp_async_wait<NS - 3>();
+        cp_async_wait<NS - 3>();  // this thread's x copies of stage r and weight copies of block r landed
         fence_proxy_async_smem();
         __syncthreads();
         if (r + NS - 2 < nkb) load_stage(r + NS - 2, (r + NS - 2) % NS);
-        cp_async_commit();
 
-        const uint4 wcur = wbuf[j];
-        const uint32_t scur = sbuf[j];
-        if (r + P < nkb) {
-          wbuf[j] = ld_stream(wp + (size_t)(kb_begin + r + P) * 32);
-          sbuf[j] = __ldg(sp + ((kb_begin + r + P) >> 1) * 8);
+        uint4 wcur[T64];
+        uint32_t scur[T64];
+        if constexpr (PW > 0) {
+          // refill the stage block r-1 used (read into registers and dequantised last iteration)
+          if (r + PW - 1 < nkb) issue_w(r + PW - 1, wslot == 0 ? PW - 1 : wslot - 1);
+          cp_async_commit();
+#pragma unroll
+          for (int t = 0; t < T64; ++t) {
+            wcur[t] = ld_shared_v4(wring + (uint32_t)((wslot * T64 + t) * 512));
+            scur[t] = ld_shared_u32(sring + (uint32_t)((wslot * T64 + t) * 128));
+          }
+          wslot = wslot + 1 == PW ? 0 : wslot + 1;
+        } else {
+          cp_async_commit();
+          wcur[0] = wbuf[j];
+          scur[0] = sbuf[j];
+          if (r + P < nkb) {
+            wbuf[j] = ld_stream(wp[0] + (size_t)(kb_begin + r + P) * 32);
+            sbuf[j] = __ldg(sp[0] + ((kb_begin + r + P) >> 1) * 8);
+          }
         }
-        const uint32_t s_lo = __byte_perm(scur, scur, 0x1010);  // s[g]   in both halves
-        const uint32_t s_hi = __byte_perm(scur, scur, 0x3232);  // s[g+8] in both halves
-        uint32_t(&a)[4][4] = afrag[j & 1];
-        dequant_word<T>(wcur.x, s_lo, s_hi, a[0]);
-        dequant_word<T>(wcur.y, s_lo, s_hi, a[1]);
-        dequant_word<T>(wcur.z, s_lo, s_hi, a[2]);
-        dequant_word<T>(wcur.w, s_lo, s_hi, a[3]);
+        uint32_t(&a)[T64][4][4] = afrag[j & 1];
+#pragma unroll
+        for (int t = 0; t < T64; ++t) {
+          const uint32_t s_lo = __byte_perm(scur[t], scur[t], 0x1010);  // s[g]   in both halves
+          const uint32_t s_hi = __byte_perm(scur[t], scur[t], 0x3232);  // s[g+8] in both halves
+          dequant_word<T>(wcur[t].x, s_lo, s_hi, a[t][0]);
+          dequant_word<T>(wcur[t].y, s_lo, s_hi, a[t][1]);
+          dequant_word<T>(wcur[t].z, s_lo, s_hi, a[t][2]);
+          dequant_word<T>(wcur[t].w, s_lo, s_hi, a[t][3]);
+        }
 
         const uint32_t st = sbase + (uint32_t)((r % NS) * STAGE);
 #pragma unroll
-        for (int i = 0; i < X / 2; ++i) wg_fence_operand(acc[i]);
+        for (int t = 0; t < T64; ++t)
+#pragma unroll
+          for (int i = 0; i < X / 2; ++i) wg_fence_operand(acc[t][i]);
         wg_fence();
 #pragma unroll
-        for (int s = 0; s < 4; ++s) WgmmaRS<T, X>::mma(acc, a[s], desc_sw128(st + 32u * s));
+        for (int t = 0; t < T64; ++t)
+#pragma unroll
+          for (int s = 0; s < 4; ++s) WgmmaRS<T, X>::mma(acc[t], a[t][s], desc_sw128(st + 32u * s));
         wg_commit();
         wg_wait<1>();
 #pragma unroll
-        for (int i = 0; i < X / 2; ++i) wg_fence_operand(acc[i]);
+        for (int t = 0; t < T64; ++t)
+#pragma unroll
+          for (int i = 0; i < X / 2; ++i) wg_fence_operand(acc[t][i]);
       }
     }
   }
   wg_wait<0>();
 #pragma unroll
-  for (int i = 0; i < X / 2; ++i) wg_fence_operand(acc[i]);
+  for (int t = 0; t < T64; ++t)
+#pragma unroll
+    for (int i = 0; i < X / 2; ++i) wg_fence_operand(acc[t][i]);
   cp_async_wait<0>();  // (only empty groups can be left; keep the exit clean)
 
-  if (!active) return;
   // Accumulator (CLayout_64xX): acc[4j + v], v bit0 = token +1, bit1 = row +8; token 8j + 2c.
-  const int n = n64 * 64 + wq * 16 + g;
   const bool split = gridDim.z > 1;
 #pragma unroll
-  for (int jj = 0; jj < X / 8; ++jj) {
-    const int t = m0 + 8 * jj + 2 * c;
-    if (split) {
-      if (t < M) {  // workspace rows are padded to an even token count
-        float2* w0 = ws + (size_t)(t >> 1) * N + n;
-        atomic_add2(w0, acc[4 * jj], acc[4 * jj + 1]);
-        atomic_add2(w0 + 8, acc[4 * jj + 2], acc[4 * jj + 3]);
-      }
-    } else {
-      if (t < M) {
-        out[(size_t)t * N + n] = from_float<T>(acc[4 * jj]);
-        out[(size_t)t * N + n + 8] = from_float<T>(acc[4 * jj + 2]);
-      }
-      if (t + 1 < M) {
-        out[(size_t)(t + 1) * N + n] = from_float<T>(acc[4 * jj + 1]);
-        out[(size_t)(t + 1) * N + n + 8] = from_float<T>(acc[4 * jj + 3]);
+  for (int t = 0; t < T64; ++t) {
+    if (!active[t]) continue;
+    const int n = n64[t] * 64 + wq * 16 + g;
+#pragma unroll
+    for (int jj = 0; jj < X / 8; ++jj) {
+      const int tok = m0 + 8 * jj + 2 * c;
+      if (split) {
+        if (tok < M) {  // workspace rows are padded to an even token count
+          float2* w0 = ws + (size_t)(tok >> 1) * N + n;
+          atomic_add2(w0, acc[t][4 * jj], acc[t][4 * jj + 1]);
+          atomic_add2(w0 + 8, acc[t][4 * jj + 2], acc[t][4 * jj + 3]);
+        }
+      } else {
+        if (tok < M) {
+          out[(size_t)tok * N + n] = from_float<T>(acc[t][4 * jj]);
+          out[(size_t)tok * N + n + 8] = from_float<T>(acc[t][4 * jj + 2]);
+        }
+        if (tok + 1 < M) {
+          out[(size_t)(tok + 1) * N + n] = from_float<T>(acc[t][4 * jj + 1]);
+          out[(size_t)(tok + 1) * N + n + 8] = from_float<T>(acc[t][4 * jj + 3]);
+        }
       }
     }
   }
@@ -324,11 +467,15 @@ __global__ void __launch_bounds__(WGS * 128, MB)
 
 // ---------------------------------------------------------------------------------------------
 // Host side.
-template <typename T, int X, int WGS, int NS, int P, int MB>
+template <typename T, int X, int WGS, int NS, int P, int MB, int PW, int T64>
 struct WgLaunch {
   static constexpr int kThreads = WGS * 128;
-  static constexpr int kSmem = wg_smem_bytes(X, NS);
-  static decltype(&w4a16_wgmma_kernel<T, X, WGS, NS, P, MB>) kern() { return w4a16_wgmma_kernel<T, X, WGS, NS, P, MB>; }
+  static constexpr int kRows = WGS * T64 * 64;  // rows of W per CTA
+  static constexpr int kSmem = wg_smem_bytes(X, NS, WGS, PW, T64);
+  static_assert(kSmem <= 227 * 1024, "wg config: more shared memory than an sm_90 CTA may have");
+  static decltype(&w4a16_wgmma_kernel<T, X, WGS, NS, P, MB, PW, T64>) kern() {
+    return w4a16_wgmma_kernel<T, X, WGS, NS, P, MB, PW, T64>;
+  }
 
   // Raise the dynamic shared-memory limit once; resident CTAs per SM x SMs (cached).
   static cudaError_t prepare(int* slots_out) {
@@ -343,7 +490,7 @@ struct WgLaunch {
   static int auto_splits(int M, int N, int K) {
     int slots = 0;
     if (prepare(&slots) != cudaSuccess) return 1;
-    const long long base = (long long)((M + X - 1) / X) * ((N / 64 + WGS - 1) / WGS);
+    const long long base = (long long)((M + X - 1) / X) * ((N + kRows - 1) / kRows);
     return wave_splits(base, slots, (K / kKBlock) / 4);
   }
 
@@ -362,7 +509,7 @@ struct WgLaunch {
       e = cudaMemsetAsync(ws, 0, (size_t)pairs * 2 * sizeof(float), stream);
       if (e != cudaSuccess) return e;
     }
-    dim3 grid((M + X - 1) / X, (N / 64 + WGS - 1) / WGS, S);
+    dim3 grid((M + X - 1) / X, (N + kRows - 1) / kRows, S);
     kern()<<<grid, kThreads, kSmem, stream>>>(static_cast<const T*>(x), static_cast<const uint4*>(qw),
                                               static_cast<const uint32_t*>(sc), static_cast<T*>(out),
                                               reinterpret_cast<float2*>(ws), M, N, K, kbps);
@@ -375,9 +522,9 @@ struct WgLaunch {
 template <typename T>
 int wg_auto_splits_t(int cfg, int M, int N, int K) {
   switch (cfg) {
-#define GRACE_WG_CASE(id, xt, wgs, ns, p, mb) \
-  case id:                                    \
-    return WgLaunch<T, xt, wgs, ns, p, mb>::auto_splits(M, N, K);
+#define GRACE_WG_CASE(id, xt, wgs, ns, p, mb, pw, t64) \
+  case id:                                             \
+    return WgLaunch<T, xt, wgs, ns, p, mb, pw, t64>::auto_splits(M, N, K);
     GRACE_W4A16_WG_CONFIGS(GRACE_WG_CASE)
 #undef GRACE_WG_CASE
     default:
@@ -389,9 +536,9 @@ template <typename T>
 cudaError_t wg_launch_t(int cfg, const void* x, const void* qw, const void* sc, void* out, float* ws, int M, int N,
                         int K, int splits, cudaStream_t stream) {
   switch (cfg) {
-#define GRACE_WG_CASE(id, xt, wgs, ns, p, mb) \
-  case id:                                    \
-    return WgLaunch<T, xt, wgs, ns, p, mb>::launch(x, qw, sc, out, ws, M, N, K, splits, stream);
+#define GRACE_WG_CASE(id, xt, wgs, ns, p, mb, pw, t64) \
+  case id:                                             \
+    return WgLaunch<T, xt, wgs, ns, p, mb, pw, t64>::launch(x, qw, sc, out, ws, M, N, K, splits, stream);
     GRACE_W4A16_WG_CONFIGS(GRACE_WG_CASE)
 #undef GRACE_WG_CASE
     default:

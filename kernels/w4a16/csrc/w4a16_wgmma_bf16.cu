@@ -1,13 +1,13 @@
-// bf16 instantiations of the Hopper wgmma kernel (see w4a16_wgmma.cuh). Unverified on a GPU.
+// bf16 instantiations of the Hopper wgmma kernel (see w4a16_wgmma.cuh).
 #include "w4a16_wgmma.cuh"
 
 namespace grace_w4a16 {
 
 bool wg_config(int cfg, WgConfig* out) {
   switch (cfg) {
-#define GRACE_WG_CFG(id, xt, wgs, ns, p, mb) \
-  case id:                                   \
-    *out = WgConfig{xt, wgs, ns, p, mb};     \
+#define GRACE_WG_CFG(id, xt, wgs, ns, p, mb, pw, t64) \
+  case id:                                            \
+    *out = WgConfig{xt, wgs, ns, p, mb, pw, t64};     \
     return true;
     GRACE_W4A16_WG_CONFIGS(GRACE_WG_CFG)
 #undef GRACE_WG_CFG

@@ -1,4 +1,4 @@
-// fp16 instantiations of the Hopper wgmma kernel (see w4a16_wgmma.cuh). Unverified on a GPU.
+// fp16 instantiations of the Hopper wgmma kernel (see w4a16_wgmma.cuh).
 #include "w4a16_wgmma.cuh"
 
 namespace grace_w4a16 {
