@@ -438,6 +438,9 @@ def test_gpu_every_wgmma_config_poisoned(ext, M):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the wgmma kernel needs an sm_90 GPU")
     N, K = 11072, 4096
+    # the op's dispatch on Hopper: wgmma for 48..384 tokens, mma.sync below, dequantise + cuBLAS above
+    assert (ext.op_kernel(M, N, K).startswith("wg")) == (M >= 48)
+    assert ext.op_kernel(2048, N, K) == "dequant" and ext.op_kernel(64, N + 16, K).startswith("c")  # N % 64 != 0
     codes, scales = rand_weight(N, K, "cuda")
     for dtype in (torch.bfloat16, torch.float16):
         p = pack_weights(codes, scales, dtype=dtype)

@@ -256,7 +256,8 @@ def main(argv=None):
                     return graph_time([lambda q=q: torch.ops.grace.w4a16_gemm(x, q["qweight"], q["scales"], 128) for q in Q])
 
                 r["ours"] = ours()
-                r["cfg"] = int(ext.choose_config(M, N, K))
+                r["cfg"] = int(ext.choose_config(M, N, K))   # the mma.sync rules' choice
+                r["kernel"] = str(ext.op_kernel(M, N, K))     # what the op ran (wg<id> on Hopper at 48..384)
                 if args.pdl:
                     ext.set_pdl(1)
                     r["ours_pdl"] = ours()

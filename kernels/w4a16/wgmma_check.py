@@ -127,7 +127,7 @@ def worker_check(out, skip_cfgs, quick, only=(), ms_sel=(), no_op=False):
         torch.cuda.empty_cache()
 
 
-def worker_time(out, cfgs, quick, skip_cfgs=frozenset(), ms_sel=(), no_op=False):
+def worker_time(out, cfgs, quick, skip_cfgs=frozenset(), ms_sel=(), no_op=False, forced=()):
     import torch
 
     from .bench import graph_time, weight_copies
@@ -148,13 +148,16 @@ def worker_time(out, cfgs, quick, skip_cfgs=frozenset(), ms_sel=(), no_op=False)
                        ("op", lambda: [lambda q=q: torch.ops.grace.w4a16_gemm(x, q["qweight"], q["scales"], 128) for q in Q])]
             methods += [(f"c{c}", lambda c=c: [lambda q=q: ext.wgmma_gemm(x, q["qweight"], q["scales"], c) for q in Q])
                         for c in cfgs if _fits(info[c][0], M)]
+            methods += [(f"c{c}s{sp}", lambda c=c, sp=sp: [lambda q=q: ext.wgmma_gemm(x, q["qweight"], q["scales"], c, sp)
+                                                          for q in Q])
+                        for c in cfgs if _fits(info[c][0], M) for sp in forced]
             if -1 not in skip_cfgs and not no_op:
                 methods.append(("op_wg", None))
             for name, fns in methods:
                 key = f"{N}x{K}|{M}|{name}"
                 if key in done:
                     continue
-                cfg = int(name[1:]) if name.startswith("c") and name[1:].isdigit() else -1
+                cfg = int(name[1:].split("s")[0]) if name.startswith("c") and name[1:].split("s")[0].isdigit() else -1
                 _append(path, {"kind": "start", "key": key, "cfg": cfg})
                 rec = {"kind": "result", "key": key, "N": N, "K": K, "M": M, "method": name, "cfg": cfg}
                 try:
@@ -168,7 +171,8 @@ def worker_time(out, cfgs, quick, skip_cfgs=frozenset(), ms_sel=(), no_op=False)
                     else:
                         rec["us"] = graph_time(fns())
                     if cfg >= 0:
-                        rec["splits"] = int(ext.wgmma_splits(cfg, M, N, K, 0, 0))
+                        forced_s = int(name.split("s")[1]) if "s" in name else 0
+                        rec["splits"] = int(ext.wgmma_splits(cfg, M, N, K, forced_s, 0))
                 except Exception as ex:  # noqa: BLE001
                     rec["error"] = repr(ex)[:400]
                 _append(path, rec)
@@ -255,6 +259,7 @@ def main(argv=None):
     ap.add_argument("--configs", default="", help="comma-separated wg config ids to check and time (default: all)")
     ap.add_argument("--ms", default="", help="comma-separated token counts for both the checks and the timing")
     ap.add_argument("--time-ms", default="", help="comma-separated token counts for the timing (default: --ms)")
+    ap.add_argument("--splits", default="", help="comma-separated forced split counts to time besides the automatic one")
     ap.add_argument("--no-op", action="store_true", help="leave out the op with the opt-in wgmma dispatch")
     ap.add_argument("--worker", choices=["check", "time"], help=argparse.SUPPRESS)
     ap.add_argument("--cfgs", default="", help=argparse.SUPPRESS)
@@ -268,7 +273,8 @@ def main(argv=None):
     if args.worker == "check":
         return worker_check(args.out, set(ids(args.skip)), args.quick, set(ids(args.configs)), ids(args.ms), args.no_op)
     if args.worker == "time":
-        return worker_time(args.out, ids(args.cfgs), args.quick, set(ids(args.skip)), ids(args.time_ms or args.ms), args.no_op)
+        return worker_time(args.out, ids(args.cfgs), args.quick, set(ids(args.skip)), ids(args.time_ms or args.ms), args.no_op,
+                           ids(args.splits))
 
     t0 = time.time()
     deadline = t0 + args.budget
@@ -291,7 +297,8 @@ def main(argv=None):
     # 60% of what is left goes to correctness, the rest to timing
     t_check_end = time.time() + 0.6 * (deadline - time.time())
     sel = (["--configs", args.configs] if args.configs else []) + (["--ms", args.ms] if args.ms else []) + \
-        (["--time-ms", args.time_ms] if args.time_ms else []) + (["--no-op"] if args.no_op else [])
+        (["--time-ms", args.time_ms] if args.time_ms else []) + (["--no-op"] if args.no_op else []) + \
+        (["--splits", args.splits] if args.splits else [])
     _run_worker("check", args.out, [], t_check_end, args.quick, crashed, sel)
     checks = _load(os.path.join(args.out, "wg_check.jsonl"))
     # a config is timed only if its automatic-split cases all passed (forced-split failures are reported)
@@ -318,7 +325,7 @@ def main(argv=None):
                              capture_output=True, text=True, timeout=30).stdout.strip()
     except Exception:  # noqa: BLE001
         dev = "?"
-    cfg_cols = [f"c{c}" for c in good]
+    cfg_cols = [f"c{c}" for c in good] + [f"c{c}s{sp}" for c in good for sp in ids(args.splits)]
     lines = [f"Card: {dev}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; `python -m kernels.w4a16.wgmma_check`; "
              f"bf16, us = median of 20 CUDA-graph replays over >= 256 MB of weight copies (L2 flushed, as bench.py); "
              f"correctness: {n_ok}/{len(checks)} ok, worst rel err {worst:.2e}, failing configs {sorted(bad_cfgs)}", "",

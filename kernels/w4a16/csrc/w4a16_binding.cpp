@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 
 #include "w4a16_api.h"
@@ -49,11 +50,12 @@ at::Tensor contiguous_aligned(const at::Tensor& x) {
 // rel err 2.2e-3) and, with the shared weight ring (v13), on an H200. Dispatch flag: 0 = auto (default: the
 // op uses it where it measured faster than the other paths, 48 <= M <= 384 on sm_90 with N % 64 == 0),
 // 1 = every M >= 48 (GRACE_W4A16_WGMMA=1), -1 = never (GRACE_W4A16_WGMMA=0).
-bool device_is_sm90(const at::Tensor& t) {
+bool device_is_sm90(int device) {
   int major = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device());
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   return major == 9;
 }
+bool device_is_sm90(const at::Tensor& t) { return device_is_sm90(t.get_device()); }
 
 int& wgmma_dispatch_flag() {
   static int flag = [] {
@@ -73,12 +75,13 @@ int choose_wgmma(int64_t M) { return M <= 64 ? 6 : (M <= 128 ? 17 : (M <= 192 ? 
 // issue shapes (H200, v13); M = 192: c6 1.13-1.63x faster than v5's choice there (c2); 193-384: c4 (v5, H100:
 // 1.24-1.90x faster than split-K / dequantise + cuBLAS at M = 256). Below M = 48 the mma.sync kernels win
 // (M = 32: the best wg config 0.9-1.0x of them); at M >= 1024 dequantise + cuBLAS does.
-bool use_wgmma(int64_t M, int64_t N, const at::Tensor& x) {
+bool use_wgmma(int64_t M, int64_t N, int device) {
   const int flag = wgmma_dispatch_flag();
   if (flag < 0 || N % 64 != 0) return false;
   const bool in_range = flag > 0 ? M >= 48 : (M >= 48 && M <= 384);
-  return in_range && device_is_sm90(x);
+  return in_range && device_is_sm90(device);
 }
+bool use_wgmma(int64_t M, int64_t N, const at::Tensor& x) { return use_wgmma(M, N, x.get_device()); }
 
 // splits: 0 = the config's automatic choice.
 void run_wg(int cfg, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, at::Tensor& out,
@@ -316,6 +319,16 @@ Choice choose(int64_t M, int64_t N, int64_t K) {
 
 int choose_config(int64_t M, int64_t N, int64_t K) { return choose(M, N, K).cfg; }
 
+// The kernel the op runs for (M, N, K) on the current device, as a label for benchmark records:
+// "wg<id>" (Hopper wgmma), "c<id>" (register, split-K or lean config) or "dequant" (dequantise + cuBLAS).
+std::string op_kernel(int64_t M, int64_t N, int64_t K) {
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (use_wgmma(M, N, dev)) return "wg" + std::to_string(choose_wgmma(M));
+  const int cfg = choose(M, N, K).cfg;
+  return cfg >= 0 ? "c" + std::to_string(cfg) : std::string("dequant");
+}
+
 // Returns false (and changes nothing) for a shape the kernels cannot take, an unknown config or negative
 // splits; the Python callers raise with the file and entry (an exception thrown from this helper crashed
 // the process on the H200 machine, 2026-11-29).
@@ -470,6 +483,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pdl_enabled", []() { return (int64_t)grace_w4a16::pdl_flag(); }, "current PDL flag");
   m.def("config_info", &config_info, "(MT, TN, WN, WK, XR, P) of a config id");
   m.def("choose_config", &choose_config, "config id the op uses for (M,N,K); -1 = dequant + cuBLAS");
+  m.def("op_kernel", &op_kernel, "label of the kernel the op runs for (M,N,K) here: wg<id>, c<id> or dequant");
   m.def("choose_splits", [](int64_t M, int64_t N, int64_t K) { return (int64_t)choose(M, N, K).splits; },
         "requested splits of the op's choice (0 = automatic; see sk_splits for the effective count)");
   m.def("set_choice", &set_choice, "measured config (and splits, 0 = auto) for an exact (M, N, K), ahead of the rules; false if invalid",
