@@ -280,7 +280,8 @@ def test_sweep_decode_keeps_only_checked_clear_wins(tmp_path):
         return dict(M=M, N=4096, K=4096, op=op, op_cfg=0, cublas=20.0, best_us=best, best_cfg=21, best_splits=2,
                     best_err=err)
 
-    rows = [row(1, 10.0, 8.0), row(2, 10.0, 9.9), row(3, 10.0, 5.0, err=float("nan")), row(4, 10.0, 5.0, err=0.5)]
+    rows = [row(1, 10.0, 8.0), row(2, 10.0, 9.9), row(3, 10.0, 5.0, err=float("nan")), row(4, 10.0, 5.0, err=0.5),
+            dict(row(64, 10.0, 5.0), op_kernel="wg6")]   # the op runs wgmma there: an entry would never be read
     path = write_tuned(rows, tmp_path / "t.json", "NVIDIA H200", 0.03, "cmd")
     data = json.loads(open(path).read())
     assert [c["M"] for c in data["choices"]] == [1] and data["card"] == "NVIDIA H200"

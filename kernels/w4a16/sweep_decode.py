@@ -98,7 +98,7 @@ def main(argv=None):
             for M in args.ms:
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 r = {"N": N, "K": K, "M": M, "op_cfg": int(ext.choose_config(M, N, K)),
-                     "op_splits": int(ext.choose_splits(M, N, K))}
+                     "op_splits": int(ext.choose_splits(M, N, K)), "op_kernel": str(ext.op_kernel(M, N, K))}
                 r["cublas"] = graph_time([lambda w=w: torch.matmul(x, w.t()) for w in W])
                 r["op"] = graph_time([lambda q=q: torch.ops.grace.w4a16_gemm(x, q["qweight"], q["scales"], 128)
                                       for q in Q])
@@ -124,7 +124,7 @@ def main(argv=None):
                 log.write(json.dumps(r) + "\n")
                 log.flush()
                 top = sorted(times.items(), key=lambda kv: kv[1])[:5]
-                print(f"{N}x{K} M={M}: cublas {r['cublas']:.1f} op {r['op']:.1f} (c{r['op_cfg']}) best {best} "
+                print(f"{N}x{K} M={M}: cublas {r['cublas']:.1f} op {r['op']:.1f} ({r['op_kernel']}) best {best} "
                       f"{times[best]:.1f} err {r['best_err']:.1e} | " + " ".join(f"{k}={v:.1f}" for k, v in top), flush=True)
                 if r["best_lean"] and r["best_other"]:
                     print(f"  lean {r['best_lean']} {times[r['best_lean']]:.1f} vs classic/sk {r['best_other']} "
@@ -142,7 +142,7 @@ def main(argv=None):
 
     for r in rows:
         tbs = gemm_tbs(r["N"], r["K"], r["M"], r["best_us"])
-        lines.append(f"| {r['N']}x{r['K']} | {r['M']} | {r['cublas']:.1f} | {r['op']:.1f} (c{r['op_cfg']}) | "
+        lines.append(f"| {r['N']}x{r['K']} | {r['M']} | {r['cublas']:.1f} | {r['op']:.1f} ({r['op_kernel']}) | "
                      f"{r['cublas'] / r['op']:.2f}x | {r['tbs_op']:.2f} | {r['best']} | {r['best_us']:.1f} | "
                      f"{r['cublas'] / r['best_us']:.2f}x | {tbs:.2f} | {r['best_err']:.1e} | "
                      f"{us(r, r.get('best_lean'))} / {us(r, r.get('best_other'))} |")
@@ -159,11 +159,19 @@ def main(argv=None):
 def write_tuned(rows, path, card: str, min_gain: float, command: str, merge: bool = False):
     """The rows' winners that beat the rule by more than min_gain and passed the float64 check. merge: an
     existing file of the same card keeps its entries for the (M, N, K) the rows did not measure (each kept
-    entry records the date and command it came from); measured ones are replaced or dropped."""
+    entry records the date and command it came from); measured ones are replaced or dropped. Rows where the
+    op runs the Hopper wgmma kernel (op_kernel "wg<id>", 48..384 tokens) are left out with a message: the
+    table is consulted after that dispatch, so such an entry would never be used."""
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    wins = [r for r in rows if r["best_us"] < (1 - min_gain) * r["op"] and r["best_err"] <= 1e-2]
+    for r in wins:
+        if str(r.get("op_kernel", "")).startswith("wg"):
+            print(f"tuned table: {r['N']}x{r['K']} M={r['M']}: c{r['best_cfg']} beat the op's {r['op_kernel']} "
+                  f"({r['best_us']:.1f} against {r['op']:.1f} us) but is not written: the wgmma dispatch comes first "
+                  f"(GRACE_W4A16_WGMMA=0 turns it off)", flush=True)
     choices = [dict(M=r["M"], N=r["N"], K=r["K"], cfg=r["best_cfg"], splits=r["best_splits"], us=round(r["best_us"], 2),
                     rule_us=round(r["op"], 2), rule_cfg=r["op_cfg"], cublas_us=round(r["cublas"], 2), date=date)
-               for r in rows if r["best_us"] < (1 - min_gain) * r["op"] and r["best_err"] <= 1e-2]
+               for r in wins if not str(r.get("op_kernel", "")).startswith("wg")]
     from grace_ds.export.io import atomic_write_json
 
     path = os.fspath(path)
