@@ -109,6 +109,7 @@ def main(argv=None):
                 r["op"] = graph_time([lambda q=q: torch.ops.grace.w4a16_gemm(x, q["qweight"], q["scales"], 128)
                                       for q in Q])
                 r["op_cfg"] = int(ext.choose_config(M, N, K))
+                r["op_kernel"] = str(ext.op_kernel(M, N, K))   # wg<id> where the op runs the Hopper wgmma kernel
                 v3 = int(ext.choose_config_v3(M, N, K))
                 r["v3_cfg"] = v3
                 if v3 >= 0:
@@ -132,7 +133,7 @@ def main(argv=None):
                 rows.append(r)
                 log.write(json.dumps(r) + "\n")
                 log.flush()
-                print(f"{N}x{K} M={M}: cublas {r['cublas']:.1f} op {r['op']:.1f} (c{r['op_cfg']}) v3 {r['v3']:.1f} "
+                print(f"{N}x{K} M={M}: cublas {r['cublas']:.1f} op {r['op']:.1f} ({r['op_kernel']}) v3 {r['v3']:.1f} "
                       f"(c{v3}) best sk {best} {sk.get(best, float('nan')):.1f} | "
                       + " ".join(f"{k}={v:.1f}" for k, v in sk.items()), flush=True)
             del W, Q
@@ -146,7 +147,7 @@ def main(argv=None):
         b = r["sk_best"]
         bt = r["sk"].get(b, float("nan")) if b else float("nan")
         lines.append(f"| {r['N']}x{r['K']} | {r['M']} | {r['cublas']:.1f} | {r['v3']:.1f} (c{r['v3_cfg']}) | "
-                     f"{r['op']:.1f} (c{r['op_cfg']}) | {bt:.1f} | {b} | {r['cublas'] / r['v3']:.2f}x | "
+                     f"{r['op']:.1f} ({r['op_kernel']}) | {bt:.1f} | {b} | {r['cublas'] / r['v3']:.2f}x | "
                      f"{r['cublas'] / r['op']:.2f}x | {r['cublas'] / bt:.2f}x |")
     table = "\n".join(lines)
     with open(os.path.join(args.out, "sweep.md"), "w") as f:
