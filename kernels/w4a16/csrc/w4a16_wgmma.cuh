@@ -533,13 +533,19 @@ __global__ void __launch_bounds__(WGS * 128 + NP * 32, MB)
   const uint32_t* sp = sc + (size_t)tile16 * G * 8 + g;
   const uint32_t wring = wring0 + (uint32_t)(warp * PW * 512) + 16u * lane;
   const uint32_t sring = sring0 + (uint32_t)(warp * PW * 128) + 4u * lane;
-  auto issue_w = [&](int b, int st) {
-    cp_async16(wring + (uint32_t)(st * 512), wp + (size_t)(kb_begin + b) * 32);
-    cp_async4(sring + (uint32_t)(st * 128), sp + ((kb_begin + b) >> 1) * 8);
+  // block kb_begin + i is issued i-th: running pointers (the weights advance one block, the scales one
+  // group every second block), not recomputed from the block index
+  const uint4* wnext = wp + (size_t)kb_begin * 32;
+  int knext = kb_begin;
+  auto issue_w = [&](int st) {
+    cp_async16(wring + (uint32_t)(st * 512), wnext);
+    cp_async4(sring + (uint32_t)(st * 128), sp + (size_t)(knext >> 1) * 8);
+    wnext += 32;
+    ++knext;
   };
 #pragma unroll
   for (int j = 0; j < PW - 1; ++j) {  // one commit group per block: group b holds block b
-    if (j < nkb) issue_w(j, j);
+    if (j < nkb) issue_w(j);
     cp_async_commit();
   }
 
@@ -547,13 +553,15 @@ __global__ void __launch_bounds__(WGS * 128 + NP * 32, MB)
 #pragma unroll
   for (int i = 0; i < X / 2; ++i) acc[i] = 0.f;
   uint32_t afrag[2][4][4];
-  int wslot = 0;
+  int wslot = 0;                      // weight ring stage of block r
+  int slot = 0, prev = NS - 1;        // x stage of block r (r % NS) and of block r - 1
+  uint32_t phase = 0;                 // (r / NS) & 1
   for (int base = 0; base < nkb; base += 2) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int r = base + j;
       if (r < nkb) {
-        if (r + PW - 1 < nkb) issue_w(r + PW - 1, wslot == 0 ? PW - 1 : wslot - 1);
+        if (r + PW - 1 < nkb) issue_w(wslot == 0 ? PW - 1 : wslot - 1);
         cp_async_commit();
         cp_async_wait<PW - 1>();  // groups 0 .. r landed: this lane's copies of block r
         const uint4 wcur = ld_shared_v4(wring + (uint32_t)(wslot * 512));
@@ -567,8 +575,7 @@ __global__ void __launch_bounds__(WGS * 128 + NP * 32, MB)
         dequant_word<T>(wcur.z, s_lo, s_hi, a[2]);
         dequant_word<T>(wcur.w, s_lo, s_hi, a[3]);
 
-        const int slot = r % NS;
-        mbar_wait(full0 + 8u * slot, (uint32_t)((r / NS) & 1));
+        mbar_wait(full0 + 8u * slot, phase);
         const uint32_t st = sbase + (uint32_t)(slot * STAGE);
 #pragma unroll
         for (int i = 0; i < X / 2; ++i) wg_fence_operand(acc[i]);
@@ -579,7 +586,12 @@ __global__ void __launch_bounds__(WGS * 128 + NP * 32, MB)
         wg_wait<1>();  // the wgmma of block r-1 is done: its stage goes back to the producers
 #pragma unroll
         for (int i = 0; i < X / 2; ++i) wg_fence_operand(acc[i]);
-        if (r > 0 && lane == 0) mbar_arrive(empty0 + 8u * ((r - 1) % NS));
+        if (r > 0 && lane == 0) mbar_arrive(empty0 + 8u * prev);
+        prev = slot;
+        if (++slot == NS) {
+          slot = 0;
+          phase ^= 1u;
+        }
       }
     }
   }
