@@ -136,39 +136,34 @@ cudaError_t sk_launch_fp16(int cfg, const void* x, const void* qw, const void* s
 // Own id space 0..kNumWgConfigs-1 (pybind: wgmma_gemm / wgmma_info). Columns: (id, X tokens per
 // CTA = wgmma N, WGS warpgroups per CTA, NS shared x stages, P (register ring: k64 blocks of weights in
 // flight per warp; shared ring: k-loop unroll), MB min CTAs per SM for the register allocator, PW
-// stages of the per-warp shared-memory weight ring (0 = register ring), T64 n64 tiles per warpgroup, NP
-// producer warps that stage x (v14; 0 = every warp copies x)).
-// 0-5: v5 (register ring). 6-19: v13, the shared ring (NOTES.md v13), token tiles 16-128. 20-22: v14,
-// producer warps (written without a device, not in the op's dispatch: run `wgmma_check --configs 20,21,22`).
+// stages of the per-warp shared-memory weight ring (0 = register ring), T64 n64 tiles per warpgroup).
+// 0-5: v5 (register ring). 6-19: v13, the shared ring (NOTES.md v13), token tiles 16-128.
 #define GRACE_W4A16_WG_CONFIGS(X) \
-  X(0, 64, 2, 6, 4, 1, 0, 1, 0)     \
-  X(1, 64, 1, 6, 8, 2, 0, 1, 0)     \
-  X(2, 128, 2, 5, 4, 1, 0, 1, 0)    \
-  X(3, 128, 1, 5, 4, 2, 0, 1, 0)    \
-  X(4, 256, 2, 4, 2, 1, 0, 1, 0)    \
-  X(5, 256, 1, 3, 2, 2, 0, 1, 0)    \
-  X(6, 64, 2, 4, 2, 2, 8, 1, 0)     \
-  X(7, 64, 2, 8, 2, 2, 8, 1, 0)     \
-  X(8, 64, 1, 8, 2, 2, 8, 2, 0)     \
-  X(9, 64, 2, 12, 2, 1, 12, 1, 0)   \
-  X(10, 32, 1, 8, 2, 3, 8, 2, 0)    \
-  X(11, 32, 1, 12, 2, 2, 12, 2, 0)  \
-  X(12, 16, 1, 4, 2, 3, 12, 2, 0)   \
-  X(13, 16, 1, 8, 2, 3, 8, 2, 0)    \
-  X(14, 16, 1, 12, 2, 2, 12, 2, 0)  \
-  X(15, 16, 2, 12, 2, 1, 12, 2, 0)  \
-  X(16, 16, 1, 16, 2, 3, 16, 1, 0)  \
-  X(17, 128, 2, 6, 2, 1, 8, 1, 0)   \
-  X(18, 64, 1, 4, 2, 4, 8, 1, 0)    \
-  X(19, 64, 1, 3, 2, 5, 6, 1, 0)    \
-  X(20, 64, 2, 6, 2, 2, 8, 1, 1)    \
-  X(21, 64, 2, 6, 2, 2, 8, 1, 2)    \
-  X(22, 128, 2, 4, 2, 1, 8, 1, 2)
+  X(0, 64, 2, 6, 4, 1, 0, 1)      \
+  X(1, 64, 1, 6, 8, 2, 0, 1)      \
+  X(2, 128, 2, 5, 4, 1, 0, 1)     \
+  X(3, 128, 1, 5, 4, 2, 0, 1)     \
+  X(4, 256, 2, 4, 2, 1, 0, 1)     \
+  X(5, 256, 1, 3, 2, 2, 0, 1)     \
+  X(6, 64, 2, 4, 2, 2, 8, 1)      \
+  X(7, 64, 2, 8, 2, 2, 8, 1)      \
+  X(8, 64, 1, 8, 2, 2, 8, 2)      \
+  X(9, 64, 2, 12, 2, 1, 12, 1)    \
+  X(10, 32, 1, 8, 2, 3, 8, 2)     \
+  X(11, 32, 1, 12, 2, 2, 12, 2)   \
+  X(12, 16, 1, 4, 2, 3, 12, 2)    \
+  X(13, 16, 1, 8, 2, 3, 8, 2)     \
+  X(14, 16, 1, 12, 2, 2, 12, 2)   \
+  X(15, 16, 2, 12, 2, 1, 12, 2)   \
+  X(16, 16, 1, 16, 2, 3, 16, 1)   \
+  X(17, 128, 2, 6, 2, 1, 8, 1)    \
+  X(18, 64, 1, 4, 2, 4, 8, 1)     \
+  X(19, 64, 1, 3, 2, 5, 6, 1)
 
-constexpr int kNumWgConfigs = 23;
+constexpr int kNumWgConfigs = 20;
 
 struct WgConfig {
-  int x, wgs, ns, p, mb, pw, t64, np;
+  int x, wgs, ns, p, mb, pw, t64;
 };
 bool wg_config(int cfg, WgConfig* out);
 // Automatic split count along K (same wave rule as the sk configs); 0 for an unknown id.

@@ -175,9 +175,9 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr) {
 
 // Dynamic shared memory of one CTA: the x stages (+1 KB to align them to 1024 bytes), then, with the
 // shared-memory weight ring (PW > 0), per warp PW stages of T64 tiles x 32 lanes x (16 B of codes + one
-// 4-byte scale word), then with producer warps (NP > 0, v14) two 8-byte mbarriers per stage.
-__host__ __device__ constexpr int wg_smem_bytes(int X, int NS, int WGS = 1, int PW = 0, int T64 = 1, int NP = 0) {
-  return NS * X * 128 + 1024 + WGS * 4 * PW * T64 * 32 * 20 + (NP > 0 ? 16 * NS : 0);
+// 4-byte scale word).
+__host__ __device__ constexpr int wg_smem_bytes(int X, int NS, int WGS = 1, int PW = 0, int T64 = 1) {
+  return NS * X * 128 + 1024 + WGS * 4 * PW * T64 * 32 * 20;
 }
 
 __device__ __forceinline__ void cp_async16(uint32_t saddr, const void* gmem) {
@@ -422,223 +422,15 @@ __global__ void __launch_bounds__(WGS * 128, MB)
 }
 
 // ---------------------------------------------------------------------------------------------
-// v14 (written 2026-11-29 without a device; not in the op's dispatch, not yet run): the v13 kernel with
-// its x staging moved to NP producer warps. Why: ncu on v13's c6 at M=64 (NOTES.md v13) counted ~195
-// instructions per consumer warp per k64 block, ~55 of them the 4-byte x copies and their addressing
-// and ~10 the per-block CTA barrier and proxy fence, with an instruction issued every ~6 warp-cycles:
-// issue- and latency-bound. Here the consumer warpgroups only stream their weights (v13's shared ring),
-// dequantise and issue wgmma (~90 instructions a block), and the stage handshake is two mbarriers per
-// stage instead of a CTA barrier:
-//   full[s]  (NP*32 arrivals): producer lane i waits for its own copies of the stage (cp.async.wait_group),
-//            fences them for the async proxy (fence.proxy.async), then arrives;
-//   empty[s] (WGS*4 arrivals): lane 0 of each consumer warp arrives once the wgmma that read stage s has
-//            completed (after wgmma.wait_group<1> of the next block); the producer waits on it before
-//            refilling s.
-// Stage r uses slot r % NS and phase (r / NS) & 1 of both barriers. The producers keep NS - 1 stages in
-// flight and publish stage r once stage r + NS - 2 has been issued (wait_group<NS - 2>).
-// Thread layout: warps 0 .. 4*WGS-1 are the consumers (so warpgroup = warp / 4 as in v13), then the NP
-// producer warps, which copy X / NP token rows each (a multiple of 8). No CTA-wide barrier after the
-// mbarriers' initialisation, so producers may exit early.
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nWAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
-}
-
-template <typename T, int X, int WGS, int NS, int MB, int PW, int NP>
-__global__ void __launch_bounds__(WGS * 128 + NP * 32, MB)
-    w4a16_wgmma_ws_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const uint32_t* __restrict__ sc,
-                          T* __restrict__ out, float2* __restrict__ ws, int M, int N, int K, int kb_per_split) {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ < 900)
-  __trap();
-#else
-  static_assert(X == 16 || X == 32 || X == 64 || X == 128 || X == 256, "token tile must be 16, 32, 64, 128 or 256");
-  static_assert(NS >= 3 && PW >= 2 && NP >= 1, "stages, weight ring and producers");
-  constexpr int NWARP = WGS * 4;            // consumer warps
-  constexpr int STAGE = X * 128;            // bytes
-  constexpr int RPP = X / NP;               // token rows per producer warp
-  static_assert(X % NP == 0 && RPP % 8 == 0, "rows per producer warp must be a multiple of 8");
-  extern __shared__ uint8_t wg_smem[];
-  const uint32_t sbase = (static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem)) + 1023u) & ~1023u;
-  const uint32_t wring0 = sbase + (uint32_t)(NS * STAGE);
-  const uint32_t sring0 = wring0 + (uint32_t)(NWARP * PW * 512);
-  const uint32_t full0 = sring0 + (uint32_t)(NWARP * PW * 128);   // NS full barriers, then NS empty ones
-  const uint32_t empty0 = full0 + 8u * NS;
-
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int KB = K / kKBlock, G = K / kGroup, NT64 = N / 64;
-  const int m0 = blockIdx.x * X;
-  const int kb_begin = blockIdx.z * kb_per_split;
-  const int kb_end = min(KB, kb_begin + kb_per_split);
-  const int nkb = kb_end - kb_begin;  // > 0 (the launcher sizes grid.z so)
-
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < NS; ++s) {
-      mbar_init(full0 + 8u * s, NP * 32);
-      mbar_init(empty0 + 8u * s, NWARP);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
-
-  if (warp >= NWARP) {  // ---- producer warps: the x stages
-    const int pw = warp - NWARP;
-    const int row0 = pw * RPP;
-    const int rows_valid = M - m0 - row0;
-    const uint32_t dst_lane = (uint32_t)(row0 * 128 + 4 * (lane >> 3));
-    const int chunk = 2 * ((lane >> 1) & 3) + (lane & 1);
-    const unsigned long long xw =
-        reinterpret_cast<unsigned long long>(x) + ((size_t)(rows_valid > 0 ? m0 + row0 : 0) * K + 2 * lane) * sizeof(T);
-    const unsigned long long row_bytes = (unsigned long long)K * sizeof(T);
-    for (int r = 0; r < nkb + NS - 2; ++r) {
-      if (r < nkb) {
-        const int slot = r % NS;
-        if (r >= NS) mbar_wait(empty0 + 8u * slot, (uint32_t)(((r / NS) - 1) & 1));
-        const uint32_t st = sbase + (uint32_t)(slot * STAGE) + dst_lane;
-        unsigned long long p = xw + (unsigned long long)(kb_begin + r) * (kKBlock * sizeof(T));
-#pragma unroll
-        for (int i = 0; i < RPP; ++i) {
-          const bool v = i < rows_valid;
-          cp_async4_zfill(st + (uint32_t)(i * 128 + ((chunk ^ (i & 7)) << 4)),
-                          v ? reinterpret_cast<const void*>(p) : static_cast<const void*>(x), v);
-          if (v) p += row_bytes;
-          asm volatile("" : "+l"(p));
-        }
-      }
-      cp_async_commit();
-      const int pub = r - (NS - 2);  // the stage whose copies are now the oldest group in flight
-      if (pub >= 0) {
-        cp_async_wait<NS - 2>();
-        fence_proxy_async_smem();
-        mbar_arrive(full0 + 8u * (pub % NS));
-      }
-    }
-    return;
-  }
-
-  // ---- consumer warpgroups: weights (v13's per-warp shared ring), dequantisation, wgmma
-  const int wq = warp & 3, wgi = warp >> 2;
-  const int g = lane >> 2, c = lane & 3;
-  const int n64 = blockIdx.y * WGS + wgi;
-  const bool active = n64 < NT64;
-  const int tile16 = (active ? n64 : NT64 - 1) * 4 + wq;
-  const uint4* wp = qw + (size_t)tile16 * KB * 32 + lane;
-  const uint32_t* sp = sc + (size_t)tile16 * G * 8 + g;
-  const uint32_t wring = wring0 + (uint32_t)(warp * PW * 512) + 16u * lane;
-  const uint32_t sring = sring0 + (uint32_t)(warp * PW * 128) + 4u * lane;
-  // block kb_begin + i is issued i-th: running pointers (the weights advance one block, the scales one
-  // group every second block), not recomputed from the block index
-  const uint4* wnext = wp + (size_t)kb_begin * 32;
-  int knext = kb_begin;
-  auto issue_w = [&](int st) {
-    cp_async16(wring + (uint32_t)(st * 512), wnext);
-    cp_async4(sring + (uint32_t)(st * 128), sp + (size_t)(knext >> 1) * 8);
-    wnext += 32;
-    ++knext;
-  };
-#pragma unroll
-  for (int j = 0; j < PW - 1; ++j) {  // one commit group per block: group b holds block b
-    if (j < nkb) issue_w(j);
-    cp_async_commit();
-  }
-
-  float acc[X / 2];
-#pragma unroll
-  for (int i = 0; i < X / 2; ++i) acc[i] = 0.f;
-  uint32_t afrag[2][4][4];
-  int wslot = 0;                      // weight ring stage of block r
-  int slot = 0, prev = NS - 1;        // x stage of block r (r % NS) and of block r - 1
-  uint32_t phase = 0;                 // (r / NS) & 1
-  for (int base = 0; base < nkb; base += 2) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int r = base + j;
-      if (r < nkb) {
-        if (r + PW - 1 < nkb) issue_w(wslot == 0 ? PW - 1 : wslot - 1);
-        cp_async_commit();
-        cp_async_wait<PW - 1>();  // groups 0 .. r landed: this lane's copies of block r
-        const uint4 wcur = ld_shared_v4(wring + (uint32_t)(wslot * 512));
-        const uint32_t scur = ld_shared_u32(sring + (uint32_t)(wslot * 128));
-        wslot = wslot + 1 == PW ? 0 : wslot + 1;
-        const uint32_t s_lo = __byte_perm(scur, scur, 0x1010);
-        const uint32_t s_hi = __byte_perm(scur, scur, 0x3232);
-        uint32_t(&a)[4][4] = afrag[j];
-        dequant_word<T>(wcur.x, s_lo, s_hi, a[0]);
-        dequant_word<T>(wcur.y, s_lo, s_hi, a[1]);
-        dequant_word<T>(wcur.z, s_lo, s_hi, a[2]);
-        dequant_word<T>(wcur.w, s_lo, s_hi, a[3]);
-
-        mbar_wait(full0 + 8u * slot, phase);
-        const uint32_t st = sbase + (uint32_t)(slot * STAGE);
-#pragma unroll
-        for (int i = 0; i < X / 2; ++i) wg_fence_operand(acc[i]);
-        wg_fence();
-#pragma unroll
-        for (int s = 0; s < 4; ++s) WgmmaRS<T, X>::mma(acc, a[s], desc_sw128(st + 32u * s));
-        wg_commit();
-        wg_wait<1>();  // the wgmma of block r-1 is done: its stage goes back to the producers
-#pragma unroll
-        for (int i = 0; i < X / 2; ++i) wg_fence_operand(acc[i]);
-        if (r > 0 && lane == 0) mbar_arrive(empty0 + 8u * prev);
-        prev = slot;
-        if (++slot == NS) {
-          slot = 0;
-          phase ^= 1u;
-        }
-      }
-    }
-  }
-  wg_wait<0>();
-#pragma unroll
-  for (int i = 0; i < X / 2; ++i) wg_fence_operand(acc[i]);
-  cp_async_wait<0>();
-
-  if (!active) return;
-  const int n = n64 * 64 + wq * 16 + g;
-  const bool split = gridDim.z > 1;
-#pragma unroll
-  for (int jj = 0; jj < X / 8; ++jj) {
-    const int tok = m0 + 8 * jj + 2 * c;
-    if (split) {
-      if (tok < M) {
-        float2* w0 = ws + (size_t)(tok >> 1) * N + n;
-        atomic_add2(w0, acc[4 * jj], acc[4 * jj + 1]);
-        atomic_add2(w0 + 8, acc[4 * jj + 2], acc[4 * jj + 3]);
-      }
-    } else {
-      if (tok < M) {
-        out[(size_t)tok * N + n] = from_float<T>(acc[4 * jj]);
-        out[(size_t)tok * N + n + 8] = from_float<T>(acc[4 * jj + 2]);
-      }
-      if (tok + 1 < M) {
-        out[(size_t)(tok + 1) * N + n] = from_float<T>(acc[4 * jj + 1]);
-        out[(size_t)(tok + 1) * N + n + 8] = from_float<T>(acc[4 * jj + 3]);
-      }
-    }
-  }
-#endif  // __CUDA_ARCH__ >= 900
-}
-
-// ---------------------------------------------------------------------------------------------
 // Host side.
-template <typename T, int X, int WGS, int NS, int P, int MB, int PW, int T64, int NP>
+template <typename T, int X, int WGS, int NS, int P, int MB, int PW, int T64>
 struct WgLaunch {
-  static constexpr int kThreads = WGS * 128 + NP * 32;
+  static constexpr int kThreads = WGS * 128;
   static constexpr int kRows = WGS * T64 * 64;  // rows of W per CTA
-  static constexpr int kSmem = wg_smem_bytes(X, NS, WGS, PW, T64, NP);
+  static constexpr int kSmem = wg_smem_bytes(X, NS, WGS, PW, T64);
   static_assert(kSmem <= 227 * 1024, "wg config: more shared memory than an sm_90 CTA may have");
-  static_assert(NP == 0 || (PW > 0 && T64 == 1), "producer warps (v14) go with the shared weight ring, one tile");
-  using Kern = void (*)(const T*, const uint4*, const uint32_t*, T*, float2*, int, int, int, int);
-  static Kern kern() {
-    if constexpr (NP > 0) return w4a16_wgmma_ws_kernel<T, X, WGS, NS, MB, PW, NP>;
-    else return w4a16_wgmma_kernel<T, X, WGS, NS, P, MB, PW, T64>;
+  static decltype(&w4a16_wgmma_kernel<T, X, WGS, NS, P, MB, PW, T64>) kern() {
+    return w4a16_wgmma_kernel<T, X, WGS, NS, P, MB, PW, T64>;
   }
 
   // Raise the dynamic shared-memory limit once; resident CTAs per SM x SMs (cached).
@@ -686,9 +478,9 @@ struct WgLaunch {
 template <typename T>
 int wg_auto_splits_t(int cfg, int M, int N, int K) {
   switch (cfg) {
-#define GRACE_WG_CASE(id, xt, wgs, ns, p, mb, pw, t64, np) \
-  case id:                                                 \
-    return WgLaunch<T, xt, wgs, ns, p, mb, pw, t64, np>::auto_splits(M, N, K);
+#define GRACE_WG_CASE(id, xt, wgs, ns, p, mb, pw, t64) \
+  case id:                                             \
+    return WgLaunch<T, xt, wgs, ns, p, mb, pw, t64>::auto_splits(M, N, K);
     GRACE_W4A16_WG_CONFIGS(GRACE_WG_CASE)
 #undef GRACE_WG_CASE
     default:
@@ -700,9 +492,9 @@ template <typename T>
 cudaError_t wg_launch_t(int cfg, const void* x, const void* qw, const void* sc, void* out, float* ws, int M, int N,
                         int K, int splits, cudaStream_t stream) {
   switch (cfg) {
-#define GRACE_WG_CASE(id, xt, wgs, ns, p, mb, pw, t64, np) \
-  case id:                                                 \
-    return WgLaunch<T, xt, wgs, ns, p, mb, pw, t64, np>::launch(x, qw, sc, out, ws, M, N, K, splits, stream);
+#define GRACE_WG_CASE(id, xt, wgs, ns, p, mb, pw, t64) \
+  case id:                                             \
+    return WgLaunch<T, xt, wgs, ns, p, mb, pw, t64>::launch(x, qw, sc, out, ws, M, N, K, splits, stream);
     GRACE_W4A16_WG_CONFIGS(GRACE_WG_CASE)
 #undef GRACE_WG_CASE
     default:

@@ -5,9 +5,9 @@ namespace grace_w4a16 {
 
 bool wg_config(int cfg, WgConfig* out) {
   switch (cfg) {
-#define GRACE_WG_CFG(id, xt, wgs, ns, p, mb, pw, t64, np) \
-  case id:                                                \
-    *out = WgConfig{xt, wgs, ns, p, mb, pw, t64, np};     \
+#define GRACE_WG_CFG(id, xt, wgs, ns, p, mb, pw, t64) \
+  case id:                                            \
+    *out = WgConfig{xt, wgs, ns, p, mb, pw, t64};     \
     return true;
     GRACE_W4A16_WG_CONFIGS(GRACE_WG_CFG)
 #undef GRACE_WG_CFG
