@@ -16,7 +16,7 @@ try:
 except ModuleNotFoundError:  # `kernels/` is not an installed package: plain `pytest` from elsewhere
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.w4a16 import dequantize, pack_weights, reference_w4a16, unpack_weights, w4a16_gemm
+from kernels.w4a16 import dequantize, pack_weights, reference_w4a16, unpack_weights, w4a16_gemm, w4a16_gemm_glu
 from kernels.w4a16.pack import _index_tables
 
 CSRC = Path(__file__).resolve().parents[1] / "kernels" / "w4a16" / "csrc"
@@ -43,6 +43,12 @@ def rel_err(out, ref):
 def ref64(x, codes, scales):
     w = codes.double() * scales.double().repeat_interleave(128, dim=1)
     return x.double() @ w.t()
+
+
+def glu64(x, codes, scales):
+    """silu(gate) * up in float64 for a fused [gate; up] weight (gate rows first)."""
+    gate, up = ref64(x, codes, scales).chunk(2, dim=-1)
+    return gate * torch.sigmoid(gate) * up
 
 
 # ---------------------------------------------------------------- CPU: packing and reference
@@ -110,6 +116,18 @@ def test_w4a16_gemm_cpu_falls_back_to_reference():
     assert torch.equal(out, reference_w4a16(x, codes, scales.bfloat16()))
 
 
+def test_glu_cpu_matches_float64_and_checks_the_width():
+    N, K = 96, 384
+    codes, scales = rand_weight(N, K, seed=2)
+    p = pack_weights(codes, scales, dtype=torch.bfloat16)
+    x = torch.randn(2, 3, K)
+    out = w4a16_gemm_glu(x, p)
+    assert out.shape == (2, 3, N // 2) and out.dtype == x.dtype
+    assert rel_err(out.reshape(-1, N // 2), glu64(x.reshape(-1, K), codes, scales.bfloat16())) <= 1e-5
+    with pytest.raises(ValueError, match="N=80 rows; it must be 2 x I with I a multiple of 16"):
+        w4a16_gemm_glu(x, pack_weights(*rand_weight(80, K)))
+
+
 def test_op_fake_kernel_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -119,6 +137,9 @@ def test_op_fake_kernel_shapes():
         sc = torch.empty(3, 2, 16, dtype=torch.bfloat16)
         out = torch.ops.grace.w4a16_gemm(x, qw, sc, 128)
         assert tuple(out.shape) == (5, 48) and out.dtype == torch.bfloat16
+        qw2, sc2 = torch.empty(4, 4, 128, dtype=torch.int32), torch.empty(4, 2, 16, dtype=torch.bfloat16)
+        out = torch.ops.grace.w4a16_gemm_glu(x, qw2, sc2, 128)
+        assert tuple(out.shape) == (5, 32) and out.dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------- CPU: error messages
@@ -312,11 +333,17 @@ def test_sweep_decode_merge_keeps_unmeasured_entries(tmp_path):
     assert [c["M"] for c in json.loads(open(path).read())["choices"]] == [16]
 
 
+# what torch.utils.cpp_extension passes to nvcc for every extension: no implicit 16-bit <-> float conversions
+# or operators (a kernel written against the implicit ones compiled here and failed on the GPU machine's build)
+TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 @pytest.mark.parametrize("tu", ["w4a16_bf16.cu", "w4a16_sk_bf16.cu", "w4a16_wgmma_bf16.cu", "w4a16_lean_bf16.cu"])
 def test_kernel_compiles_for_sm90a(tmp_path, tu):
     """The kernel TUs (no torch headers) must compile for Hopper; ptxas -O0 keeps each well under 60 s."""
-    cmd = ["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-std=c++17", "-O1", "-Xptxas", "-O0",
+    cmd = ["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-std=c++17", "-O1", "-Xptxas", "-O0", *TORCH_NVCC_FLAGS,
            "-c", str(CSRC / tu), "-o", str(tmp_path / "k.o")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -327,7 +354,7 @@ def test_kernel_compiles_for_sm90a(tmp_path, tu):
 def test_kernel_compiles_for_ampere(tmp_path, tu):
     """Ampere builds (TORCH_CUDA_ARCH_LIST=8.0) compile too: the float2 atomics fall back to scalar
     ones and the wgmma kernel body is sm_90-only (the host never launches it below sm_90)."""
-    cmd = ["nvcc", "-gencode=arch=compute_80,code=sm_80", "-std=c++17", "-O1", "-Xptxas", "-O0",
+    cmd = ["nvcc", "-gencode=arch=compute_80,code=sm_80", "-std=c++17", "-O1", "-Xptxas", "-O0", *TORCH_NVCC_FLAGS,
            "-c", str(CSRC / tu), "-o", str(tmp_path / "k.o")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -427,6 +454,56 @@ def test_gpu_lean_configs_against_float64(ext, N, K):
                 ext.tc_gemm_out(x, p["qweight"], p["scales"], cfg, out, 0)
                 err = rel_err(out, ref64(x, codes, scales.to(dtype)))
                 assert err <= tol, (cfg, ext.config_info(cfg), M, N, K, dtype, err)
+
+
+@gpu
+@pytest.mark.parametrize("N,K", [(64, 128), (96, 384), (22016, 4096), (37888, 3584)])
+def test_gpu_lean_glu_configs_against_float64(ext, N, K):
+    """Every lean config with the GLU epilogue (silu(gate) * up of a fused [gate; up] weight, kernels/NOTES.md
+    v15) against float64: I of 2 to 1184 tiles (a last CTA with idle warps), odd M and M past one token tile,
+    both dtypes, NaN-poisoned output; then the op's choice (one kernel at <= 16 tokens where the plain op's
+    config has the epilogue, the plain op + activation elsewhere) with the label glu_kernel gives."""
+    codes, scales = rand_weight(N, K, "cuda")
+    cfgs = [c for c in range(ext.first_lean, ext.num_configs) if ext.lean_glu_ok(c)]
+    assert len(cfgs) >= 10 and 58 in cfgs and 62 in cfgs and not ext.lean_glu_ok(59) and not ext.lean_glu_ok(41)
+    for dtype, tol in ((torch.bfloat16, 5e-3), (torch.float16, 2e-3)):
+        p = pack_weights(codes, scales, dtype=dtype)
+        sq = scales.to(dtype)
+        for cfg in cfgs:
+            for M in (1, 2, 3, 9, 16, 17):
+                x = torch.randn(M, K, device="cuda", dtype=dtype)
+                junk = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+                del junk
+                out = ext.lean_glu_gemm(x, p["qweight"], p["scales"], cfg)
+                assert out.shape == (M, N // 2)
+                err = rel_err(out, glu64(x, codes, sq))
+                assert err <= tol, (cfg, ext.config_info(cfg), M, N, K, dtype, err)
+        for M in (1, 5, 16, 17, 64, 300):
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            out = w4a16_gemm_glu(x, p)
+            assert rel_err(out, glu64(x, codes, sq)) <= 1e-2, (M, N, K, dtype, ext.glu_kernel(M, N, K))
+    if N >= 8192:   # the 7B gate/up shapes: one kernel at decode
+        assert ext.glu_kernel(1, N, K).endswith("+glu") and ext.glu_kernel(16, N, K) != ""
+        assert ext.glu_kernel(300, N, K).endswith(",silu*mul")
+        # captured in a CUDA graph and compiled (both paths), replayed on new inputs
+        p = pack_weights(codes, scales, dtype=torch.bfloat16)
+        sq = scales.bfloat16()
+        for M in (1, 64):
+            static_x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            w4a16_gemm_glu(static_x, p)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                static_out = w4a16_gemm_glu(static_x, p)
+            x2 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            static_x.copy_(x2)
+            static_out.fill_(float("nan"))
+            g.replay()
+            torch.cuda.synchronize()
+            assert rel_err(static_out, glu64(x2, codes, sq)) <= 1e-2, M
+        f = torch.compile(lambda x: w4a16_gemm_glu(x, p) * 2, fullgraph=True)
+        x = torch.randn(3, K, device="cuda", dtype=torch.bfloat16)
+        assert rel_err(f(x), 2 * glu64(x, codes, sq)) <= 1e-2
 
 
 @gpu

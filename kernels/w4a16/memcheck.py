@@ -1,5 +1,5 @@
-"""Small run for compute-sanitizer: every tensor-core config, the dequant path, the op, and (on
-Hopper) every wgmma config with automatic and forced split-K, on tiny odd shapes.
+"""Small run for compute-sanitizer: every tensor-core config, the lean configs' GLU epilogue, the dequant
+path, the op (plain and GLU), and (on Hopper) every wgmma config with automatic and forced split-K, on tiny odd shapes.
 compute-sanitizer --tool memcheck python -m kernels.w4a16.memcheck"""
 import torch
 
@@ -22,6 +22,11 @@ def main():
                     if ext.first_sk <= c < ext.first_lean:  # forced split-K (atomics + workspace + finalize)
                         ext.tc_gemm(x, p["qweight"], p["scales"], c, 3)
                 torch.ops.grace.w4a16_gemm(x, p["qweight"], p["scales"], 128)
+                if N % 32 == 0:   # N = 2I: the GLU epilogue of every config with one, and the op's two paths
+                    for c in range(ext.first_lean, ext.num_configs):
+                        if ext.lean_glu_ok(c):
+                            ext.lean_glu_gemm(x, p["qweight"], p["scales"], c)
+                    torch.ops.grace.w4a16_gemm_glu(x, p["qweight"], p["scales"], 128)
             ext.dequant(p["qweight"], p["scales"])
     if torch.cuda.get_device_capability()[0] == 9:      # wgmma kernel: N % 64 == 0, partial token tiles
         for (N, K) in [(64, 256), (192, 1152)]:
@@ -35,6 +40,7 @@ def main():
                         ext.wgmma_gemm(x, p["qweight"], p["scales"], c)
                         ext.wgmma_gemm(x, p["qweight"], p["scales"], c, 3)
                     torch.ops.grace.w4a16_gemm(x, p["qweight"], p["scales"], 128)
+                    torch.ops.grace.w4a16_gemm_glu(x, p["qweight"], p["scales"], 128)   # + the activation kernel
     torch.cuda.synchronize()
     print("memcheck run done")
 

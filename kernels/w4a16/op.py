@@ -40,6 +40,26 @@ def _w4a16_gemm_cpu(x, qweight, scales, group_size):
 
 _lib.impl("w4a16_gemm", _w4a16_gemm_cpu, "CPU")
 
+# The gated MLP's first half in one call: out (M, I) = silu(x @ gate^T) * (x @ up^T) for a fused [gate; up]
+# weight of N = 2I rows (kernels/NOTES.md v15). On CUDA one lean kernel with the activation in its epilogue
+# where the op's choice has one (decode, <= 16 tokens), else the op's GEMM and the activation.
+_lib.define("w4a16_gemm_glu(Tensor x, Tensor qweight, Tensor scales, int group_size) -> Tensor")
+
+
+@torch.library.register_fake("grace::w4a16_gemm_glu")
+def _w4a16_gemm_glu_fake(x, qweight, scales, group_size):
+    torch._check(x.dim() == 2, lambda: f"w4a16_gemm_glu: x must be 2-D, got {x.dim()} dims")
+    return x.new_empty((x.shape[0], qweight.shape[0] * N_TILE // 2))
+
+
+def _w4a16_gemm_glu_cpu(x, qweight, scales, group_size):
+    y = _w4a16_gemm_cpu(x, qweight, scales, group_size)
+    gate, up = y.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+_lib.impl("w4a16_gemm_glu", _w4a16_gemm_glu_cpu, "CPU")
+
 _ext = None
 _lock = threading.Lock()
 TUNED = None   # (file, entries) of the tuned-choice table load_extension loaded, if any
@@ -161,28 +181,47 @@ def w4a16_gemm(x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int
     48..384 when N % 64 == 0 (mma.sync up to 128 elsewhere), dequantise + cuBLAS above). Elsewhere: the pure-PyTorch reference. x: bf16 or fp16 on CUDA; the packed scales are
     converted to x's dtype if they differ (pack for the serving dtype to avoid that).
     """
+    return _call(torch.ops.grace.w4a16_gemm, "w4a16_gemm", x, packed, group_size, 1)
+
+
+def w4a16_gemm_glu(x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int = GROUP_SIZE) -> torch.Tensor:
+    """out (..., I) = silu(x @ gate.T) * (x @ up.T) for a fused [gate; up] weight of N = 2I rows packed by
+    ``pack_weights`` (gate rows first; I a multiple of 16): a gated MLP's activation input to its down
+    projection. ``torch.ops.grace.w4a16_gemm_glu``: on CUDA one kernel where the op's choice for (M, N, K) is a
+    lean config with the activation epilogue (``ext.glu_kernel(M, N, K)`` says which), else the op's GEMM
+    then the activation; elsewhere the reference."""
+    N = packed_shape(packed)[0]
+    if N % (2 * N_TILE) != 0:
+        raise ValueError(f"w4a16_gemm_glu: the fused [gate; up] weight has N={N} rows; it must be 2 x I with I a "
+                         f"multiple of {N_TILE}")
+    return _call(torch.ops.grace.w4a16_gemm_glu, "w4a16_gemm_glu", x, packed, group_size, 2)
+
+
+def _call(op, name: str, x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int, div: int) -> torch.Tensor:
+    """Checks shared by the wrappers, then op(x2d, qweight, scales, group_size) reshaped to x's leading dims x
+    N / div."""
     if group_size != GROUP_SIZE:
-        raise ValueError(f"w4a16_gemm: group_size must be {GROUP_SIZE}, got {group_size}")
+        raise ValueError(f"{name}: group_size must be {GROUP_SIZE}, got {group_size}")
     qweight, scales = packed["qweight"], packed["scales"]
     if qweight.dtype != torch.int32 or qweight.dim() != 3 or qweight.shape[2] != 128:
-        raise ValueError(f"w4a16_gemm: qweight must be int32 (N/16, K/64, 128) from pack_weights, "
+        raise ValueError(f"{name}: qweight must be int32 (N/16, K/64, 128) from pack_weights, "
                          f"got {qweight.dtype} {tuple(qweight.shape)}")
     N, K = packed_shape(packed)
     if tuple(scales.shape) != (N // N_TILE, K // GROUP_SIZE, 16):
-        raise ValueError(f"w4a16_gemm: scales must have shape {(N // N_TILE, K // GROUP_SIZE, 16)}, "
+        raise ValueError(f"{name}: scales must have shape {(N // N_TILE, K // GROUP_SIZE, 16)}, "
                          f"got {tuple(scales.shape)}")
     if x.device != qweight.device or x.device != scales.device:
-        raise ValueError(f"w4a16_gemm: x is on {x.device} but the packed weight is on {qweight.device}")
+        raise ValueError(f"{name}: x is on {x.device} but the packed weight is on {qweight.device}")
     if x.shape[-1] != K:
-        raise ValueError(f"w4a16_gemm: x has K={x.shape[-1]} but the packed weight has K={K}")
+        raise ValueError(f"{name}: x has K={x.shape[-1]} but the packed weight has K={K}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x.is_cuda:
         if x.dtype not in (torch.bfloat16, torch.float16):
-            raise TypeError(f"w4a16_gemm: x must be bfloat16 or float16 on CUDA, got {x.dtype}")
+            raise TypeError(f"{name}: x must be bfloat16 or float16 on CUDA, got {x.dtype}")
         if scales.dtype != x.dtype:
             scales = scales.to(x.dtype)
         if not torch.compiler.is_compiling():
             load_extension()
-    out = torch.ops.grace.w4a16_gemm(x2, qweight, scales, group_size)
-    return out.reshape(*lead, N)
+    out = op(x2, qweight, scales, group_size)
+    return out.reshape(*lead, N // div)

@@ -200,6 +200,27 @@ cudaError_t lean_launch_bf16(int cfg, const void* x, const void* qw, const void*
                              int K, cudaStream_t stream);
 cudaError_t lean_launch_fp16(int cfg, const void* x, const void* qw, const void* sc, void* out, int M, int N,
                              int K, cudaStream_t stream);
+// Gated-MLP variant (NOTES.md v15): qw / sc pack a fused [gate; up] weight of N = 2I rows (I % 16 == 0) and
+// out (M, I) = silu(x @ gate^T) * (x @ up^T), from the fp32 accumulators, rounded once. Only the
+// cp.async-ring configs with an even TN have it (lean_glu_ok); cudaErrorInvalidValue for the others.
+inline bool lean_glu_ok(int cfg) {
+  switch (cfg) {
+#define GRACE_LEAN_GLU_OK(id, mt, tn, wn, wk, p, ps) \
+  case id:                                          \
+    return tn % 2 == 0 && ps > 0;
+    GRACE_W4A16_LEAN_CONFIGS(GRACE_LEAN_GLU_OK)
+#undef GRACE_LEAN_GLU_OK
+    default:
+      return false;
+  }
+}
+cudaError_t lean_glu_launch_bf16(int cfg, const void* x, const void* qw, const void* sc, void* out, int M, int N,
+                                 int K, cudaStream_t stream);
+cudaError_t lean_glu_launch_fp16(int cfg, const void* x, const void* qw, const void* sc, void* out, int M, int N,
+                                 int K, cudaStream_t stream);
+// out (M, I) = silu(y[:, :I]) * y[:, I:] for y (M, 2I): the activation after a GEMM without the GLU epilogue.
+cudaError_t silu_mul_launch_bf16(const void* y, void* out, int M, int I, cudaStream_t stream);
+cudaError_t silu_mul_launch_fp16(const void* y, void* out, int M, int I, cudaStream_t stream);
 
 // out (M,N) = x (M,K) @ dequant(qw, sc)^T. dtype 0 = bf16, 1 = fp16. Returns the launch error.
 cudaError_t tc_launch_bf16(int cfg, const void* x, const void* qw, const void* sc, void* out, int M, int N,

@@ -367,7 +367,70 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x_in, const at::Tensor& qweight, co
   return out;
 }
 
+// ---- gated MLP: out (M, I) = silu(x @ gate^T) * (x @ up^T) for a fused [gate; up] weight (NOTES.md v15) ----
+// The lean config the plain op would run for (M, N, K), when it has the GLU epilogue (lean_glu_ok);
+// -1 otherwise (the op then runs the plain GEMM and the activation as two kernels).
+int glu_config(int64_t M, int64_t N, int64_t K, int device) {
+  if (N % 32 != 0 || use_wgmma(M, N, device)) return -1;
+  const int cfg = choose(M, N, K).cfg;
+  return is_lean(cfg) && grace_w4a16::lean_glu_ok(cfg) ? cfg : -1;
+}
+
+void run_lean_glu(int cfg, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, at::Tensor& out) {
+  const int M = (int)x.size(0), N = (int)qweight.size(0) * 16, K = (int)x.size(1);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const cudaError_t e =
+      bf16 ? grace_w4a16::lean_glu_launch_bf16(cfg, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), out.data_ptr(),
+                                               M, N, K, stream)
+           : grace_w4a16::lean_glu_launch_fp16(cfg, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), out.data_ptr(),
+                                               M, N, K, stream);
+  TORCH_CHECK(e == cudaSuccess, "w4a16_gemm_glu: kernel launch failed (config ", cfg, "): ", cudaGetErrorString(e));
+}
+
+void check_glu(const at::Tensor& qweight) {
+  TORCH_CHECK(qweight.size(0) % 2 == 0, "w4a16_gemm_glu: the fused [gate; up] weight has N=", qweight.size(0) * 16,
+              " rows; it must be 2 x I with I a multiple of 16 (pack gate and up separately, then concatenate)");
+}
+
+at::Tensor w4a16_gemm_glu_cuda(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
+                               int64_t group_size) {
+  check_inputs(x_in, qweight, scales, group_size);
+  check_glu(qweight);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t M = x_in.size(0), N = qweight.size(0) * 16;
+  at::Tensor x = contiguous_aligned(x_in);
+  const int cfg = glu_config(M, N, x.size(1), x.get_device());
+  at::Tensor out = at::empty({M, N / 2}, x.options());
+  if (M == 0) return out;
+  if (cfg >= 0) {
+    run_lean_glu(cfg, x, qweight, scales, out);
+    return out;
+  }
+  // two kernels: the op's GEMM, then silu(gate) * up
+  const at::Tensor y = w4a16_gemm_cuda(x, qweight, scales, group_size);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaError_t e = x.scalar_type() == at::kBFloat16
+                            ? grace_w4a16::silu_mul_launch_bf16(y.data_ptr(), out.data_ptr(), (int)M, (int)(N / 2), stream)
+                            : grace_w4a16::silu_mul_launch_fp16(y.data_ptr(), out.data_ptr(), (int)M, (int)(N / 2), stream);
+  TORCH_CHECK(e == cudaSuccess, "w4a16_gemm_glu: activation launch failed: ", cudaGetErrorString(e));
+  return out;
+}
+
 // ---- pybind helpers (benchmark / tests) ----
+// An explicit GLU config (lean_glu_ok), for tests and benchmarks.
+at::Tensor lean_glu_gemm(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales, int64_t cfg) {
+  check_inputs(x_in, qweight, scales, 128);
+  check_glu(qweight);
+  TORCH_CHECK(is_lean((int)cfg) && grace_w4a16::lean_glu_ok((int)cfg), "w4a16: config ", cfg,
+              " has no GLU epilogue (lean cp.async configs with an even TN only)");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor x = contiguous_aligned(x_in);
+  at::Tensor out = at::empty({x.size(0), qweight.size(0) * 8}, x.options());
+  if (x.size(0) > 0) run_lean_glu((int)cfg, x, qweight, scales, out);
+  return out;
+}
+
 at::Tensor tc_gemm(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales, int64_t cfg,
                    int64_t splits) {
   check_inputs(x_in, qweight, scales, 128);
@@ -462,7 +525,10 @@ int64_t wgmma_splits(int64_t cfg, int64_t M, int64_t N, int64_t K, int64_t split
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(grace, CUDA, m) { m.impl("w4a16_gemm", &w4a16_gemm_cuda); }
+TORCH_LIBRARY_IMPL(grace, CUDA, m) {
+  m.impl("w4a16_gemm", &w4a16_gemm_cuda);
+  m.impl("w4a16_gemm_glu", &w4a16_gemm_glu_cuda);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tc_gemm", &tc_gemm, "tensor-core W4A16 GEMM with an explicit config id (splits: sk configs, 0 = auto)",
@@ -484,6 +550,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("config_info", &config_info, "(MT, TN, WN, WK, XR, P) of a config id");
   m.def("choose_config", &choose_config, "config id the op uses for (M,N,K); -1 = dequant + cuBLAS");
   m.def("op_kernel", &op_kernel, "label of the kernel the op runs for (M,N,K) here: wg<id>, c<id> or dequant");
+  m.def("glu_kernel", [](int64_t M, int64_t N, int64_t K) {
+        int dev = 0;
+        cudaGetDevice(&dev);
+        const int cfg = glu_config(M, N, K, dev);
+        return cfg >= 0 ? "c" + std::to_string(cfg) + "+glu" : op_kernel(M, N, K) + ",silu*mul";
+      }, "label of what w4a16_gemm_glu runs for a fused [gate; up] weight (M, N = 2I, K): c<id>+glu (one kernel) or "
+         "the op's kernel then the activation");
+  m.def("lean_glu_gemm", &lean_glu_gemm, "silu(gate) * up of a fused [gate; up] weight with an explicit lean config",
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("cfg"));
+  m.def("lean_glu_ok", [](int64_t cfg) { return grace_w4a16::lean_glu_ok((int)cfg); },
+        "whether a lean config has the GLU epilogue");
   m.def("choose_splits", [](int64_t M, int64_t N, int64_t K) { return (int64_t)choose(M, N, K).splits; },
         "requested splits of the op's choice (0 = automatic; see sk_splits for the effective count)");
   m.def("set_choice", &set_choice, "measured config (and splits, 0 = auto) for an exact (M, N, K), ahead of the rules; false if invalid",

@@ -137,6 +137,9 @@ __device__ __forceinline__ void atomic_add2(float2* p, float a, float b) {
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
+// Explicit 16-bit -> fp32 (torch builds extensions with __CUDA_NO_{HALF,BFLOAT16}_CONVERSIONS__).
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
 // Shared memory of the register kernels' intra-CTA split-K reduction (tc_epilogue's `red`).
 __host__ __device__ constexpr size_t tc_red_bytes(int MT, int TN, int WN, int WK) {
@@ -154,10 +157,17 @@ inline cudaError_t raise_smem_limit_once(size_t smem) {
   return e;
 }
 
+// SiLU(gate) * up in fp32, the gated MLP's activation (GLU epilogue below).
+__device__ __forceinline__ float silu_mul(float gate, float up) { return gate / (1.f + __expf(-gate)) * up; }
+
 // Epilogue shared by the register kernels (this one and w4a16_lean.cuh): the WK warps along K of
 // each wn add their partial sums through shared memory (warp wk>0 -> warp wk=0), and warp wk=0
 // stores its TN tiles x MT token tiles. Every warp of the CTA must call it (it holds a barrier).
-template <typename T, int MT, int TN, int WN, int WK>
+// GLU (lean kernels, NOTES.md v15): the weight is a fused [gate; up] projection of N = 2I rows and
+// the warp's tiles pair up (tc_lane_pointers<..., true>): tile tn < TN/2 is gate tile tile0 + tn, tile
+// tn + TN/2 the up tile of the same rows. The warp stores silu(gate) * up, rounded once, into out of
+// width I = N / 2; tile0 and the tile bound then count the I / 16 tile pairs.
+template <typename T, int MT, int TN, int WN, int WK, bool GLU = false>
 __device__ __forceinline__ void tc_epilogue(float (&acc)[TN][MT][4], float* red, int wn, int wk, int lane,
                                             bool active, int tile0, int NT, int m0, int M, int N,
                                             T* __restrict__ out) {
@@ -187,6 +197,32 @@ __device__ __forceinline__ void tc_epilogue(float (&acc)[TN][MT][4], float* red,
     }
   }
 
+  if constexpr (GLU) {
+    if (wk == 0 && active) {
+      constexpr int TH = TN / 2;
+      const int NO = N / 2, NTO = NT / 2;  // output width and its tile pairs
+#pragma unroll
+      for (int tn = 0; tn < TH; ++tn) {
+        if (tile0 + tn >= NTO) continue;
+        const int n = (tile0 + tn) * kNTile + g;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const float(&a)[4] = acc[tn][mt];
+          const float(&b)[4] = acc[tn + TH][mt];
+          const int t = m0 + mt * 8 + c * 2;
+          if (t < M) {
+            out[(size_t)t * NO + n] = from_float<T>(silu_mul(a[0], b[0]));
+            out[(size_t)t * NO + n + 8] = from_float<T>(silu_mul(a[2], b[2]));
+          }
+          if (t + 1 < M) {
+            out[(size_t)(t + 1) * NO + n] = from_float<T>(silu_mul(a[1], b[1]));
+            out[(size_t)(t + 1) * NO + n + 8] = from_float<T>(silu_mul(a[3], b[3]));
+          }
+        }
+      }
+    }
+    return;
+  }
   if (wk == 0 && active) {
     // Accumulator of m16n8 tile: c0,c1 = (row g, tokens 2c, 2c+1), c2,c3 = (row g+8, same tokens);
     // "row" is the output feature n, the token is the output row.
@@ -224,8 +260,9 @@ __device__ __forceinline__ void tc_zero(float (&acc)[TN][MT][4]) {
 // A lane's pointers, shared by the register kernels: its activation rows (token tile mt, row g = lane/4,
 // the 16 consecutive k of c = lane%4; tokens past M clamped to M-1: valid memory, results never
 // stored) and, per n16 tile, its packed weights (block 0) and its scale word (group 0). Tiles past
-// N are clamped to the last one (stores are guarded).
-template <typename T, int MT, int TN>
+// N are clamped to the last one (stores are guarded). GLU: tile0 counts tile pairs (tc_epilogue);
+// tiles tn < TN/2 are gate tiles tile0 + tn, the others the up tiles NT/2 + tile0 + tn - TN/2.
+template <typename T, int MT, int TN, bool GLU = false>
 __device__ __forceinline__ void tc_lane_pointers(const T* __restrict__ x, const uint4* __restrict__ qw,
                                                  const uint32_t* __restrict__ sc, int M, int K, int NT, int m0,
                                                  int tile0, int lane, const T* (&xrow)[MT], const uint4* (&wp)[TN],
@@ -239,7 +276,13 @@ __device__ __forceinline__ void tc_lane_pointers(const T* __restrict__ x, const 
   }
 #pragma unroll
   for (int tn = 0; tn < TN; ++tn) {
-    int tile = tile0 + tn < NT ? tile0 + tn : NT - 1;
+    int tile;
+    if constexpr (GLU) {
+      const int NTO = NT / 2, j = tn < TN / 2 ? tn : tn - TN / 2;
+      tile = (tn < TN / 2 ? 0 : NTO) + (tile0 + j < NTO ? tile0 + j : NTO - 1);
+    } else {
+      tile = tile0 + tn < NT ? tile0 + tn : NT - 1;
+    }
     wp[tn] = qw + (size_t)tile * KB * 32 + lane;
     sp[tn] = sc + (size_t)tile * G * 8 + g;
   }

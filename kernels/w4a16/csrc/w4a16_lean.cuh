@@ -148,11 +148,12 @@ __device__ __forceinline__ void lean_x_refill(uint4 (&xb)[MT][2], const uint4* (
   }
 }
 
-template <typename T, int MT, int TN, int WN, int WK, int P>
+template <typename T, int MT, int TN, int WN, int WK, int P, bool GLU = false>
 __global__ void __launch_bounds__(WN * WK * 32)
     w4a16_lean_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const uint32_t* __restrict__ sc,
                       T* __restrict__ out, int M, int N, int K) {
   static_assert(P % 2 == 0 && P >= 2, "lean kernel: P must be even (a group is 2 k64 blocks)");
+  static_assert(!GLU || TN % 2 == 0, "lean GLU: tiles pair up (gate, up)");
   extern __shared__ float red[];  // [WK-1][WN][TN*MT*4][32], as the classic kernel
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wn = warp % WN, wk = warp / WN;
@@ -160,10 +161,12 @@ __global__ void __launch_bounds__(WN * WK * 32)
   const int m0 = blockIdx.x * (MT * 8);
   int kb_begin, kb_end;
   lean_warp_blocks(G, wk, WK, kb_begin, kb_end);
-  const int n_groups = (NT + WN * TN - 1) / (WN * TN);
+  constexpr int TW = GLU ? TN / 2 : TN;  // output tiles per warp (GLU: gate / up tile pairs)
+  const int NTW = GLU ? NT / 2 : NT;
+  const int n_groups = (NTW + WN * TW - 1) / (WN * TW);
   for (int grp = blockIdx.y; grp < n_groups; grp += gridDim.y) {
-  const int tile0 = (grp * WN + wn) * TN;
-  const bool active = tile0 < NT;
+  const int tile0 = (grp * WN + wn) * TW;
+  const bool active = tile0 < NTW;
 
   float acc[TN][MT][4];
   tc_zero<MT, TN>(acc);
@@ -172,7 +175,7 @@ __global__ void __launch_bounds__(WN * WK * 32)
     const T* xrow[MT];
     const uint4* wp[TN];
     const uint32_t* sp[TN];
-    tc_lane_pointers<T, MT, TN>(x, qw, sc, M, K, NT, m0, tile0, lane, xrow, wp, sp);
+    tc_lane_pointers<T, MT, TN, GLU>(x, qw, sc, M, K, NT, m0, tile0, lane, xrow, wp, sp);
 
     // Ring: P blocks of weights, P/2 groups of scales, 2 blocks of activations. Block kb lives in
     // slot (kb - kb_begin) % P (its group's scales in slot / 2, its activations in kb % 2).
@@ -232,7 +235,7 @@ __global__ void __launch_bounds__(WN * WK * 32)
   }
 
   pdl_launch_dependents();
-  tc_epilogue<T, MT, TN, WN, WK>(acc, red, wn, wk, lane, active, tile0, NT, m0, M, N, out);
+  tc_epilogue<T, MT, TN, WN, WK, GLU>(acc, red, wn, wk, lane, active, tile0, NT, m0, M, N, out);
   if (WK > 1 && grp + (int)gridDim.y < n_groups) __syncthreads();  // red[] is reused next group
   }  // for grp
 }
@@ -256,11 +259,12 @@ __host__ __device__ constexpr size_t lean_cp_smem_bytes(int MT, int TN, int WN, 
   return (size_t)WN * WK * PS * TN * 32 * (16 + 4) + tc_red_bytes(MT, TN, WN, WK);
 }
 
-template <typename T, int MT, int TN, int WN, int WK, int PS>
+template <typename T, int MT, int TN, int WN, int WK, int PS, bool GLU = false>
 __global__ void __launch_bounds__(WN * WK * 32)
     w4a16_lean_cp_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const uint32_t* __restrict__ sc,
                          T* __restrict__ out, int M, int N, int K) {
   static_assert(PS >= 2, "lean cp kernel: at least 2 stages");
+  static_assert(!GLU || TN % 2 == 0, "lean GLU: tiles pair up (gate, up)");
   constexpr int W = WN * WK;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -272,10 +276,12 @@ __global__ void __launch_bounds__(WN * WK * 32)
   const int m0 = blockIdx.x * (MT * 8);
   int kb_begin, kb_end;
   lean_warp_blocks(G, wk, WK, kb_begin, kb_end);
-  const int n_groups = (NT + WN * TN - 1) / (WN * TN);
+  constexpr int TW = GLU ? TN / 2 : TN;  // output tiles per warp (GLU: gate / up tile pairs)
+  const int NTW = GLU ? NT / 2 : NT;
+  const int n_groups = (NTW + WN * TW - 1) / (WN * TW);
   for (int grp = blockIdx.y; grp < n_groups; grp += gridDim.y) {
-  const int tile0 = (grp * WN + wn) * TN;
-  const bool active = tile0 < NT;
+  const int tile0 = (grp * WN + wn) * TW;
+  const bool active = tile0 < NTW;
 
   float acc[TN][MT][4];
   tc_zero<MT, TN>(acc);
@@ -284,7 +290,7 @@ __global__ void __launch_bounds__(WN * WK * 32)
     const T* xrow[MT];
     const uint4* wp[TN];
     const uint32_t* sp[TN];
-    tc_lane_pointers<T, MT, TN>(x, qw, sc, M, K, NT, m0, tile0, lane, xrow, wp, sp);
+    tc_lane_pointers<T, MT, TN, GLU>(x, qw, sc, M, K, NT, m0, tile0, lane, xrow, wp, sp);
 #pragma unroll
     for (int tn = 0; tn < TN; ++tn) {  // from block kb_begin and its group on
       wp[tn] += (size_t)kb_begin * 32;
@@ -339,7 +345,7 @@ __global__ void __launch_bounds__(WN * WK * 32)
   }
 
   pdl_launch_dependents();
-  tc_epilogue<T, MT, TN, WN, WK>(acc, red, wn, wk, lane, active, tile0, NT, m0, M, N, out);
+  tc_epilogue<T, MT, TN, WN, WK, GLU>(acc, red, wn, wk, lane, active, tile0, NT, m0, M, N, out);
   if (WK > 1 && grp + (int)gridDim.y < n_groups) __syncthreads();
   }  // for grp
 }
