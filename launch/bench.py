@@ -402,7 +402,8 @@ def worker(args) -> None:
         if args.fuse_proj:
             from grace_ds.export.fuse import fuse_projections_
 
-            result["fused_groups"] = fuse_projections_(model)
+            result["fused_groups"] = fuse_projections_(model, glu=args.glu)
+            result["glu_mlps"] = sum("fused gate/up + SiLU" in type(m).__qualname__ for m in model.modules())
         if args.variant == "int4" and args.int4_lm_head:
             from grace_ds.export.load import quantize_lm_head_
 
@@ -626,6 +627,10 @@ def parse_args(argv=None):
     p.add_argument("--fuse-proj", action="store_true",
                    help="both variants: fuse each layer's q/k/v and gate/up projections into one GEMM each "
                         "(grace_ds.export.fuse)")
+    p.add_argument("--glu", action="store_true",
+                   help="with --fuse-proj: gated SiLU MLPs call w4a16_gemm_glu (the activation in the gate/up GEMM's "
+                        "epilogue at decode; kernels/NOTES.md v15) instead of the GEMM, then the activation as a "
+                        "separate kernel. Both variants (bf16: same math as without). Opt-in: mixed end to end")
     p.add_argument("--pdl", action="store_true",
                    help="int4 variant on CUDA: programmatic dependent launch for the W4A16 decode kernels "
                         "(kernels.w4a16.set_pdl)")
@@ -721,7 +726,7 @@ def parse_args(argv=None):
 
 
 # options the parent hands to every worker as given (a flag when set, or the flag and its value)
-FORWARDED = ("int4_lm_head", "int8_embed", "int8_vision", "attn16_kernel", "profile_steps", "fuse_proj", "kv_int8",
+FORWARDED = ("int4_lm_head", "int8_embed", "int8_vision", "attn16_kernel", "profile_steps", "fuse_proj", "glu", "kv_int8",
              "kv_int8_auto", "kv_int8_min_batch", "pdl", "triton_pdl", "prefill_chunk", "prefill_tokens")
 
 

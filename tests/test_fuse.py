@@ -2,6 +2,8 @@
 Dynamo graph, nothing held between calls, and each member still its own projection."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -45,7 +47,7 @@ def test_fused_model_matches_unfused(arch, kind):
         ref_tokens = _tokens(model, cfg, inputs, s)
         expected = sum(all(hasattr(m, c) for c in group) for m in model.modules()
                        for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")))
-        n = fuse_projections_(model)
+        n = fuse_projections_(model, glu=True)
         # every decoder layer has both groups (CLIP's attention has q/k/v too; Qwen2-VL's vision
         # blocks already use one qkv linear)
         assert n == expected >= 2 * _n_layers(cfg)
@@ -56,6 +58,9 @@ def test_fused_model_matches_unfused(arch, kind):
         assert len(lm_groups) == 2 * _n_layers(cfg)
         want = W4A16Linear if kind == "int4" else nn.Linear
         assert all(isinstance(g.fused, want) for g in lm_groups)
+        # glu=True: every decoder MLP (gated SiLU) now runs down_proj(fused_gate_up.glu(x))
+        glu = [m for m in lm.modules() if "fused gate/up + SiLU" in type(m).__qualname__]
+        assert len(glu) == _n_layers(cfg)
         logits = model(**inputs).logits
         tokens = _tokens(model, cfg, inputs, s)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
@@ -139,10 +144,55 @@ def test_dequant_groups_fuse_codes_and_scales():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_gated_mlp_glu_forward_against_float64(act):
+    """A transformers LlamaMLP of packed INT4 layers: after fusion (SiLU) its forward is one GLU call per
+    MLP, equal to down(silu(gate x) * up x) in float64; another activation keeps the model's forward."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from grace_ds.export.load import quantized_linear
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=256, intermediate_size=384, hidden_act=act))
+    w64 = {}
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        lin = getattr(mlp, name)
+        n, k = lin.weight.shape
+        codes = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+        scales = (torch.rand(n, k // 128) * 0.01 + 0.005).bfloat16().float()   # exact after the kernel's 16-bit scales
+        w64[name] = codes.double() * scales.double().repeat_interleave(128, 1)
+        setattr(mlp, name, quantized_linear(codes, scales, 4, 128, None, torch.float32))
+    x = torch.randn(2, 3, 256)
+    act64 = torch.nn.functional.silu if act == "silu" else torch.nn.functional.gelu
+    g, u = x.double() @ w64["gate_proj"].t(), x.double() @ w64["up_proj"].t()
+    want = (act64(g) * u) @ w64["down_proj"].t()
+    with torch.no_grad():
+        before = mlp(x)
+        assert fuse_projections_(mlp, glu=True) == 1
+        swapped = "fused gate/up + SiLU" in type(mlp).__qualname__
+        assert swapped == (act == "silu") and isinstance(mlp, LlamaMLP)
+        calls = []
+        orig = W4A16Linear.forward_glu
+        W4A16Linear.forward_glu = lambda self, x: calls.append(1) or orig(self, x)
+        try:
+            got = mlp(x)
+        finally:
+            W4A16Linear.forward_glu = orig
+    assert len(calls) == (1 if act == "silu" else 0)
+    assert float((got.double() - want).norm() / want.norm()) < 1e-5
+    torch.testing.assert_close(got, before, rtol=1e-5, atol=1e-5)
+
+
 def test_bench_smoke_fuse_proj(tmp_path):
     rc = load_script("bench").main(["--smoke", "--in-process", "--arch", "tiny-qwen2vl", "--batch", "1", "--new-tokens", "3",
                         "--fuse-proj", "--json", str(tmp_path / "t.json")])
     assert rc == 0
+    rc = load_script("bench").main(["--smoke", "--in-process", "--arch", "tiny-llava", "--batch", "1", "--new-tokens", "3",
+                                    "--fuse-proj", "--glu", "--json", str(tmp_path / "g.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert [r.get("glu_mlps") for r in res["results"]] == [2, 2], res["results"]
 
 
 @pytest.mark.gpu

@@ -135,6 +135,18 @@ class W4A16Linear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
+    def forward_glu(self, x):
+        """silu(gate) * up for a fused [gate; up] layer (gate rows first, out_features = 2I): a gated MLP's
+        input to its down projection. With the kernel package and no bias, `kernels.w4a16.w4a16_gemm_glu`
+        (one kernel at decode; kernels/NOTES.md v15); else this layer's output, then the activation."""
+        if not self._keys or self.bias is not None or self.out_features % 32 != 0:
+            gate, up = self(x).chunk(2, dim=-1)
+            return F.silu(gate) * up
+        import kernels.w4a16 as kw  # type: ignore
+
+        y = kw.w4a16_gemm_glu(x.reshape(-1, self.in_features), self.packed(), self.group_size)
+        return y.reshape(*x.shape[:-1], self.out_features // 2)
+
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, g={self.group_size}, backend={self.backend}"
 

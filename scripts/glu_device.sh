@@ -1,0 +1,43 @@
+#!/bin/bash
+# Device run of the GLU epilogue (kernels/NOTES.md v15), in one call: build; the kernels' GPU tests for it
+# (every GLU config against float64, the op's two paths, graph and compile) and the lean / PDL ones around
+# it; compute-sanitizer memcheck; the kernel A/B (python -m kernels.w4a16.glu_bench --pdl); then, with the
+# time left, launch/bench.py --serving INT4 with and without it (--glu), same machine, same call.
+#   bash scripts/glu_device.sh                                    (device call: carry [".whl"], timeout_s 598)
+#   GLU_STAGES="e2e" GLU_ARCH=qwen2-vl-7b GLU_BATCH="1 16" bash scripts/glu_device.sh   (e2e A/B only)
+set -o pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+T0=$(date +%s); LIMIT=${GLU_LIMIT:-580}
+STAGES=${GLU_STAGES:-tests,memcheck,bench,e2e}
+. scripts/device_wheels.sh
+export TORCH_CUDA_ARCH_LIST=9.0a GRACE_DS_KERNEL_CACHE=/tmp/grace_kc MAX_JOBS=16
+nvidia-smi --query-gpu=name --format=csv,noheader; date -u; git log -1 --format=%h 2>/dev/null
+elapsed() { echo $(( $(date +%s) - T0 )); }
+timeout 240 python3 -m kernels.w4a16.build > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
+echo "build $(elapsed)s"
+if [[ $STAGES == *tests* ]]; then
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_fuse.py \
+    -k "glu or lean_configs or cuda_graph or pdl or op_matches or fused_w4a16" > "$OUT/pytest.log" 2>&1
+  echo "gpu tests rc=$? $(elapsed)s"; grep -E "passed|failed|^FAILED|^E " "$OUT/pytest.log" | head -20
+fi
+if [[ $STAGES == *memcheck* ]]; then
+  timeout 150 compute-sanitizer --tool memcheck python3 -m kernels.w4a16.memcheck 2>&1 | tail -2
+  echo "memcheck $(elapsed)s"
+fi
+if [[ $STAGES == *bench* ]]; then
+  timeout 150 python3 -m kernels.w4a16.glu_bench --pdl --out "$OUT/glu" 2>&1 | grep -v Warning | tail -8
+  echo "glu_bench $(elapsed)s"
+fi
+if [[ $STAGES == *e2e* ]]; then
+  for variant in "--glu" ""; do
+    left=$(( LIMIT - $(elapsed) ))
+    [ $left -lt 90 ] && { echo "e2e $variant skipped: ${left}s left"; continue; }
+    tag=${variant:-plain}; tag=${tag#--}
+    python3 launch/bench.py --arch ${GLU_ARCH:-llava-1.5-7b} --serving --variants int4 --batch ${GLU_BATCH:-1} \
+      $variant ${GLU_E2E_ARGS} --budget $(( left / ${GLU_SPLIT:-2} )) --out "$OUT/e2e_$tag.md" \
+      --json "$OUT/e2e_$tag.json" > "$OUT/e2e_$tag.log" 2>&1
+    echo "e2e $tag rc=$? $(elapsed)s"; grep -E "^\|" "$OUT/e2e_$tag.md" 2>/dev/null | head -6
+    GLU_SPLIT=1
+  done
+fi
+date -u
