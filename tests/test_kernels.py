@@ -51,6 +51,26 @@ def glu64(x, codes, scales):
     return gate * torch.sigmoid(gate) * up
 
 
+def graph_replay_err(fn, M, K, ref_fn):
+    """fn(x) captured in a CUDA graph (warmed up on a side stream), replayed on a fresh x with its output
+    NaN-poisoned: the relative error against ref_fn(x)."""
+    static_x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_out = fn(static_x)
+    x2 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    static_x.copy_(x2)
+    static_out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    return rel_err(static_out, ref_fn(x2))
+
+
 # ---------------------------------------------------------------- CPU: packing and reference
 @pytest.mark.parametrize("N,K", [(16, 128), (48, 256), (32, 640)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -489,18 +509,7 @@ def test_gpu_lean_glu_configs_against_float64(ext, N, K):
         p = pack_weights(codes, scales, dtype=torch.bfloat16)
         sq = scales.bfloat16()
         for M in (1, 64):
-            static_x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            w4a16_gemm_glu(static_x, p)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                static_out = w4a16_gemm_glu(static_x, p)
-            x2 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            static_x.copy_(x2)
-            static_out.fill_(float("nan"))
-            g.replay()
-            torch.cuda.synchronize()
-            assert rel_err(static_out, glu64(x2, codes, sq)) <= 1e-2, M
+            assert graph_replay_err(lambda x: w4a16_gemm_glu(x, p), M, K, lambda x: glu64(x, codes, sq)) <= 1e-2, M
         f = torch.compile(lambda x: w4a16_gemm_glu(x, p) * 2, fullgraph=True)
         x = torch.randn(3, K, device="cuda", dtype=torch.bfloat16)
         assert rel_err(f(x), 2 * glu64(x, codes, sq)) <= 1e-2
@@ -659,22 +668,7 @@ def test_gpu_cuda_graph_and_compile(ext):
     p = pack_weights(codes, scales)
     ref_fn = lambda x: ref64(x, codes, scales.bfloat16())  # noqa: E731
     for M in (1, 16, 300):
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        static_x = x.clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            w4a16_gemm(static_x, p)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            static_out = w4a16_gemm(static_x, p)
-        x2 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        static_x.copy_(x2)
-        static_out.fill_(float("nan"))
-        g.replay()
-        torch.cuda.synchronize()
-        assert rel_err(static_out, ref_fn(x2)) <= 1e-2
+        assert graph_replay_err(lambda x: w4a16_gemm(x, p), M, K, ref_fn) <= 1e-2, M
 
     f = torch.compile(lambda x: w4a16_gemm(x, p) * 2, fullgraph=True)
     x = torch.randn(5, K, device="cuda", dtype=torch.bfloat16)

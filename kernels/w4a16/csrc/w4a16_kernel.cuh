@@ -157,6 +157,21 @@ inline cudaError_t raise_smem_limit_once(size_t smem) {
   return e;
 }
 
+// Stores one m16n8 accumulator tile of a lane into out (row stride W): c0, c1 = (feature n, tokens t, t+1),
+// c2, c3 = (feature n + 8, the same tokens); tokens past M are not stored.
+template <typename T>
+__device__ __forceinline__ void tc_store_tile(T* __restrict__ out, int W, int n, int t, int M, float c0, float c1,
+                                              float c2, float c3) {
+  if (t < M) {
+    out[(size_t)t * W + n] = from_float<T>(c0);
+    out[(size_t)t * W + n + 8] = from_float<T>(c2);
+  }
+  if (t + 1 < M) {
+    out[(size_t)(t + 1) * W + n] = from_float<T>(c1);
+    out[(size_t)(t + 1) * W + n + 8] = from_float<T>(c3);
+  }
+}
+
 // SiLU(gate) * up in fp32, the gated MLP's activation (GLU epilogue below).
 __device__ __forceinline__ float silu_mul(float gate, float up) { return gate / (1.f + __expf(-gate)) * up; }
 
@@ -209,15 +224,8 @@ __device__ __forceinline__ void tc_epilogue(float (&acc)[TN][MT][4], float* red,
         for (int mt = 0; mt < MT; ++mt) {
           const float(&a)[4] = acc[tn][mt];
           const float(&b)[4] = acc[tn + TH][mt];
-          const int t = m0 + mt * 8 + c * 2;
-          if (t < M) {
-            out[(size_t)t * NO + n] = from_float<T>(silu_mul(a[0], b[0]));
-            out[(size_t)t * NO + n + 8] = from_float<T>(silu_mul(a[2], b[2]));
-          }
-          if (t + 1 < M) {
-            out[(size_t)(t + 1) * NO + n] = from_float<T>(silu_mul(a[1], b[1]));
-            out[(size_t)(t + 1) * NO + n + 8] = from_float<T>(silu_mul(a[3], b[3]));
-          }
+          tc_store_tile(out, NO, n, m0 + mt * 8 + c * 2, M, silu_mul(a[0], b[0]), silu_mul(a[1], b[1]),
+                        silu_mul(a[2], b[2]), silu_mul(a[3], b[3]));
         }
       }
     }
@@ -231,17 +239,9 @@ __device__ __forceinline__ void tc_epilogue(float (&acc)[TN][MT][4], float* red,
       if (tile0 + tn >= NT) continue;
       const int n = (tile0 + tn) * kNTile + g;
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const int t = m0 + mt * 8 + c * 2;
-        if (t < M) {
-          out[(size_t)t * N + n] = from_float<T>(acc[tn][mt][0]);
-          out[(size_t)t * N + n + 8] = from_float<T>(acc[tn][mt][2]);
-        }
-        if (t + 1 < M) {
-          out[(size_t)(t + 1) * N + n] = from_float<T>(acc[tn][mt][1]);
-          out[(size_t)(t + 1) * N + n + 8] = from_float<T>(acc[tn][mt][3]);
-        }
-      }
+      for (int mt = 0; mt < MT; ++mt)
+        tc_store_tile(out, N, n, m0 + mt * 8 + c * 2, M, acc[tn][mt][0], acc[tn][mt][1], acc[tn][mt][2],
+                      acc[tn][mt][3]);
     }
   }
 }
