@@ -14,7 +14,10 @@ What one measurement is (per architecture x variant x batch):
 - static KV cache (transformers StaticCache) for both variants; the decode step (language model +
   lm_head + argmax on one token) is captured once as a CUDA graph and replayed (`--mode graph`, the
   default; `--mode compile` inductor-compiles the step, then graphs it, `--mode eager` neither); if
-  capture fails the run falls back to eager and the table says so;
+  capture fails the run falls back to eager and the table says so. The first 8 tokens of the replayed
+  step are checked against 8 eager steps; where they differ, the note names the rows and the first
+  differing token, and how far apart the eager top-2 logits were there, in steps of the logits' dtype
+  (random weights give flat logits: a gap of a few steps is a near-tie that rounding can flip);
 - time to first token = one prefill (vision tower + projector + LLM over the prompt + first token):
   the median of 3, after a warm-up prefill (until 2026-11-29: one prefill right after emptying the
   allocator cache, so its cudaMalloc calls were timed too); decode tokens/s = batch * steps / decode time;
@@ -70,6 +73,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import re
 import shlex
@@ -229,6 +233,42 @@ def profile_kernels(fn, n: int, is_cuda: bool) -> dict:
                 top=[dict(name=name[:90], calls=c / n, us=t / n) for name, (c, t) in top])
 
 
+def logit_steps(gap: float, top: float, dtype) -> float:
+    """A logit gap in units of the logits' own resolution (the spacing of dtype's values at the top
+    logit's magnitude): 0 or 1 is a tie as far as the model's dtype can tell."""
+    if gap == 0 or not math.isfinite(top):
+        return 0.0
+    return gap / (math.ulp(abs(top)) * 2.0 ** 52 * torch.finfo(dtype).eps)   # eps = 2^-mantissa bits
+
+
+def mismatch_info(differ: torch.Tensor, margins: torch.Tensor | None, dtype) -> dict | None:
+    """None when no token differs, else {rows, first_step} and, where the eager steps recorded their logits'
+    margins ((steps, rows, [top, gap]), StaticDecoder.margins), the widest top-2 gap among the rows that
+    split first (eager_top, eager_gap, gap_steps). differ: (rows, tokens) bool, replayed != eager."""
+    if not bool(differ.any()):
+        return None
+    mm = dict(rows=int(differ.any(1).sum()), first_step=int(differ.any(0).nonzero()[0]))
+    k = mm["first_step"]
+    if margins is not None and 1 <= k <= margins.shape[0]:
+        # token k comes from decode step k; until then both runs fed the same tokens, so the eager logits there
+        # say whether the two argmaxes split a near-tie (a few 16-bit steps apart) or something is wrong
+        top, gap = margins[k - 1, differ[:, k].nonzero().flatten()].unbind(-1)
+        i = int(gap.argmax())
+        mm.update(eager_top=float(top[i]), eager_gap=float(gap[i]), gap_steps=logit_steps(float(gap[i]), float(top[i]), dtype))
+    return mm
+
+
+def tie_note(mm: dict) -> str:
+    """The mismatch note's verdict on the eager logits where the tokens first split (bench's mismatch dict)."""
+    if "eager_gap" not in mm:
+        return ""
+    steps = mm["gap_steps"]
+    verdict = "a near-tie, which rounding differences between the compiled and the eager step can flip" if steps <= 8 \
+        else "wider than rounding usually moves a logit: worth checking"
+    return (f"; eager top-2 logits {mm['eager_gap']:.3g} apart at {mm['eager_top']:.3g}, {steps:.0f} "
+            f"{'step' if round(steps) == 1 else 'steps'} of the logits' dtype: {verdict}")
+
+
 def cache16_bytes(config, batch: int, length: int, dtype) -> int:
     """Bytes of a 16-bit static KV cache (keys and values, every layer) for `batch` rows of `length` positions."""
     tc = config.get_text_config()
@@ -288,8 +328,11 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     prefill()  # warm-up: allocates the cache, autotunes, loads the kernel extension
     _sync(device)
     check = min(8, steps)
+    dec.margins = []      # how close each eager argmax was, for a mismatch's note
     dec.run_steps(check)  # eager reference tokens for the graph check
     eager_tokens = dec.out[:, : check + 1].clone()
+    margins = torch.stack(dec.margins).cpu() if dec.margins else None   # (steps, rows, [top, gap])
+    dec.margins = None
 
     # time to first token: the median of TTFT_REPS prefills on warm allocator caches (a single
     # prefill right after empty_cache would time cudaMalloc calls and one-off hiccups too)
@@ -336,9 +379,8 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     _sync(device)
     t_dec = time.perf_counter() - t0
     tokens = dec.out[:, : args.new_tokens]
-    differ = (tokens[:, : check + 1] != eager_tokens).cpu()   # (rows, steps checked): one comparison
-    same = not bool(differ.any())
-    mismatch = None if same else dict(rows=int(differ.any(1).sum()), first_step=int(differ.any(0).nonzero()[0]))
+    mismatch = mismatch_info((tokens[:, : check + 1] != eager_tokens).cpu(), margins, dtype)
+    same = mismatch is None
     kernel_where = _kv8_attention(model, device)
     res = dict(batch=batch, prompt_len=prompt_len, visual_tokens=n_visual, new_tokens=args.new_tokens,
                ttft_s=ttft, decode_s=t_dec, decode_steps=steps, decode_tok_s=batch * steps / t_dec,
@@ -555,7 +597,7 @@ def render(results: list[dict], args, command: str) -> str:
             if not r.get("graph_matches_eager", True):
                 mm = r.get("mismatch") or {}
                 note = (note + "; " if note else "") + "replayed tokens != eager tokens" + (
-                    f" ({mm['rows']} of {r['batch']} rows, from token {mm['first_step']})" if mm else "")
+                    f" ({mm['rows']} of {r['batch']} rows, from token {mm['first_step']}{tie_note(mm)})" if mm else "")
             lines.append(
                 f"| {res['arch']} | {res['variant']} | {r['batch']} | {r['prompt_len']} ({r['visual_tokens']}) | "
                 f"{1000 * r['ttft_s']:.1f} | {r['decode_tok_s']:.1f} | {r['ms_per_step']:.2f} | "

@@ -365,6 +365,49 @@ def test_static_decoder_matches_generate(arch):
     assert torch.equal(dec.out[:, :6], ref)
 
 
+def test_static_decoder_records_how_close_each_argmax_was():
+    """dec.margins = []: each eager step records (top logit, gap to the second) per row, the numbers
+    generate()'s scores give (float64 oracle); None: nothing recorded, and a compiled step never records.
+    bench turns a gap into a verdict on a replay / eager token mismatch."""
+    from grace_ds.export.decode import StaticDecoder
+
+    cfg, model = tiny_vlm("tiny-llava")
+    inputs, s = tiny_prompt(cfg)
+    bench = load_script("bench")
+    with torch.no_grad():
+        gen = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        dec = StaticDecoder(model, cfg, 2, s + 5, "cpu")
+        dec.prefill(inputs)
+        dec.margins = []
+        dec.run_steps(3)
+        assert len(dec.margins) == 3 and all(m.shape == (2, 2) for m in dec.margins)
+        for k, m in enumerate(dec.margins, start=1):   # decode step k makes token k (generate's logits[k])
+            top2 = gen.logits[k].double().topk(2, dim=-1).values
+            torch.testing.assert_close(m.double(), torch.stack([top2[:, 0], top2[:, 0] - top2[:, 1]], 1),
+                                       rtol=1e-4, atol=1e-4)
+        dec.margins = None
+        dec.prefill(inputs)
+        dec.compiled = torch.compile(dec.step, backend="eager", fullgraph=True)
+        dec.run_steps(2)
+        assert dec.margins is None
+    assert bench.logit_steps(0.0625, 4.59375, torch.bfloat16) == 2.0   # bf16 spacing at 4.59: 2^-5
+    assert bench.logit_steps(0.0, 3.0, torch.bfloat16) == 0.0
+    note = bench.tie_note(dict(eager_gap=0.0625, eager_top=4.59375, gap_steps=2.0))
+    assert "2 steps of the logits' dtype: a near-tie" in note
+    assert "worth checking" in bench.tie_note(dict(eager_gap=3.0, eager_top=4.6, gap_steps=96.0))
+    assert bench.tie_note({"rows": 1, "first_step": 0}) == ""
+    # rows 0 and 2 of 3 split at token 2 (decode step 2), row 1 later: the widest gap of rows 0 and 2 there
+    differ = torch.zeros(3, 5, dtype=torch.bool)
+    differ[0, 2:] = differ[2, 2:] = differ[1, 4] = True
+    margins = torch.tensor([[[5.0, 1.0]] * 3, [[4.59375, 0.03125], [9.0, 9.0], [4.59375, 0.0625]],
+                            [[5.0, 1.0]] * 3, [[5.0, 1.0]] * 3])
+    mm = bench.mismatch_info(differ, margins, torch.bfloat16)
+    assert mm == dict(rows=3, first_step=2, eager_top=4.59375, eager_gap=0.0625, gap_steps=2.0)
+    assert bench.mismatch_info(torch.zeros(2, 4, dtype=torch.bool), margins, torch.bfloat16) is None
+    assert bench.mismatch_info(differ, None, torch.bfloat16) == dict(rows=3, first_step=2)
+
+
 @pytest.mark.parametrize("chunk", [5, 7])
 @pytest.mark.parametrize("arch", ["tiny-llava", "tiny-qwen2vl"])
 def test_chunked_prefill_writes_the_same_cache(arch, chunk):

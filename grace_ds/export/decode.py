@@ -91,6 +91,10 @@ class StaticDecoder:
         self.step_idx = torch.zeros(1, dtype=torch.long, device=device)
         self.graph = None
         self.compiled = None
+        # a list to record, at each eager step, the top logit and its gap to the second per row (how close a
+        # tie the argmax was; launch/bench.py reads it when replayed tokens differ from eager ones); None
+        # (default, and whenever the step is compiled or captured): nothing recorded, nothing extra run
+        self.margins: list[torch.Tensor] | None = None
 
     def prefill(self, inputs, chunk: int | None = None) -> None:
         """Run the prompt, write the cache and the first token. chunk: prompt tokens per pass of the
@@ -115,7 +119,11 @@ class StaticDecoder:
     def step(self) -> None:
         h = self.lm(input_ids=self.tok, position_ids=self.pos, past_key_values=self.cache,
                     use_cache=True).last_hidden_state
-        nxt = self.head(h[:, -1]).argmax(-1)
+        logits = self.head(h[:, -1])
+        nxt = logits.argmax(-1)
+        if self.margins is not None:
+            top2 = logits.float().topk(2, dim=-1).values
+            self.margins.append(torch.stack([top2[:, 0], top2[:, 0] - top2[:, 1]], 1))   # (rows, 2)
         self.tok.copy_(nxt[:, None])
         self.pos.add_(1)
         self.out.index_copy_(1, self.step_idx, nxt[:, None])
