@@ -184,6 +184,23 @@ def test_gated_mlp_glu_forward_against_float64(act):
     torch.testing.assert_close(got, before, rtol=1e-5, atol=1e-5)
 
 
+def test_glu_of_layers_the_kernel_cannot_fuse_falls_back_to_the_plain_forward():
+    """forward_glu of a fused [gate; up] layer with a bias (added before the activation) or an I that is not a
+    multiple of 16 tiles' pairs runs the layer, then the activation: the same numbers as the MLP's own code."""
+    from grace_ds.export.load import quantized_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 256)
+    for n, bias in ((96, torch.randn(96)), (48, None)):   # I = 48 with a bias; I = 24: not a multiple of 16
+        codes = torch.randint(-8, 8, (n, 256), dtype=torch.int8)
+        scales = torch.rand(n, 2) * 0.01 + 0.005
+        lin = quantized_linear(codes, scales, 4, 128, bias, torch.float32)
+        assert isinstance(lin, W4A16Linear)
+        with torch.no_grad():
+            gate, up = lin(x).chunk(2, dim=-1)
+            torch.testing.assert_close(lin.forward_glu(x), torch.nn.functional.silu(gate) * up)
+
+
 def test_bench_smoke_fuse_proj(tmp_path):
     rc = load_script("bench").main(["--smoke", "--in-process", "--arch", "tiny-qwen2vl", "--batch", "1", "--new-tokens", "3",
                         "--fuse-proj", "--json", str(tmp_path / "t.json")])
