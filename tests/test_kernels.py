@@ -254,10 +254,10 @@ class _RecordingExt:
     def __init__(self):
         self.choices = []
 
-    def set_choice(self, M, N, K, cfg, splits):
-        if cfg == 999:   # what the extension answers for a config it does not have
+    def set_choice(self, M, N, K, cfg, splits, pdl=1):
+        if cfg == 999 or pdl not in (0, 1):   # what the extension answers for a config it does not have
             return False
-        self.choices.append((M, N, K, cfg, splits))
+        self.choices.append((M, N, K, cfg, splits) + (() if pdl == 1 else (pdl,)))
         return True
 
     def clear_choices(self):
@@ -275,10 +275,11 @@ def test_tuned_table_loads_and_refuses_bad_files(tmp_path):
     assert tuned_path("NVIDIA H100 80GB HBM3").name == "nvidia_h100_80gb_hbm3.json"
     good = tmp_path / "h200.json"
     good.write_text(json.dumps({"card": "NVIDIA H200", "choices": [
-        {"M": 1, "N": 12288, "K": 4096, "cfg": 21, "splits": 2}, {"M": 16, "N": 4608, "K": 3584, "cfg": 9}]}))
+        {"M": 1, "N": 12288, "K": 4096, "cfg": 21, "splits": 2}, {"M": 16, "N": 4608, "K": 3584, "cfg": 9},
+        {"M": 1, "N": 8192, "K": 28672, "cfg": 61, "pdl": 0}]}))
     rec = _RecordingExt()
-    assert load_tuned(good, rec, device_name="NVIDIA H200") == 2
-    assert rec.choices == [(1, 12288, 4096, 21, 2), (16, 4608, 3584, 9, 0)]
+    assert load_tuned(good, rec, device_name="NVIDIA H200") == 3
+    assert rec.choices == [(1, 12288, 4096, 21, 2), (16, 4608, 3584, 9, 0), (1, 8192, 28672, 61, 0, 0)]
     with pytest.raises(ValueError, match="measured on 'NVIDIA H200', this is 'NVIDIA H100 80GB HBM3'"):
         load_tuned(good, _RecordingExt(), device_name="NVIDIA H100 80GB HBM3")
     with pytest.raises(FileNotFoundError, match="GRACE_W4A16_TUNED=0"):
@@ -293,6 +294,9 @@ def test_tuned_table_loads_and_refuses_bad_files(tmp_path):
     with pytest.raises(ValueError, match="not a valid choice for this build"):
         load_tuned(bad, rec, device_name="NVIDIA H200")
     assert rec.choices == []   # the valid entry before the bad one is not left in force
+    bad.write_text(json.dumps({"card": "NVIDIA H200", "choices": [{"M": 1, "N": 16, "K": 128, "cfg": 2, "pdl": 2}]}))
+    with pytest.raises(ValueError, match="pdl 0 or 1"):
+        load_tuned(bad, _RecordingExt(), device_name="NVIDIA H200")
 
 
 def test_tuned_shipped_files_are_well_formed():
@@ -313,8 +317,48 @@ def test_tuned_shipped_files_are_well_formed():
         data = json.loads(path.read_text())
         rec = _RecordingExt()
         assert load_tuned(path, rec, device_name=data["card"]) == len(data["choices"]) > 0
-        for M, N, K, cfg, splits in rec.choices:
+        for M, N, K, cfg, splits, *_ in rec.choices:
             assert M >= 1 and N % 16 == 0 and K % 128 == 0 and 0 <= cfg < n_configs and splits >= 0, (path, M, N, K, cfg)
+
+
+def test_pdl_ab_marks_the_shapes_where_pdl_is_slower():
+    """pdl_ab --mark: "pdl": 0 on the op's entry where its kernel was > margin slower with PDL (added with the
+    op's choice if there is none), the bit removed where PDL was not slower, wgmma rows left alone, another
+    card refused; load_tuned hands the bit on."""
+    from kernels.w4a16.op import load_tuned
+    from kernels.w4a16.pdl_ab import mark_pdl
+
+    old = {"card": "NVIDIA H200", "choices": [
+        {"M": 1, "N": 4096, "K": 11008, "cfg": 59, "splits": 0, "us": 11.95},
+        {"M": 16, "N": 22016, "K": 4096, "cfg": 75, "splits": 0, "pdl": 0, "pdl_on_us": 21.0, "pdl_off_us": 20.0}]}
+    res = [dict(M=1, N=4096, K=11008, kernel="c59", cfg=59, splits=0, off_us=12.0, on_us=12.9),     # 7.5% slower
+           dict(M=1, N=8192, K=28672, kernel="c61", cfg=61, splits=0, off_us=36.0, on_us=47.5),    # no entry yet
+           dict(M=16, N=22016, K=4096, kernel="c75", cfg=75, splits=0, off_us=20.0, on_us=19.5),   # faster now
+           dict(M=1, N=12288, K=4096, kernel="c61", cfg=61, splits=0, off_us=12.0, on_us=12.2),    # within 3%
+           dict(M=64, N=28672, K=8192, kernel="wg6", cfg=38, splits=0, off_us=100.0, on_us=130.0)]
+    data, changes = mark_pdl(old, res, "NVIDIA H200", 0.03, "cmd", "2026-11-29 22:00 UTC")
+    by = {(c["M"], c["N"], c["K"]): c for c in data["choices"]}
+    assert by[(1, 4096, 11008)]["pdl"] == 0 and by[(1, 4096, 11008)]["cfg"] == 59
+    assert by[(1, 8192, 28672)] == dict(M=1, N=8192, K=28672, cfg=61, splits=0, us=36.0, date="2026-11-29 22:00 UTC",
+                                        command="cmd", pdl=0, pdl_off_us=36.0, pdl_on_us=47.5,
+                                        pdl_date="2026-11-29 22:00 UTC")
+    assert "pdl" not in by[(16, 22016, 4096)] and "pdl_on_us" not in by[(16, 22016, 4096)]
+    assert (1, 12288, 4096) not in by and (64, 28672, 8192) not in by and len(changes) == 3
+    assert "pdl" in old["choices"][1]   # the caller's data is not modified in place
+    with pytest.raises(ValueError, match="measured on 'NVIDIA H200', this is 'NVIDIA H100"):
+        mark_pdl(old, res, "NVIDIA H100 80GB HBM3", 0.03, "cmd", "d")
+    fresh, _ = mark_pdl(None, res[:1], "NVIDIA H200", 0.03, "cmd", "d")
+    assert fresh["card"] == "NVIDIA H200" and fresh["choices"][0]["pdl"] == 0
+    import json
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "t.json")
+        with open(path, "w") as f:
+            json.dump(data, f)
+        rec = _RecordingExt()
+        load_tuned(path, rec, device_name="NVIDIA H200")
+        assert (1, 8192, 28672, 61, 0, 0) in rec.choices and (16, 22016, 4096, 75, 0) in rec.choices
 
 
 def test_sweep_decode_keeps_only_checked_clear_wins(tmp_path):
@@ -604,10 +648,25 @@ def test_gpu_set_choice_routes_the_op(ext):
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         assert rel_err(w4a16_gemm(x, p), ref64(x, codes, scales.to(torch.bfloat16))) <= 1e-2
         assert ext.set_choice(1, N, K, 999, 0) is False and ext.set_choice(1, N + 8, K, sk, 0) is False
-        assert ext.choose_config(1, N, K) == sk   # a refused entry changes nothing
+        assert ext.set_choice(1, N, K, sk, 0, 2) is False
+        assert ext.choose_config(1, N, K) == sk and ext.choose_pdl(1, N, K) == 1   # a refused entry changes nothing
+        # "pdl": 0 for one shape: with PDL on, that shape's launches are plain and still right (also in a graph),
+        # the others keep PDL, and the thread's suppression does not outlive the call
+        lean = ext.first_lean + 18   # c59, as in the H200 table for 4096x11008
+        assert ext.set_choice(1, N, K, lean, 0, 0) is True and ext.choose_pdl(1, N, K) == 0
+        ext.set_pdl(1)
+        try:
+            for _ in range(2):
+                x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+                assert rel_err(w4a16_gemm(x, p), ref64(x, codes, scales.to(torch.bfloat16))) <= 1e-2
+            assert graph_replay_err(lambda x: w4a16_gemm(x, p), 1, K,
+                                    lambda x: ref64(x, codes, scales.to(torch.bfloat16))) <= 1e-2
+            assert ext.choose_pdl(2, N, K) == 1 and ext.pdl_suppressed() == 0
+        finally:
+            ext.set_pdl(0)
     finally:
         ext.clear_choices()
-    assert ext.choose_config(1, N, K) == rule
+    assert ext.choose_config(1, N, K) == rule and ext.choose_pdl(1, N, K) == 1
 
 
 @gpu

@@ -117,7 +117,9 @@ def tuned_path(device_name: str | None = None) -> Path:
 def load_tuned(path, ext=None, device_name: str | None = None) -> int:
     """Load measured config choices for exact (M, N, K) into the op (ahead of its rules); returns how
     many. The file ({"card", "command", "date", "choices": [{"M", "N", "K", "cfg", "splits", ...}]})
-    is written by ``python -m kernels.w4a16.sweep_decode --write-tuned``. A file measured on another
+    is written by ``python -m kernels.w4a16.sweep_decode --write-tuned``; an entry's optional "pdl": 0
+    (written by ``python -m kernels.w4a16.pdl_ab --mark``) keeps that shape's launches off programmatic
+    dependent launch where it measured slower with it. A file measured on another
     card is refused: its choices would be guesses there. Loaded automatically by load_extension from
     tuned/<card>.json; GRACE_W4A16_TUNED=0 turns that off, GRACE_W4A16_TUNED=FILE loads FILE instead."""
     import json
@@ -139,11 +141,12 @@ def load_tuned(path, ext=None, device_name: str | None = None) -> int:
                          "`python -m kernels.w4a16.sweep_decode --write-tuned FILE` or set GRACE_W4A16_TUNED=0")
     ext = ext if ext is not None else load_extension()
     for c in choices:
-        if not ext.set_choice(int(c["M"]), int(c["N"]), int(c["K"]), int(c["cfg"]), int(c.get("splits", 0))):
+        if not ext.set_choice(int(c["M"]), int(c["N"]), int(c["K"]), int(c["cfg"]), int(c.get("splits", 0)),
+                              int(c.get("pdl", 1))):
             ext.clear_choices()   # none of a refused file: not its entries before the bad one either
             raise ValueError(f"load_tuned: {path}: entry {c} is not a valid choice for this build (config ids of "
-                             "csrc/w4a16_api.h, N a multiple of 16, K of 128, splits >= 0); re-measure with "
-                             "`python -m kernels.w4a16.sweep_decode --write-tuned FILE` or set GRACE_W4A16_TUNED=0")
+                             "csrc/w4a16_api.h, N a multiple of 16, K of 128, splits >= 0, pdl 0 or 1); re-measure "
+                             "with `python -m kernels.w4a16.sweep_decode --write-tuned FILE` or set GRACE_W4A16_TUNED=0")
     return len(choices)
 
 

@@ -187,6 +187,7 @@ void set_persistent(int on);
 // (enable after the weights are loaded), 0 = off (default). Process-wide.
 void set_pdl(int on);
 int& pdl_flag();
+int& pdl_suppressed();  // per thread, > 0: plain launches (w4a16_pdl.cuh; a tuned entry's "pdl": 0)
 
 // Returns false for an unknown id.
 bool tc_config(int cfg, TcConfig* out);

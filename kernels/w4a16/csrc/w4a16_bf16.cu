@@ -14,6 +14,10 @@ int& pdl_flag() {
   return flag;
 }
 void set_pdl(int on) { pdl_flag() = on; }
+int& pdl_suppressed() {
+  thread_local int depth = 0;
+  return depth;
+}
 
 bool tc_config(int cfg, TcConfig* out) {
   switch (cfg) {

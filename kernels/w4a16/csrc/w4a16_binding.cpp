@@ -199,8 +199,22 @@ constexpr int64_t kChunkBytes = 0;
 // `python -m kernels.w4a16.sweep_sk` on H100 and H200 (kernels/NOTES.md; config ids in
 // w4a16_api.h). Returns -1 when dequantise + cuBLAS is the faster path.
 struct Choice {
-  int cfg;     // config id; -1 = dequantise + cuBLAS
-  int splits;  // sk configs: CTAs along K (0 = the config's automatic choice)
+  int cfg;      // config id; -1 = dequantise + cuBLAS
+  int splits;   // sk configs: CTAs along K (0 = the config's automatic choice)
+  int pdl = 1;  // 0: never launched with PDL (a tuned entry's "pdl": 0); 1: as set_pdl says
+};
+
+// Holds this thread's launches to plain ones for its lifetime when on (a choice with pdl = 0).
+struct NoPdl {
+  bool on;
+  explicit NoPdl(bool o) : on(o) {
+    if (on) ++grace_w4a16::pdl_suppressed();
+  }
+  ~NoPdl() {
+    if (on) --grace_w4a16::pdl_suppressed();
+  }
+  NoPdl(const NoPdl&) = delete;
+  NoPdl& operator=(const NoPdl&) = delete;
 };
 
 // The register-only kernel's table (v3), kept as the fallback and for comparison.
@@ -332,12 +346,12 @@ std::string op_kernel(int64_t M, int64_t N, int64_t K) {
 // Returns false (and changes nothing) for a shape the kernels cannot take, an unknown config or negative
 // splits; the Python callers raise with the file and entry (an exception thrown from this helper crashed
 // the process on the H200 machine, 2026-11-29).
-bool set_choice(int64_t M, int64_t N, int64_t K, int64_t cfg, int64_t splits) {
+bool set_choice(int64_t M, int64_t N, int64_t K, int64_t cfg, int64_t splits, int64_t pdl) {
   if (M <= 0 || N <= 0 || N % 16 != 0 || K <= 0 || K % 128 != 0) return false;
   if (cfg != -1 && !valid_config(cfg)) return false;
-  if (splits < 0) return false;
+  if (splits < 0 || (pdl != 0 && pdl != 1)) return false;
   std::lock_guard<std::mutex> lock(choice_mutex());
-  choice_table()[ChoiceKey{M, N, K}] = Choice{(int)cfg, (int)splits};
+  choice_table()[ChoiceKey{M, N, K}] = Choice{(int)cfg, (int)splits, (int)pdl};
   return true;
 }
 
@@ -359,6 +373,7 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x_in, const at::Tensor& qweight, co
     return out;
   }
   const Choice ch = choose(M, N, x.size(1));
+  const NoPdl no_pdl(ch.pdl == 0);
   if (ch.cfg >= 0) {
     run_tc(ch.cfg, x, qweight, scales, out, ch.splits);
   } else {
@@ -404,6 +419,7 @@ at::Tensor w4a16_gemm_glu_cuda(const at::Tensor& x_in, const at::Tensor& qweight
   at::Tensor out = at::empty({M, N / 2}, x.options());
   if (M == 0) return out;
   if (cfg >= 0) {
+    const NoPdl no_pdl(choose(M, N, x.size(1)).pdl == 0);
     run_lean_glu(cfg, x, qweight, scales, out);
     return out;
   }
@@ -563,8 +579,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether a lean config has the GLU epilogue");
   m.def("choose_splits", [](int64_t M, int64_t N, int64_t K) { return (int64_t)choose(M, N, K).splits; },
         "requested splits of the op's choice (0 = automatic; see sk_splits for the effective count)");
-  m.def("set_choice", &set_choice, "measured config (and splits, 0 = auto) for an exact (M, N, K), ahead of the rules; false if invalid",
-        py::arg("M"), py::arg("N"), py::arg("K"), py::arg("cfg"), py::arg("splits") = 0);
+  m.def("set_choice", &set_choice, "measured config (and splits, 0 = auto; pdl 0 = never launched with PDL) for an "
+        "exact (M, N, K), ahead of the rules; false if invalid",
+        py::arg("M"), py::arg("N"), py::arg("K"), py::arg("cfg"), py::arg("splits") = 0, py::arg("pdl") = 1);
+  m.def("choose_pdl", [](int64_t M, int64_t N, int64_t K) { return (int64_t)choose(M, N, K).pdl; },
+        "0 if a tuned entry keeps (M, N, K)'s launches off PDL, else 1 (then set_pdl decides)");
+  m.def("pdl_suppressed", []() { return (int64_t)grace_w4a16::pdl_suppressed(); },
+        "this thread's count of held plain launches (0 between calls; for tests)");
   m.def("clear_choices", &clear_choices, "forget every set_choice entry (back to the rules)");
   m.def("lean_blocks_per_sm", [](int64_t cfg) {
         int dev = 0, sms = 0;

@@ -16,6 +16,9 @@
 namespace grace_w4a16 {
 
 int& pdl_flag();  // defined in w4a16_bf16.cu
+// Per thread, > 0: this thread's launches are plain ones whatever pdl_flag says (a tuned-table entry with
+// "pdl": 0 - a shape where PDL measured slower - holds it for its launch; the binding's NoPdl).
+int& pdl_suppressed();
 
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
@@ -32,11 +35,12 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 }
 
 // <<<grid, block, smem, stream>>>(args...), or cudaLaunchKernelEx with the PDL attribute when
-// pdl_flag() is set and the caller allows it (no memset or other non-kernel node just before).
+// pdl_flag() is set, this thread does not suppress it, and the caller allows it (no memset or other
+// non-kernel node just before).
 template <typename... KArgs, typename... Args>
 cudaError_t launch_kernel(void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                           bool allow_pdl, Args... args) {
-  if (!(allow_pdl && pdl_flag())) {
+  if (!(allow_pdl && pdl_flag() && pdl_suppressed() == 0)) {
     kern<<<grid, block, smem, stream>>>(static_cast<KArgs>(args)...);
     return cudaGetLastError();
   }
