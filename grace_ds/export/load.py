@@ -144,8 +144,7 @@ class W4A16Linear(nn.Module):
             return F.silu(gate) * up
         import kernels.w4a16 as kw  # type: ignore
 
-        y = kw.w4a16_gemm_glu(x.reshape(-1, self.in_features), self.packed(), self.group_size)
-        return y.reshape(*x.shape[:-1], self.out_features // 2)
+        return kw.w4a16_gemm_glu(x, self.packed(), self.group_size)   # keeps x's leading dims
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, g={self.group_size}, backend={self.backend}"

@@ -193,16 +193,12 @@ def w4a16_gemm_glu(x: torch.Tensor, packed: dict[str, torch.Tensor], group_size:
     projection. ``torch.ops.grace.w4a16_gemm_glu``: on CUDA one kernel where the op's choice for (M, N, K) is a
     lean config with the activation epilogue (``ext.glu_kernel(M, N, K)`` says which), else the op's GEMM
     then the activation; elsewhere the reference."""
-    N = packed_shape(packed)[0]
-    if N % (2 * N_TILE) != 0:
-        raise ValueError(f"w4a16_gemm_glu: the fused [gate; up] weight has N={N} rows; it must be 2 x I with I a "
-                         f"multiple of {N_TILE}")
     return _call(torch.ops.grace.w4a16_gemm_glu, "w4a16_gemm_glu", x, packed, group_size, 2)
 
 
 def _call(op, name: str, x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int, div: int) -> torch.Tensor:
     """Checks shared by the wrappers, then op(x2d, qweight, scales, group_size) reshaped to x's leading dims x
-    N / div."""
+    N / div (div = 2: a fused [gate; up] weight, N = 2I with I a multiple of 16)."""
     if group_size != GROUP_SIZE:
         raise ValueError(f"{name}: group_size must be {GROUP_SIZE}, got {group_size}")
     qweight, scales = packed["qweight"], packed["scales"]
@@ -210,6 +206,9 @@ def _call(op, name: str, x: torch.Tensor, packed: dict[str, torch.Tensor], group
         raise ValueError(f"{name}: qweight must be int32 (N/16, K/64, 128) from pack_weights, "
                          f"got {qweight.dtype} {tuple(qweight.shape)}")
     N, K = packed_shape(packed)
+    if N % (div * N_TILE) != 0:
+        raise ValueError(f"{name}: the fused [gate; up] weight has N={N} rows; it must be 2 x I with I a "
+                         f"multiple of {N_TILE}")
     if tuple(scales.shape) != (N // N_TILE, K // GROUP_SIZE, 16):
         raise ValueError(f"{name}: scales must have shape {(N // N_TILE, K // GROUP_SIZE, 16)}, "
                          f"got {tuple(scales.shape)}")

@@ -383,12 +383,12 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x_in, const at::Tensor& qweight, co
 }
 
 // ---- gated MLP: out (M, I) = silu(x @ gate^T) * (x @ up^T) for a fused [gate; up] weight (NOTES.md v15) ----
-// The lean config the plain op would run for (M, N, K), when it has the GLU epilogue (lean_glu_ok);
-// -1 otherwise (the op then runs the plain GEMM and the activation as two kernels).
-int glu_config(int64_t M, int64_t N, int64_t K, int device) {
-  if (N % 32 != 0 || use_wgmma(M, N, device)) return -1;
-  const int cfg = choose(M, N, K).cfg;
-  return is_lean(cfg) && grace_w4a16::lean_glu_ok(cfg) ? cfg : -1;
+// The plain op's choice for (M, N, K) when it is a lean config with the GLU epilogue (lean_glu_ok); cfg -1
+// otherwise (the op then runs the plain GEMM and the activation as two kernels).
+Choice glu_choice(int64_t M, int64_t N, int64_t K, int device) {
+  if (N % 32 != 0 || use_wgmma(M, N, device)) return {-1, 0};
+  const Choice ch = choose(M, N, K);
+  return is_lean(ch.cfg) && grace_w4a16::lean_glu_ok(ch.cfg) ? ch : Choice{-1, 0};
 }
 
 void run_lean_glu(int cfg, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, at::Tensor& out) {
@@ -415,12 +415,12 @@ at::Tensor w4a16_gemm_glu_cuda(const at::Tensor& x_in, const at::Tensor& qweight
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t M = x_in.size(0), N = qweight.size(0) * 16;
   at::Tensor x = contiguous_aligned(x_in);
-  const int cfg = glu_config(M, N, x.size(1), x.get_device());
+  const Choice ch = glu_choice(M, N, x.size(1), x.get_device());
   at::Tensor out = at::empty({M, N / 2}, x.options());
   if (M == 0) return out;
-  if (cfg >= 0) {
-    const NoPdl no_pdl(choose(M, N, x.size(1)).pdl == 0);
-    run_lean_glu(cfg, x, qweight, scales, out);
+  if (ch.cfg >= 0) {
+    const NoPdl no_pdl(ch.pdl == 0);
+    run_lean_glu(ch.cfg, x, qweight, scales, out);
     return out;
   }
   // two kernels: the op's GEMM, then silu(gate) * up
@@ -569,7 +569,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("glu_kernel", [](int64_t M, int64_t N, int64_t K) {
         int dev = 0;
         cudaGetDevice(&dev);
-        const int cfg = glu_config(M, N, K, dev);
+        const int cfg = glu_choice(M, N, K, dev).cfg;
         return cfg >= 0 ? "c" + std::to_string(cfg) + "+glu" : op_kernel(M, N, K) + ",silu*mul";
       }, "label of what w4a16_gemm_glu runs for a fused [gate; up] weight (M, N = 2I, K): c<id>+glu (one kernel) or "
          "the op's kernel then the activation");

@@ -176,14 +176,7 @@ __global__ void __launch_bounds__(WN * 32, MB)
           atomic_add2(w0 + 8, acc[tn][mt][2], acc[tn][mt][3]);
         }
       } else {
-        if (t < M) {
-          out[(size_t)t * N + n] = from_float<T>(acc[tn][mt][0]);
-          out[(size_t)t * N + n + 8] = from_float<T>(acc[tn][mt][2]);
-        }
-        if (t + 1 < M) {
-          out[(size_t)(t + 1) * N + n] = from_float<T>(acc[tn][mt][1]);
-          out[(size_t)(t + 1) * N + n + 8] = from_float<T>(acc[tn][mt][3]);
-        }
+        tc_store_tile(out, N, n, t, M, acc[tn][mt][0], acc[tn][mt][1], acc[tn][mt][2], acc[tn][mt][3]);
       }
     }
   }
