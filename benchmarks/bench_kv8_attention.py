@@ -88,7 +88,8 @@ SWEEP16 = ([32, 64], [4], [2, 3, 4], [264, 1056])
 # kernel options (kv8_triton.LAUNCH) timed at the fastest launch configuration, each switched on its own
 # ("none": all off, the kernel as first measured, with plain int8 -> fp16 casts)
 OPTIONS = {"skip": {"skip": True}, "no qk_int8": {"qk_int8": False}, "no vwords": {"vwords": False},
-           "no asm": {"asm": False}, "none": {"skip": False, "asm": False, "vwords": False, "qk_int8": False}}
+           "no asm": {"asm": False}, "bound": {"bound": True}, "no bound": {"bound": False},
+           "none": {"skip": False, "asm": False, "vwords": False, "qk_int8": False, "bound": False}}
 
 
 def timed(fn, args_per_layer, reps, device):
@@ -164,6 +165,10 @@ def main(argv=None):
                    help="instead: aten calls of one tiny-LLaVA prefill, 16-bit vs int8 cache (CPU)")
     p.add_argument("--sweep", action="store_true",
                    help="also time the Triton kernel for every launch configuration (block, warps, stages, programs)")
+    p.add_argument("--bound-ab", action="store_true",
+                   help="also time both Triton kernels (kernel16, kv8) with their walks bounded at the last attended "
+                        "position and walking the whole cache (\"bound\" on / off; the default \"auto\" picks one by "
+                        "the splits and the cache length: kv8_triton.bounded), in the same run")
     args = p.parse_args(argv)
     if args.count_prefill:
         return count_prefill(args.chunk)
@@ -185,8 +190,10 @@ def main(argv=None):
     lines = [f"- card: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}; torch {torch.__version__}; "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
              f"- command: `python benchmarks/bench_kv8_attention.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-             f"- cache length {args.length}, {args.filled} attended; {args.layers} layer copies cycled; "
-             f"median of {args.reps} calls; device copy rate {gbps_copy:.0f} GB/s",
+             f"- cache length {args.length}, {args.filled} attended (\"cache MB read\" and the rates count the whole "
+             f"cache; the Triton kernels' walks stop at the last attended position where \"bound\", "
+             f"kv8_triton.bounded); {args.layers} layer copies cycled; median of {args.reps} calls; "
+             f"device copy rate {gbps_copy:.0f} GB/s",
              "",
              "| model | batch | method | us | cache MB read | GB/s | % of copy | rel err (norm) vs float64 |",
              "|---|---|---|---|---|---|---|---|"]
@@ -222,6 +229,16 @@ def main(argv=None):
                            ((k16, v16), (kd, vd)))
             for m, fn in methods.items():
                 lines.append(row(m, fn, per_layer[m], ref16 if m in SIXTEEN else ref8)[1])
+            for m, table in (("kernel16", kv8_triton.LAUNCH16), ("kv8", kv8_triton.LAUNCH)):
+                if args.bound_ab and m in methods:   # the same kernel bounded and reading the masked tail too
+                    default = table["bound"]
+                    try:
+                        for bound in (True, False):
+                            table["bound"] = bound
+                            lines.append(row(f"{m}, {'bound' if bound else 'no bound'}", methods[m], per_layer[m],
+                                             ref16 if m in SIXTEEN else ref8)[1])
+                    finally:
+                        table["bound"] = default
             def sweep(method, table, grid, ref):
                 """Time `method` under every launch in `grid` (kv8_triton.LAUNCH or LAUNCH16 is `table`,
                 restored after); returns (us, row, launch), fastest first."""

@@ -23,50 +23,74 @@ CASES = [
     (1, 8, 1, 32, 32, None, 32),
     (4, 2, 2, 1000, 64, "bool", 613),
     (2, 4, 4, 256, 64, "bool", 170),      # a multiple of the block (the unmasked loads), masked tail skipped
+    (2, 4, 2, 640, 64, "holes", 300),     # masked positions inside the attended ones, and whole masked splits
 ]
 # kernel options (kv8_triton.LAUNCH) each case runs under: the defaults, then each option switched
 VARIANTS = [{}, {"skip": True}, {"qk_int8": False}, {"vwords": False, "asm": False, "qk_int8": False},
-            {"block": 64, "num_warps": 8}, {"block": 32, "num_stages": 4}]
+            {"block": 64, "num_warps": 8}, {"block": 32, "num_stages": 4},
+            # the walks bounded at the last attended position whatever the splits ("auto" bounds only some), with
+            # one split per (row, kv head), so that they span many blocks and the bound cuts them short
+            {"bound": True, "programs": 1}]
+
+
+def test_bound_is_on_and_the_scan_covers_a_slice():
+    """By default (LAUNCH / LAUNCH16 "bound": "auto") the kernels' walks stop at the last attended position of
+    their slices where there is one split per (row, kv head) or the cache is long, and the bias search loads up to
+    1024 positions at a time (a power of two, at least 16)."""
+    from grace_ds.export.kv8_triton import BOUND_AUTO_LENGTH, LAUNCH, LAUNCH16, bounded, scan_width
+
+    assert LAUNCH["bound"] == LAUNCH16["bound"] == "auto" and BOUND_AUTO_LENGTH == 2048
+    auto = {"bound": "auto"}
+    assert bounded(auto, 1, 896) and not bounded(auto, 7, 896) and bounded(auto, 9, 4096) and bounded(auto, 2, 2048)
+    assert bounded({"bound": True}, 7, 896) and not bounded({"bound": False}, 1, 4096) and not bounded({}, 1, 4096)
+    assert [scan_width(n) for n in (1, 16, 17, 128, 896, 1024, 1025, 4096)] == [16, 16, 32, 128, 1024, 1024, 1024, 1024]
 
 
 def check(device: str) -> float:
     """check_launch under every VARIANTS entry; returns the worst relative error."""
-    from grace_ds.export.kv8_triton import LAUNCH
+    from grace_ds.export.kv8_triton import LAUNCH, LAUNCH16
 
-    default = dict(LAUNCH)
+    default, default16 = dict(LAUNCH), dict(LAUNCH16)
     try:
         errs = []   # per variant: (worst of the int8 kernel, worst of the 16-bit kernel)
         for variant in VARIANTS:
             LAUNCH.update(default, **variant)
-            errs.append(check_launch(device))
+            LAUNCH16.update(default16, **{k: v for k, v in variant.items() if k in ("bound", "programs")})   # both walks
+            errs.append(check_launch(device, whole=variant.get("bound") is True))
         # the int8 scores (a two-part int8 query) must keep the fp16 query's accuracy: with one part the
         # int8 kernel's worst error was 4x the fp16 path's in the interpreter (1.3e-2 against 3e-3)
         assert errs[0][0] <= 1.25 * errs[VARIANTS.index({"qk_int8": False})][0], errs
         return max(max(e) for e in errs)
     finally:
         LAUNCH.update(default)
+        LAUNCH16.update(default16)
 
 
-def check_launch(device: str) -> tuple[float, float]:
+def check_launch(device: str, whole: bool = False) -> tuple[float, float]:
     """Every case: the kernels (and the attention functions that dispatch to them) against the
-    reference; returns the worst relative errors of the int8 and of the 16-bit kernel."""
+    reference; returns the worst relative errors of the int8 and of the 16-bit kernel. whole: also the same
+    bits from the kernels walking the whole cache ("bound" off)."""
     from grace_ds.export.kv8 import (decode16_attention_forward, dequantize_kv, kv8_attention_forward, quantize_kv,
                                      reference_attention)
-    from grace_ds.export.kv8_triton import LAUNCH, available, decode_attention16, kv8_decode_attention, n_splits_for
+    from grace_ds.export.kv8_triton import (LAUNCH, LAUNCH16, available, decode_attention16, kv8_decode_attention,
+                                            n_splits_for)
 
     g = torch.Generator().manual_seed(0)
     worst = worst16 = 0.0
     assert {L % LAUNCH["block"] == 0 for *_, L, _, _, _ in CASES} == {True, False}   # EVEN and not
     splits = {n_splits_for(B * Hk, L) for B, _, Hk, L, *_ in CASES}
-    assert min(splits) == 1 and max(splits) > 1, splits     # the cases cover one split and many
+    if LAUNCH["programs"] > 1:
+        assert min(splits) == 1 and max(splits) > 1, splits     # the cases cover one split and many
     for B, H, Hk, L, D, kind, valid in CASES:
         q = torch.randn(B, H, 1, D, generator=g).to(device, torch.bfloat16)
         # scales varying over positions and heads, as in a real cache
         k = quantize_kv(torch.randn(B, Hk, L, D, generator=g) * torch.rand(B, Hk, L, 1, generator=g) * 4).to(device)
         v = quantize_kv(torch.randn(B, Hk, L, D, generator=g) * torch.rand(B, Hk, L, 1, generator=g) * 4).to(device)
         keep = torch.arange(L)[None, :] < torch.tensor([valid - i * 3 for i in range(B)])[:, None]
+        if kind == "holes":   # a third of the attended positions masked too (padding), never the first
+            keep &= (torch.rand(B, L, generator=g) > 0.33) | (torch.arange(L) == 0)
         bias = mask = None
-        if kind == "bool":
+        if kind in ("bool", "holes"):
             mask = keep[:, None, None, :].to(device)
             bias = torch.where(keep, 0.0, float("-inf")).to(device)
         elif kind == "additive":
@@ -97,6 +121,16 @@ def check_launch(device: str) -> tuple[float, float]:
         err4 = ((via16.transpose(1, 2).cpu().double() - ref16).norm() / ref16.norm()).item()
         assert err3 < 1e-2 and err4 < 1e-2, (B, H, Hk, L, D, kind, err3, err4, LAUNCH)
         worst, worst16 = max(worst, err, err2), max(worst16, err3, err4)
+        if whole and bias is not None:
+            # a masked block adds exactly nothing (its p is 0, alpha 1), so a walk that stops at the last attended
+            # position must give the bits of the whole walk: any attended position lost would change them
+            bound, bound16 = LAUNCH["bound"], LAUNCH16["bound"]
+            LAUNCH["bound"] = LAUNCH16["bound"] = False
+            try:
+                all8, all16 = kv8_decode_attention(q, k, v, bias, scaling), decode_attention16(q, k16, v16, bias, scaling)
+            finally:
+                LAUNCH["bound"], LAUNCH16["bound"] = bound, bound16
+            assert torch.equal(out, all8) and torch.equal(out16, all16), (B, H, Hk, L, D, kind, LAUNCH)
     # torch.compile sees the kernel as one opaque custom op, whatever the backend
     torch._dynamo.reset()
     fn = torch.compile(lambda q, k, v, m: kv8_attention_forward(torch.nn.Module(), q, k, v, m, scaling=scaling)[0] * 2,
@@ -216,6 +250,8 @@ def compile_for_gpus() -> int:
 
     def decode_kernel(fn, arch, qt, kvt, **consts):
         consts.setdefault("PDL", False)   # every constexpr of the kernel is named in an AOT compile
+        consts.setdefault("BOUND", False)
+        consts.setdefault("SCAN", 16)
         sig = {"Q": qt, "K": kvt, "V": kvt, "Bias": "*fp32", "M_out": "*fp32", "L_out": "*fp32", "Acc_out": "*fp32",
                **{k: "i32" for k in ints}, "scaling": "fp32", **{k: "constexpr" for k in consts}}
         attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
@@ -232,18 +268,20 @@ def compile_for_gpus() -> int:
                 decode_kernel(kt._kv8_decode_kernel, arch, qt, "*i8", G=G, GP=max(kt.MIN_ROWS, triton.next_power_of_2(G)),
                               D=D, BLOCK=kt.LAUNCH["block"], HAS_BIAS=has_bias, VIA_FP32=False, EVEN=has_bias,
                               SKIP=kt.LAUNCH["skip"], ASM=kt.LAUNCH["asm"], VWORDS=kt.LAUNCH["vwords"],
-                              QK_INT8=kt.LAUNCH["qk_int8"] and D >= 32)
+                              QK_INT8=kt.LAUNCH["qk_int8"] and D >= 32, BOUND=has_bias, SCAN=1024 if G == 1 else 128)
                 n += 1
             for G, has_bias in ((1, True), (7, False)):     # the 16-bit kernel, over a cache of the query's dtype
                 decode_kernel(kt._kv16_decode_kernel, arch, qt, qt, G=G, GP=max(kt.MIN_ROWS, triton.next_power_of_2(G)),
-                              D=128, BLOCK=kt.LAUNCH16["block"], HAS_BIAS=has_bias, VIA_FP32=False, EVEN=has_bias)
+                              D=128, BLOCK=kt.LAUNCH16["block"], HAS_BIAS=has_bias, VIA_FP32=False, EVEN=has_bias,
+                              BOUND=has_bias, SCAN=1024)
                 n += 1
         if arch == 90:   # programmatic dependent launch (set_pdl, Hopper only)
             decode_kernel(kt._kv8_decode_kernel, arch, "*bf16", "*i8", G=1, GP=kt.MIN_ROWS, D=128, BLOCK=kt.LAUNCH["block"],
                           HAS_BIAS=True, VIA_FP32=False, EVEN=True, SKIP=False, ASM=True, VWORDS=True, QK_INT8=True,
-                          PDL=True)
+                          BOUND=True, SCAN=128, PDL=True)
             decode_kernel(kt._kv16_decode_kernel, arch, "*bf16", "*bf16", G=7, GP=kt.MIN_ROWS, D=128,
-                          BLOCK=kt.LAUNCH16["block"], HAS_BIAS=True, VIA_FP32=False, EVEN=True, PDL=True)
+                          BLOCK=kt.LAUNCH16["block"], HAS_BIAS=True, VIA_FP32=False, EVEN=True, BOUND=True, SCAN=128,
+                          PDL=True)
             n += 2
         for out_t, pdl in (("*bf16", False), ("*fp16", False), ("*bf16", True)):
             if pdl and arch != 90:

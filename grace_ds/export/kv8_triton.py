@@ -46,6 +46,9 @@ MIN_ROWS = 16          # tl.dot's smallest M
 # Launch parameters and kernel options (benchmarks/bench_kv8_attention.py --sweep times the alternatives):
 # positions per block, warps and pipeline stages per program, the number of programs the splits aim at;
 # skip: masked positions' codes are not loaded (slower on an H200: the loads wait for the mask);
+# bound: a program's walk ends after the last position of its slice that the bias does not mask (-inf), so a
+# static cache is read up to the decoded length, not to its capacity (its bias is searched first; "auto": where
+# that can pay, see bounded);
 # asm: int8 -> fp16 by byte arithmetic in inline PTX, not one I2F per value; vwords: the value codes
 # loaded as int32 words and converted before tl.dot's transposed layout (fp16 takes ldmatrix.trans;
 # int8 came back from shared memory one byte per load); qk_int8: scores by int8 tensor-core dots
@@ -53,11 +56,11 @@ MIN_ROWS = 16          # tl.dot's smallest M
 # H200 for LLaVA-1.5-7B at batch 16 and within 0.3 us of it for the other cases (2026-11-29 10:58 UTC,
 # docs/benchmarks.md).
 LAUNCH = {"block": 128, "num_warps": 4, "num_stages": 3, "programs": 264, "skip": False, "asm": True, "vwords": True,
-          "qk_int8": True}
+          "qk_int8": True, "bound": "auto"}
 # The 16-bit kernel's (decode_attention16): the fastest of the sweep's 24 launches on an H200 for both
 # models at batch 16 (LLaVA-1.5-7B 60.9 us = 95% of the copy rate; Qwen2-VL-7B 16.1 us) and within 0.2 us
 # of it at batch 1 (2026-11-29 12:45 UTC, docs/benchmarks.md).
-LAUNCH16 = {"block": 32, "num_warps": 4, "num_stages": 3, "programs": 264}
+LAUNCH16 = {"block": 32, "num_warps": 4, "num_stages": 3, "programs": 264, "bound": "auto"}
 # Programmatic dependent launch for every kernel of this module (set_pdl; Hopper, off by default): each is
 # launched with Triton's launch_pdl and waits (gdc_wait) before it reads anything, so it may be scheduled
 # while the kernel before it finishes. None of them lets the next kernel launch early
@@ -185,6 +188,18 @@ if triton is not None:
         return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
 
     @triton.jit
+    def _attended_end(bias_row, hi, SCAN: tl.constexpr):
+        """1 + the last position in [0, hi) of a slice whose bias (bias_row: the slice's first position) is not
+        -inf, or 0: every position after it is masked, so the walk may stop there (bound). A static cache's
+        positions past the decoded length are such a tail."""
+        end = hi * 0
+        for s0 in range(0, hi, SCAN):
+            i = s0 + tl.arange(0, SCAN)
+            bb = tl.load(bias_row + i, mask=i < hi, other=float("-inf"))
+            end = tl.maximum(end, tl.max(tl.where(bb > float("-inf"), i + 1, 0), 0))
+        return end
+
+    @triton.jit
     def _store_split(M_out, L_out, Acc_out, m_i, l_i, acc, b, hk, g, gmask, d, H, G: tl.constexpr, D: tl.constexpr,
                      n_splits, pid_s):
         """This split's running max, sum and unnormalised output, for the merge kernel."""
@@ -201,7 +216,7 @@ if triton is not None:
                            HAS_BIAS: tl.constexpr, VIA_FP32: tl.constexpr, EVEN: tl.constexpr = False,
                            SKIP: tl.constexpr = False, ASM: tl.constexpr = True,
                            VWORDS: tl.constexpr = False, QK_INT8: tl.constexpr = False,
-                           PDL: tl.constexpr = False):
+                           BOUND: tl.constexpr = False, SCAN: tl.constexpr = 16, PDL: tl.constexpr = False):
         if PDL:
             tl.extra.cuda.gdc_wait()
         pid_s = tl.program_id(1)
@@ -229,6 +244,8 @@ if triton is not None:
         acc = tl.zeros([GP, D], tl.float32)
         start = pid_s * per_split
         hi = tl.minimum(per_split, L - start)          # the last split may end at L
+        if BOUND and HAS_BIAS:                         # ... and the walk at the slice's last attended position
+            hi = _attended_end(Bias + b * sb_b + start, hi, SCAN)
         offs = start + tl.arange(0, BLOCK)
         k_base = K + b * sk_b + hk * sk_h
         v_base = V + b * sv_b + hk * sv_h
@@ -294,7 +311,8 @@ if triton is not None:
                             sq_b, sq_h, sq_d, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sb_b,
                             H, Hk, L, n_splits, per_split, scaling,
                             G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                            HAS_BIAS: tl.constexpr, VIA_FP32: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr = False):
+                            HAS_BIAS: tl.constexpr, VIA_FP32: tl.constexpr, EVEN: tl.constexpr,
+                            BOUND: tl.constexpr = False, SCAN: tl.constexpr = 16, PDL: tl.constexpr = False):
         """_kv8_decode_kernel over a 16-bit cache (transformers' StaticCache: (B, H_kv, L, D) bf16 or fp16):
         the same split-K walk and GQA grouping, the dots on 16-bit tensor cores with no conversion
         (VIA_FP32: in fp32, for Triton's interpreter, whose bf16 dot is wrong)."""
@@ -308,6 +326,8 @@ if triton is not None:
         acc = tl.zeros([GP, D], tl.float32)
         start = pid_s * per_split
         hi = tl.minimum(per_split, L - start)
+        if BOUND and HAS_BIAS:
+            hi = _attended_end(Bias + b * sb_b + start, hi, SCAN)
         offs = start + tl.arange(0, BLOCK)
         k_ptrs = K + b * sk_b + hk * sk_h + offs[:, None] * sk_l + d[None, :]
         v_ptrs = V + b * sv_b + hk * sv_h + offs[:, None] * sv_l + d[None, :]
@@ -438,6 +458,33 @@ def n_splits_for(batch_kv_heads: int, length: int, launch: dict | None = None) -
     return max(1, min(blocks, math.ceil(launch["programs"] / max(1, batch_kv_heads))))
 
 
+# "auto" bounds the walks from this cache length on (and wherever there is one split per row and kv head)
+BOUND_AUTO_LENGTH = 2048
+
+
+def bounded(launch: dict, n_splits: int, length: int) -> bool:
+    """Whether the attention kernels' walks stop at the last attended position of their slices, by
+    launch["bound"]: True, False, or "auto" - one split per (row, kv head), where a walk is the kernel's whole
+    critical path, or a cache of at least BOUND_AUTO_LENGTH positions. Elsewhere the search (one dependent
+    load before the walk) costs ~0.2-0.6 us and saves nothing: the splits before the decoded length keep their
+    whole slices. H200, 2026-11-29 (benchmarks/bench_kv8_attention.py --bound-ab; docs/benchmarks.md), one layer:
+    - a cache of 896 positions, 768 attended: LLaVA-1.5-7B at batch 16 (one split) 54.4 against 61.6 us over
+      the 16-bit cache, 51.6 against 52.0 over the int8 one; at batch 1 (7 splits) 11.7 / 11.1 against
+      11.3 / 10.9 us; Qwen2-VL-7B (9 and 5 splits) 0.1-0.6 us slower;
+    - a cache of 4096 positions, 768 attended (LLaVA): batch 16 55.7 against 246.7 us (16-bit) and 53.9
+      against 191.8 (int8); batch 1 19.8 against 24.8 and 16.9 against 21.1."""
+    b = launch.get("bound", False)
+    if b == "auto":
+        return n_splits == 1 or length >= BOUND_AUTO_LENGTH
+    return bool(b)
+
+
+def scan_width(per_split: int) -> int:
+    """Positions of bias per load when a program looks for the end of its slice's attended positions (bound):
+    the slice in one load up to 1024 positions (4 KB of fp32)."""
+    return max(16, min(1024, 1 << max(0, per_split - 1).bit_length()))
+
+
 def _cache_length(rows: int, head_dim: int) -> int:
     from grace_ds.export.kv8 import cache_length   # kv8 imports this module
 
@@ -518,8 +565,10 @@ if triton is not None:
                 q.stride(0), q.stride(1), q.stride(2), key.stride(0), key.stride(1), key.stride(2),
                 value.stride(0), value.stride(1), value.stride(2), bias.stride(0) if has_bias else 0,
                 H, Hk, L, S, per_split, scaling)
+        bound = has_bias and bounded(launch, S, L)   # (SCAN only where it is used: one compiled kernel otherwise)
         common = dict(G=G, GP=GP, D=D, BLOCK=block, HAS_BIAS=has_bias, VIA_FP32=os.environ.get("TRITON_INTERPRET") == "1",
-                      EVEN=L % block == 0, num_warps=launch["num_warps"], num_stages=launch["num_stages"], **_pdl_launch())
+                      EVEN=L % block == 0, num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+                      BOUND=bound, SCAN=scan_width(per_split) if bound else 16, **_pdl_launch())
         if packed:
             _kv8_decode_kernel[(B * Hk, S)](*args, **common, SKIP=LAUNCH["skip"], ASM=LAUNCH["asm"],
                                             VWORDS=LAUNCH["vwords"], QK_INT8=LAUNCH["qk_int8"] and D >= 32)
