@@ -11,7 +11,8 @@ What one measurement is (per architecture x variant x batch):
 - prompt: one image (576 visual tokens: LLaVA 336 px CLIP; Qwen2-VL a 48x48-patch grid merged 2x2)
   + 64 random text tokens per row; random weights (no weights can be downloaded), greedy decoding,
   256 new tokens, EOS ignored so every run decodes the same number of steps;
-- static KV cache (transformers StaticCache) for both variants; the decode step (language model +
+- static KV cache (transformers StaticCache) for both variants, of exactly the prompt + the new tokens
+  unless `--cache-len N` sizes it as a server would (for its longest request); the decode step (language model +
   lm_head + argmax on one token) is captured once as a CUDA graph and replayed (`--mode graph`, the
   default; `--mode compile` inductor-compiles the step, then graphs it, `--mode eager` neither); if
   capture fails the run falls back to eager and the table says so. The first 8 tokens of the replayed
@@ -304,6 +305,18 @@ def use_kv_int8(args, model, config, batch: int, length: int, dtype) -> bool:
     return bool(args.kv_int8_auto) and cache16_bytes(config, batch, length, dtype) > KV_INT8_AUTO_FRACTION * model_bytes(model)
 
 
+def cache_length(args, prompt_len: int) -> int:
+    """The static KV cache's positions: --cache-len, or exactly the prompt and the new tokens (full at the
+    last step). A --cache-len the generation does not fit in is refused, naming both."""
+    need = prompt_len + args.new_tokens
+    if args.cache_len is None:
+        return need
+    if args.cache_len < need:
+        raise ValueError(f"--cache-len {args.cache_len}: the prompt ({prompt_len} tokens) and --new-tokens "
+                         f"{args.new_tokens} need {need} positions; give --cache-len >= {need} or fewer --new-tokens")
+    return args.cache_len
+
+
 @torch.no_grad()
 def bench_batch(model, config, batch, args, device, dtype) -> dict:
     from grace_ds.export.arch import make_prompt
@@ -314,10 +327,10 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     n_visual = int((inputs["input_ids"] == (config.image_token_index if config.model_type == "llava"
                                              else config.image_token_id)).sum()) // batch
     steps = args.new_tokens - 1  # the first new token comes from the prefill
-    kv_int8 = use_kv_int8(args, model, config, batch, prompt_len + args.new_tokens, dtype)
+    cache_len = cache_length(args, prompt_len)
+    kv_int8 = use_kv_int8(args, model, config, batch, cache_len, dtype)
     kernel16 = bool(args.attn16_kernel and not kv_int8)
-    dec = StaticDecoder(model, config, batch, prompt_len + args.new_tokens, device, kv_int8=kv_int8,
-                        decode_kernel16=kernel16)
+    dec = StaticDecoder(model, config, batch, cache_len, device, kv_int8=kv_int8, decode_kernel16=kernel16)
     is_cuda = torch.device(device).type == "cuda"
 
     chunk = args.prefill_chunk or chunk_for_budget(batch, prompt_len, args.prefill_tokens)
@@ -382,7 +395,7 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     mismatch = mismatch_info((tokens[:, : check + 1] != eager_tokens).cpu(), margins, dtype)
     same = mismatch is None
     kernel_where = _kv8_attention(model, device)
-    res = dict(batch=batch, prompt_len=prompt_len, visual_tokens=n_visual, new_tokens=args.new_tokens,
+    res = dict(batch=batch, prompt_len=prompt_len, visual_tokens=n_visual, new_tokens=args.new_tokens, cache_len=cache_len,
                ttft_s=ttft, decode_s=t_dec, decode_steps=steps, decode_tok_s=batch * steps / t_dec,
                ms_per_step=1000 * t_dec / steps, mode=mode, graph_matches_eager=same, mismatch=mismatch, note=note,
                prefill_chunk=chunk,
@@ -557,7 +570,8 @@ def render(results: list[dict], args, command: str) -> str:
              "",
              f"- card: {_card(args.device)}; torch {torch.__version__}; date {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
              f"- command: `{command}`",
-             f"- prompt: 1 image + {args.text_tokens} text tokens; {args.new_tokens} new tokens, greedy; static KV cache; "
+             f"- prompt: 1 image + {args.text_tokens} text tokens; {args.new_tokens} new tokens, greedy; static KV cache"
+             + (f" of {args.cache_len} positions (--cache-len)" if args.cache_len else "") + "; "
              f"decode step mode requested: {args.mode}; random weights"
              + ("; int4 variant: lm_head rounded to INT4 too (--int4-lm-head)" if args.int4_lm_head else "")
              + ("; int4 variant: token embeddings in int8 (--int8-embed)" if args.int8_embed else "")
@@ -648,6 +662,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="activation / 16-bit dtype")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default 256; smoke: 8)")
     p.add_argument("--text-tokens", type=int, default=64)
+    p.add_argument("--cache-len", type=int, default=None, metavar="N",
+                   help="static KV cache of N positions, both variants (default: the prompt + --new-tokens, full at the "
+                        "last step). A server sizes its cache for its longest request; the decode attention kernels then "
+                        "read only the decoded positions where kv8_triton.bounded says so")
     p.add_argument("--visual-tokens", type=int, default=576, help="visual tokens per image (Qwen: grid chosen to match)")
     p.add_argument("--mode", default=None, choices=["graph", "compile", "eager"],
                    help="decode-step execution (default graph; compile with --serving)")
@@ -770,7 +788,7 @@ def parse_args(argv=None):
 
 # options the parent hands to every worker as given (a flag when set, or the flag and its value)
 FORWARDED = ("int4_lm_head", "int8_embed", "int8_vision", "attn16_kernel", "profile_steps", "fuse_proj", "glu", "kv_int8",
-             "kv_int8_auto", "kv_int8_min_batch", "pdl", "triton_pdl", "prefill_chunk", "prefill_tokens")
+             "kv_int8_auto", "kv_int8_min_batch", "pdl", "triton_pdl", "prefill_chunk", "prefill_tokens", "cache_len")
 
 
 def _forwarded(args) -> list[str]:

@@ -487,6 +487,23 @@ def test_bench_smoke_int4(tmp_path):
     assert "decode speed-up vs bf16" in (tmp_path / "t.md").read_text()
 
 
+def test_bench_cache_len_sizes_the_static_cache(tmp_path):
+    """--cache-len: both variants decode over a static cache of that many positions (a server's), recorded in
+    the table and the results; one the generation does not fit in is refused with the sizes."""
+    bench = load_script("bench")
+    rc = bench.main(["--smoke", "--in-process", "--arch", "tiny-llava", "--batch", "1", "--new-tokens", "3",
+                     "--cache-len", "96", "--out", str(tmp_path / "t.md"), "--json", str(tmp_path / "t.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert [r["runs"][0]["cache_len"] for r in res] == [96, 96] and res[0]["runs"][0]["prompt_len"] + 3 < 96
+    assert "static KV cache of 96 positions (--cache-len)" in (tmp_path / "t.md").read_text()
+    args = bench.parse_args(["--smoke", "--arch", "tiny-llava", "--new-tokens", "8", "--cache-len", "20"])
+    with pytest.raises(ValueError, match=r"--cache-len 20: the prompt \(18 tokens\) and --new-tokens 8 need 26"):
+        bench.cache_length(args, 18)
+    assert bench.cache_length(bench.parse_args(["--smoke", "--new-tokens", "8"]), 18) == 26
+    assert "--cache-len" in bench._forwarded(args) and "20" in bench._forwarded(args)
+
+
 @pytest.mark.parametrize("arch", ["tiny-llava", "tiny-qwen2vl"])
 def test_quantize_lm_head_is_rtn_and_matches_a_float64_reference(arch):
     """--int4-lm-head: the head becomes codes * scales with codes = round(W / s) clamped to the INT4
