@@ -416,10 +416,25 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
         except Exception as exc:  # noqa: BLE001
             res["profile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
             print(f"[bench] --profile-steps failed: {res['profile_error']}", file=sys.stderr)
-    del dec
+    release(dec, is_cuda)
+    return res
+
+
+def release(dec, is_cuda: bool) -> None:
+    """Let the decoder of a finished batch go before the next batch is measured: its CUDA graph, compiled step
+    (and torch.compile's caches of it) and KV cache, so that the next batch's peak memory holds only its own.
+    Why: on an H200 (2026-11-29 22:31) LLaVA-1.5-7B INT4 at batch 16 peaked at 8.50 GiB after batch 1 in the
+    same worker and at 8.00 GiB alone (batch 1's 16-bit cache is 0.47 GB). What stayed allocated is not
+    established (on the CPU a dropped decoder's cache is freed, compiled or not), nor whether this closes the
+    gap: measure `--batch 1 16` against `--batch 16`."""
+    import gc
+
+    dec.graph = dec.compiled = None
+    dec.cache = None
+    torch._dynamo.reset()
+    gc.collect()
     if is_cuda:
         torch.cuda.empty_cache()
-    return res
 
 
 def worker(args) -> None:
@@ -691,7 +706,7 @@ def parse_args(argv=None):
                    help="with --fuse-proj: gated SiLU MLPs call w4a16_gemm_glu (the activation in the gate/up GEMM's "
                         "epilogue at decode; kernels/NOTES.md v15) instead of the GEMM, then the activation as a "
                         "separate kernel. Both variants (bf16: same math as without). Opt-in: 1-2.5%% faster at batch 1 "
-                        "on an H200 with the tuned per-shape PDL bit, within noise, and more peak memory at batch 16")
+                        "on an H200 with the tuned per-shape PDL bit, within noise")
     p.add_argument("--pdl", action="store_true",
                    help="int4 variant on CUDA: programmatic dependent launch for the W4A16 decode kernels "
                         "(kernels.w4a16.set_pdl)")
