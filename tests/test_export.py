@@ -749,6 +749,26 @@ def test_gpu_kernel_model_matches_dequant(llava4, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["graph", "compile"])
+def test_gpu_bench_batch_peak_memory_is_its_own(tmp_path, mode):
+    """A batch measured after another in the same worker peaks where it peaks alone: the bench lets the first
+    batch's decoder (graph, compiled step, cache) go first (bench.release). On an H200 LLaVA-1.5-7B INT4 at
+    batch 16 read 0.5 GiB more after batch 1 than alone (2026-11-29 22:31, before release existed)."""
+    bench = load_script("bench")
+    peaks = {}
+    for batches in (["1", "4"], ["4"]):   # each in its own worker process
+        out = tmp_path / f"{'_'.join(batches)}.json"
+        rc = bench.main(["--arch", "tiny-llava", "--variants", "int4", "--batch", *batches,
+                         "--new-tokens", "8", "--visual-tokens", "16", "--text-tokens", "8", "--device", "cuda",
+                         "--mode", mode, "--cache-len", "512", "--json", str(out)])
+        res = json.loads(out.read_text())["results"]
+        assert rc == 0, res
+        peaks[len(batches)] = res[0]["runs"][-1]["peak_alloc_gib"] * 2**30
+    # batch 1's 512-position cache alone is 2 x 2 layers x 1 kv head x 512 x 64 x 2 bytes = 256 KB; allow 64 KB
+    assert abs(peaks[2] - peaks[1]) <= 64 * 1024, peaks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["graph", "compile"])
 def test_gpu_bench_graph_capture(tmp_path, mode):
     """The decode step (eager, or inductor-compiled) captures as a CUDA graph for bf16 and INT4 and
     replays the eager tokens."""
