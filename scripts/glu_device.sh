@@ -10,10 +10,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s); LIMIT=${GLU_LIMIT:-580}
 STAGES=${GLU_STAGES:-tests,memcheck,bench,e2e}
 . scripts/device_wheels.sh
-export TORCH_CUDA_ARCH_LIST=9.0a GRACE_DS_KERNEL_CACHE=/tmp/grace_kc MAX_JOBS=16
-nvidia-smi --query-gpu=name --format=csv,noheader; date -u; git log -1 --format=%h 2>/dev/null
 elapsed() { echo $(( $(date +%s) - T0 )); }
-timeout 240 python3 -m kernels.w4a16.build > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
+w4a16_device_build
 echo "build $(elapsed)s"
 if [[ $STAGES == *tests* ]]; then
   timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_fuse.py \

@@ -13,10 +13,8 @@ STAGES=${PDLBIT_STAGES:-tests,mark,e2e}
 ARCH=${PDLBIT_ARCH:-llava-1.5-7b}
 TABLE=kernels/w4a16/tuned/nvidia_h200.json
 . scripts/device_wheels.sh
-export TORCH_CUDA_ARCH_LIST=9.0a GRACE_DS_KERNEL_CACHE=/tmp/grace_kc MAX_JOBS=16
-nvidia-smi --query-gpu=name --format=csv,noheader; date -u; git log -1 --format=%h 2>/dev/null
 elapsed() { echo $(( $(date +%s) - T0 )); }
-timeout 240 python3 -m kernels.w4a16.build > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
+w4a16_device_build
 echo "build $(elapsed)s"
 cp "$TABLE" /tmp/unmarked.json
 if [[ $STAGES == *tests* ]]; then
