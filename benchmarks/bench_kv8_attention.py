@@ -166,9 +166,10 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true",
                    help="also time the Triton kernel for every launch configuration (block, warps, stages, programs)")
     p.add_argument("--bound-ab", action="store_true",
-                   help="also time both Triton kernels (kernel16, kv8) with their walks bounded at the last attended "
-                        "position and walking the whole cache (\"bound\" on / off; the default \"auto\" picks one by "
-                        "the splits and the cache length: kv8_triton.bounded), in the same run")
+                   help="also time both Triton kernels (kernel16, kv8) with their splits sharing the attended positions "
+                        "(\"spread\"), their walks bounded at the last attended position of fixed slices (\"bound\") "
+                        "and walking the whole cache (neither), in the same run; the default \"auto\" picks by the "
+                        "splits and the cache length: kv8_triton.spreads and bounded")
     args = p.parse_args(argv)
     if args.count_prefill:
         return count_prefill(args.chunk)
@@ -230,15 +231,17 @@ def main(argv=None):
             for m, fn in methods.items():
                 lines.append(row(m, fn, per_layer[m], ref16 if m in SIXTEEN else ref8)[1])
             for m, table in (("kernel16", kv8_triton.LAUNCH16), ("kv8", kv8_triton.LAUNCH)):
-                if args.bound_ab and m in methods:   # the same kernel bounded and reading the masked tail too
-                    default = table["bound"]
+                if args.bound_ab and m in methods:   # the same kernel spread, bounded, and reading the masked tail too
+                    default = dict(table)
                     try:
-                        for bound in (True, False):
-                            table["bound"] = bound
-                            lines.append(row(f"{m}, {'bound' if bound else 'no bound'}", methods[m], per_layer[m],
+                        for label, walk in (("spread", {"spread": True, "bound": True}),
+                                            ("bound", {"spread": False, "bound": True}),
+                                            ("no bound", {"spread": False, "bound": False})):
+                            table.update(walk)
+                            lines.append(row(f"{m}, {label}", methods[m], per_layer[m],
                                              ref16 if m in SIXTEEN else ref8)[1])
                     finally:
-                        table["bound"] = default
+                        table.update(default)
             def sweep(method, table, grid, ref):
                 """Time `method` under every launch in `grid` (kv8_triton.LAUNCH or LAUNCH16 is `table`,
                 restored after); returns (us, row, launch), fastest first."""

@@ -24,13 +24,18 @@ CASES = [
     (4, 2, 2, 1000, 64, "bool", 613),
     (2, 4, 4, 256, 64, "bool", 170),      # a multiple of the block (the unmasked loads), masked tail skipped
     (2, 4, 2, 640, 64, "holes", 300),     # masked positions inside the attended ones, and whole masked splits
+    # the first and the last attended positions weigh e^8 times the others: a walk that misses either (a slice
+    # boundary off by one, in bound's or spread's search) is far off the reference, not within its tolerance
+    (2, 4, 2, 512, 64, "ends", 257),   # row 0 attends up to 256: a block start at every block size
 ]
 # kernel options (kv8_triton.LAUNCH) each case runs under: the defaults, then each option switched
 VARIANTS = [{}, {"skip": True}, {"qk_int8": False}, {"vwords": False, "asm": False, "qk_int8": False},
             {"block": 64, "num_warps": 8}, {"block": 32, "num_stages": 4},
             # the walks bounded at the last attended position whatever the splits ("auto" bounds only some), with
             # one split per (row, kv head), so that they span many blocks and the bound cuts them short
-            {"bound": True, "programs": 1}]
+            {"bound": True, "programs": 1},
+            # the splits sharing the attended positions of their row ("auto" spreads only caches >= 2048 positions)
+            {"spread": True}]
 
 
 def test_bound_is_on_and_the_scan_covers_a_slice():
@@ -46,6 +51,21 @@ def test_bound_is_on_and_the_scan_covers_a_slice():
     assert [scan_width(n) for n in (1, 16, 17, 128, 896, 1024, 1025, 4096)] == [16, 16, 32, 128, 1024, 1024, 1024, 1024]
 
 
+def test_spread_is_on_for_long_caches_with_several_splits():
+    """By default ("spread": "auto") the splits share the row's attended positions where there are several splits
+    over a cache of >= 2048 positions (a server's static cache, mostly past the decoded length); never with one
+    split (bound covers it) and never where it is off. Its search reads the row's bias in one load up to 4096."""
+    from grace_ds.export.kv8_triton import LAUNCH, LAUNCH16, spread_scan_width, spreads
+
+    assert LAUNCH["spread"] == LAUNCH16["spread"] == "auto"
+    auto = {"spread": "auto"}
+    assert spreads(auto, 9, 4096) and spreads(auto, 2, 2048)
+    assert not spreads(auto, 1, 4096) and not spreads(auto, 7, 896) and not spreads(auto, 9, 2047)
+    assert spreads({"spread": True}, 7, 896) and not spreads({"spread": True}, 1, 896)
+    assert not spreads({"spread": False}, 9, 4096) and not spreads({}, 9, 4096)
+    assert [spread_scan_width(n) for n in (1, 100, 896, 4096, 4097, 32768)] == [16, 128, 1024, 4096, 4096, 4096]
+
+
 def check(device: str) -> float:
     """check_launch under every VARIANTS entry; returns the worst relative error."""
     from grace_ds.export.kv8_triton import LAUNCH, LAUNCH16
@@ -55,7 +75,7 @@ def check(device: str) -> float:
         errs = []   # per variant: (worst of the int8 kernel, worst of the 16-bit kernel)
         for variant in VARIANTS:
             LAUNCH.update(default, **variant)
-            LAUNCH16.update(default16, **{k: v for k, v in variant.items() if k in ("bound", "programs")})   # both walks
+            LAUNCH16.update(default16, **{k: v for k, v in variant.items() if k in ("bound", "programs", "spread")})
             errs.append(check_launch(device, whole=variant.get("bound") is True))
         # the int8 scores (a two-part int8 query) must keep the fp16 query's accuracy: with one part the
         # int8 kernel's worst error was 4x the fp16 path's in the interpreter (1.3e-2 against 3e-3)
@@ -90,7 +110,14 @@ def check_launch(device: str, whole: bool = False) -> tuple[float, float]:
         if kind == "holes":   # a third of the attended positions masked too (padding), never the first
             keep &= (torch.rand(B, L, generator=g) > 0.33) | (torch.arange(L) == 0)
         bias = mask = None
-        if kind in ("bool", "holes"):
+        if kind == "ends":
+            last = keep.sum(1) - 1
+            bias = torch.zeros(B, L)
+            bias[:, 0] = 8.0
+            bias[torch.arange(B), last] = 8.0
+            bias = torch.where(keep, bias, float("-inf")).to(device)
+            mask = bias[:, None, None, :]
+        elif kind in ("bool", "holes"):
             mask = keep[:, None, None, :].to(device)
             bias = torch.where(keep, 0.0, float("-inf")).to(device)
         elif kind == "additive":
@@ -252,6 +279,7 @@ def compile_for_gpus() -> int:
         consts.setdefault("PDL", False)   # every constexpr of the kernel is named in an AOT compile
         consts.setdefault("BOUND", False)
         consts.setdefault("SCAN", 16)
+        consts.setdefault("SPREAD", False)
         sig = {"Q": qt, "K": kvt, "V": kvt, "Bias": "*fp32", "M_out": "*fp32", "L_out": "*fp32", "Acc_out": "*fp32",
                **{k: "i32" for k in ints}, "scaling": "fp32", **{k: "constexpr" for k in consts}}
         attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
@@ -283,6 +311,12 @@ def compile_for_gpus() -> int:
                           BLOCK=kt.LAUNCH16["block"], HAS_BIAS=True, VIA_FP32=False, EVEN=True, BOUND=True, SCAN=128,
                           PDL=True)
             n += 2
+            for fn, kvt, block in ((kt._kv8_decode_kernel, "*i8", kt.LAUNCH["block"]),   # spread (a long cache)
+                                   (kt._kv16_decode_kernel, "*bf16", kt.LAUNCH16["block"])):
+                extra = dict(SKIP=False, ASM=True, VWORDS=True, QK_INT8=True) if kvt == "*i8" else {}
+                decode_kernel(fn, arch, "*bf16", kvt, G=1, GP=kt.MIN_ROWS, D=128, BLOCK=block, HAS_BIAS=True,
+                              VIA_FP32=False, EVEN=True, SPREAD=True, SCAN=4096, PDL=True, **extra)
+                n += 1
         for out_t, pdl in (("*bf16", False), ("*fp16", False), ("*bf16", True)):
             if pdl and arch != 90:
                 continue
@@ -316,7 +350,7 @@ def test_cache_write_kernel_matches_the_torch_update_in_the_interpreter():
 
 def test_kernels_compile_to_cubin_for_hopper_and_ampere():
     out = _run_this_file(["aot"], TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(ROOT / ".venv" / "triton-cache"))
-    assert "compiled 32 kernels" in out
+    assert "compiled 34 kernels" in out
 
 
 def test_kernel_is_the_default_on_a_gpu_or_the_interpreter(monkeypatch):

@@ -49,6 +49,8 @@ MIN_ROWS = 16          # tl.dot's smallest M
 # bound: a program's walk ends after the last position of its slice that the bias does not mask (-inf), so a
 # static cache is read up to the decoded length, not to its capacity (its bias is searched first; "auto": where
 # that can pay, see bounded);
+# spread: the splits share the row's attended positions instead of the cache's capacity (the whole row's bias is
+# searched first; "auto": several splits and a long cache, see spreads; it takes precedence over bound);
 # asm: int8 -> fp16 by byte arithmetic in inline PTX, not one I2F per value; vwords: the value codes
 # loaded as int32 words and converted before tl.dot's transposed layout (fp16 takes ldmatrix.trans;
 # int8 came back from shared memory one byte per load); qk_int8: scores by int8 tensor-core dots
@@ -56,11 +58,11 @@ MIN_ROWS = 16          # tl.dot's smallest M
 # H200 for LLaVA-1.5-7B at batch 16 and within 0.3 us of it for the other cases (2026-11-29 10:58 UTC,
 # docs/benchmarks.md).
 LAUNCH = {"block": 128, "num_warps": 4, "num_stages": 3, "programs": 264, "skip": False, "asm": True, "vwords": True,
-          "qk_int8": True, "bound": "auto"}
+          "qk_int8": True, "bound": "auto", "spread": "auto"}
 # The 16-bit kernel's (decode_attention16): the fastest of the sweep's 24 launches on an H200 for both
 # models at batch 16 (LLaVA-1.5-7B 60.9 us = 95% of the copy rate; Qwen2-VL-7B 16.1 us) and within 0.2 us
 # of it at batch 1 (2026-11-29 12:45 UTC, docs/benchmarks.md).
-LAUNCH16 = {"block": 32, "num_warps": 4, "num_stages": 3, "programs": 264, "bound": "auto"}
+LAUNCH16 = {"block": 32, "num_warps": 4, "num_stages": 3, "programs": 264, "bound": "auto", "spread": "auto"}
 # Programmatic dependent launch for every kernel of this module (set_pdl; Hopper, off by default): each is
 # launched with Triton's launch_pdl and waits (gdc_wait) before it reads anything, so it may be scheduled
 # while the kernel before it finishes. None of them lets the next kernel launch early
@@ -200,6 +202,29 @@ if triton is not None:
         return end
 
     @triton.jit
+    def _program_slice(bias_row, L, n_splits, per_split, pid_s, HAS_BIAS: tl.constexpr, BOUND: tl.constexpr,
+                       SPREAD: tl.constexpr, SCAN: tl.constexpr, BLOCK: tl.constexpr):
+        """(first position, positions to walk) of split pid_s of a row whose bias starts at bias_row.
+        - default: the host's fixed slices of per_split positions over the cache's L (the last may end at L);
+        - BOUND: the same slice, its walk stopped after its last attended position (_attended_end);
+        - SPREAD: the row's attended positions [0, end) (end: 1 + its last attended position, from one search of
+          the whole row's bias) cut into n_splits slices of whole blocks, so the splits share the decoded length,
+          not the cache's capacity: with a fixed slicing, a 4096-position cache at position 768 had two of nine
+          splits walking 455 positions each while seven found nothing. A slice past `end` walks nothing and
+          stores (-inf, 0, 0), which the merge weighs to zero."""
+        if SPREAD and HAS_BIAS:
+            end = _attended_end(bias_row, L, SCAN)
+            per = tl.cdiv(tl.cdiv(tl.maximum(end, 1), n_splits), BLOCK) * BLOCK
+            start = pid_s * per
+            hi = tl.minimum(per, end - start)
+        else:
+            start = pid_s * per_split
+            hi = tl.minimum(per_split, L - start)          # the last split may end at L
+            if BOUND and HAS_BIAS:                         # ... and the walk at the slice's last attended position
+                hi = _attended_end(bias_row + start, hi, SCAN)
+        return start, hi
+
+    @triton.jit
     def _store_split(M_out, L_out, Acc_out, m_i, l_i, acc, b, hk, g, gmask, d, H, G: tl.constexpr, D: tl.constexpr,
                      n_splits, pid_s):
         """This split's running max, sum and unnormalised output, for the merge kernel."""
@@ -216,7 +241,8 @@ if triton is not None:
                            HAS_BIAS: tl.constexpr, VIA_FP32: tl.constexpr, EVEN: tl.constexpr = False,
                            SKIP: tl.constexpr = False, ASM: tl.constexpr = True,
                            VWORDS: tl.constexpr = False, QK_INT8: tl.constexpr = False,
-                           BOUND: tl.constexpr = False, SCAN: tl.constexpr = 16, PDL: tl.constexpr = False):
+                           BOUND: tl.constexpr = False, SCAN: tl.constexpr = 16, PDL: tl.constexpr = False,
+                           SPREAD: tl.constexpr = False):
         if PDL:
             tl.extra.cuda.gdc_wait()
         pid_s = tl.program_id(1)
@@ -242,10 +268,7 @@ if triton is not None:
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
-        start = pid_s * per_split
-        hi = tl.minimum(per_split, L - start)          # the last split may end at L
-        if BOUND and HAS_BIAS:                         # ... and the walk at the slice's last attended position
-            hi = _attended_end(Bias + b * sb_b + start, hi, SCAN)
+        start, hi = _program_slice(Bias + b * sb_b, L, n_splits, per_split, pid_s, HAS_BIAS, BOUND, SPREAD, SCAN, BLOCK)
         offs = start + tl.arange(0, BLOCK)
         k_base = K + b * sk_b + hk * sk_h
         v_base = V + b * sv_b + hk * sv_h
@@ -312,7 +335,8 @@ if triton is not None:
                             H, Hk, L, n_splits, per_split, scaling,
                             G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                             HAS_BIAS: tl.constexpr, VIA_FP32: tl.constexpr, EVEN: tl.constexpr,
-                            BOUND: tl.constexpr = False, SCAN: tl.constexpr = 16, PDL: tl.constexpr = False):
+                            BOUND: tl.constexpr = False, SCAN: tl.constexpr = 16, PDL: tl.constexpr = False,
+                            SPREAD: tl.constexpr = False):
         """_kv8_decode_kernel over a 16-bit cache (transformers' StaticCache: (B, H_kv, L, D) bf16 or fp16):
         the same split-K walk and GQA grouping, the dots on 16-bit tensor cores with no conversion
         (VIA_FP32: in fp32, for Triton's interpreter, whose bf16 dot is wrong)."""
@@ -324,10 +348,7 @@ if triton is not None:
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
-        start = pid_s * per_split
-        hi = tl.minimum(per_split, L - start)
-        if BOUND and HAS_BIAS:
-            hi = _attended_end(Bias + b * sb_b + start, hi, SCAN)
+        start, hi = _program_slice(Bias + b * sb_b, L, n_splits, per_split, pid_s, HAS_BIAS, BOUND, SPREAD, SCAN, BLOCK)
         offs = start + tl.arange(0, BLOCK)
         k_ptrs = K + b * sk_b + hk * sk_h + offs[:, None] * sk_l + d[None, :]
         v_ptrs = V + b * sv_b + hk * sv_h + offs[:, None] * sv_l + d[None, :]
@@ -479,6 +500,25 @@ def bounded(launch: dict, n_splits: int, length: int) -> bool:
     return bool(b)
 
 
+def spreads(launch: dict, n_splits: int, length: int) -> bool:
+    """Whether the splits share the attended positions of their row (found by one search of its bias) rather than
+    fixed slices of the cache, by launch["spread"]: True, False, or "auto" - several splits over a cache of at
+    least BOUND_AUTO_LENGTH positions. A static cache sized for long requests leaves most fixed slices past the
+    decoded length: at position 768 of 4096, two of nine splits walked 455 positions each (bound or not) while
+    the others had nothing to do. With one split there is nothing to share (bound does it); over a cache about
+    as long as the generation the fixed slices are already about even."""
+    s = launch.get("spread", False)
+    if s == "auto":
+        return n_splits > 1 and length >= BOUND_AUTO_LENGTH
+    return bool(s) and n_splits > 1
+
+
+def spread_scan_width(length: int) -> int:
+    """Positions of bias per load in spread's search of a whole row: the row in one load up to 4096 positions
+    (16 KB of fp32, 32 registers a thread at 4 warps, before the walk needs them)."""
+    return max(16, min(4096, 1 << max(0, length - 1).bit_length()))
+
+
 def scan_width(per_split: int) -> int:
     """Positions of bias per load when a program looks for the end of its slice's attended positions (bound):
     the slice in one load up to 1024 positions (4 KB of fp32)."""
@@ -565,10 +605,12 @@ if triton is not None:
                 q.stride(0), q.stride(1), q.stride(2), key.stride(0), key.stride(1), key.stride(2),
                 value.stride(0), value.stride(1), value.stride(2), bias.stride(0) if has_bias else 0,
                 H, Hk, L, S, per_split, scaling)
-        bound = has_bias and bounded(launch, S, L)   # (SCAN only where it is used: one compiled kernel otherwise)
+        spread = has_bias and spreads(launch, S, L)
+        bound = has_bias and not spread and bounded(launch, S, L)   # (SCAN only where used: one compiled kernel otherwise)
+        scan = spread_scan_width(L) if spread else scan_width(per_split) if bound else 16
         common = dict(G=G, GP=GP, D=D, BLOCK=block, HAS_BIAS=has_bias, VIA_FP32=os.environ.get("TRITON_INTERPRET") == "1",
                       EVEN=L % block == 0, num_warps=launch["num_warps"], num_stages=launch["num_stages"],
-                      BOUND=bound, SCAN=scan_width(per_split) if bound else 16, **_pdl_launch())
+                      BOUND=bound, SPREAD=spread, SCAN=scan, **_pdl_launch())
         if packed:
             _kv8_decode_kernel[(B * Hk, S)](*args, **common, SKIP=LAUNCH["skip"], ASM=LAUNCH["asm"],
                                             VWORDS=LAUNCH["vwords"], QK_INT8=LAUNCH["qk_int8"] and D >= 32)
