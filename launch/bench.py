@@ -359,6 +359,10 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
     ttft = statistics.median(ttfts)
     # peak memory: from an emptied cache, through one more prefill and the whole decode
     if is_cuda:
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # private, so only where it exists
+        if clear is not None:
+            torch.cuda.synchronize()
+            clear()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     prefill()
@@ -426,7 +430,9 @@ def release(dec, is_cuda: bool) -> None:
     Why: on an H200 (2026-11-29 22:31) LLaVA-1.5-7B INT4 at batch 16 peaked at 8.50 GiB after batch 1 in the
     same worker and at 8.00 GiB alone (batch 1's 16-bit cache is 0.47 GB). What stayed allocated is not
     established (on the CPU a dropped decoder's cache is freed, compiled or not), nor whether this closes the
-    gap: measure `--batch 1 16` against `--batch 16`."""
+    gap: measure `--batch 1 16` against `--batch 16`. On an H200 (2026-11-30 00:10, tiny LLaVA, graph mode)
+    a batch after another still peaked 32 MiB higher: a cuBLAS workspace for the capture's warm-up stream
+    (now one stream per device, grace_ds.export.decode); its workspaces are cleared here as well."""
     import gc
 
     dec.graph = dec.compiled = None
