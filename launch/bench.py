@@ -365,6 +365,7 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
             clear()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        start_alloc = torch.cuda.memory_allocated()   # what the peak starts from: weights, and anything left over
     prefill()
     _sync(device)
 
@@ -409,7 +410,7 @@ def bench_batch(model, config, batch, args, device, dtype) -> dict:
                decode_attention=None if kv_int8 else "triton16" if kernel16 and kernel_where == "triton" else "sdpa")
     if is_cuda:
         res.update(peak_alloc_gib=torch.cuda.max_memory_allocated() / 2**30,
-                   peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+                   peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30, start_alloc_gib=start_alloc / 2**30)
     # after the memory figures: a profiled window is not what is measured
     n_prof = min(args.profile_steps, steps - 1)   # + 1 warm step: the cache holds new_tokens positions past the prompt
     if n_prof > 0:
