@@ -168,7 +168,8 @@ def main(argv=None):
     p.add_argument("--bound-ab", action="store_true",
                    help="also time both Triton kernels (kernel16, kv8) with their splits sharing the attended positions "
                         "(\"spread\"), their walks bounded at the last attended position of fixed slices (\"bound\") "
-                        "and walking the whole cache (neither), in the same run; the default \"auto\" picks by the "
+                        "and walking the whole cache (neither), and the default walk with the splits merged by a second "
+                        "kernel (\"no fold\"), in the same run; the default \"auto\" picks by the "
                         "splits and the cache length: kv8_triton.spreads and bounded")
     args = p.parse_args(argv)
     if args.count_prefill:
@@ -236,8 +237,9 @@ def main(argv=None):
                     try:
                         for label, walk in (("spread", {"spread": True, "bound": True}),
                                             ("bound", {"spread": False, "bound": True}),
-                                            ("no bound", {"spread": False, "bound": False})):
-                            table.update(walk)
+                                            ("no bound", {"spread": False, "bound": False}),
+                                            ("no fold", {"fold": False})):   # the defaults, merged by a 2nd kernel
+                            table.update(default, **walk)
                             lines.append(row(f"{m}, {label}", methods[m], per_layer[m],
                                              ref16 if m in SIXTEEN else ref8)[1])
                     finally:

@@ -35,7 +35,9 @@ VARIANTS = [{}, {"skip": True}, {"qk_int8": False}, {"vwords": False, "asm": Fal
             # one split per (row, kv head), so that they span many blocks and the bound cuts them short
             {"bound": True, "programs": 1},
             # the splits sharing the attended positions of their row ("auto" spreads only caches >= 2048 positions)
-            {"spread": True}]
+            {"spread": True},
+            # one split's output written by the merge kernel, not normalised by the attention kernel itself
+            {"fold": False}]
 
 
 def test_bound_is_on_and_the_scan_covers_a_slice():
@@ -75,7 +77,7 @@ def check(device: str) -> float:
         errs = []   # per variant: (worst of the int8 kernel, worst of the 16-bit kernel)
         for variant in VARIANTS:
             LAUNCH.update(default, **variant)
-            LAUNCH16.update(default16, **{k: v for k, v in variant.items() if k in ("bound", "programs", "spread")})
+            LAUNCH16.update(default16, **{k: v for k, v in variant.items() if k in ("bound", "programs", "spread", "fold")})
             errs.append(check_launch(device, whole=variant.get("bound") is True))
         # the int8 scores (a two-part int8 query) must keep the fp16 query's accuracy: with one part the
         # int8 kernel's worst error was 4x the fp16 path's in the interpreter (1.3e-2 against 3e-3)
@@ -280,8 +282,10 @@ def compile_for_gpus() -> int:
         consts.setdefault("BOUND", False)
         consts.setdefault("SCAN", 16)
         consts.setdefault("SPREAD", False)
+        consts.setdefault("FOLD", False)
         sig = {"Q": qt, "K": kvt, "V": kvt, "Bias": "*fp32", "M_out": "*fp32", "L_out": "*fp32", "Acc_out": "*fp32",
-               **{k: "i32" for k in ints}, "scaling": "fp32", **{k: "constexpr" for k in consts}}
+               "Out": qt, **{k: "i32" for k in ints}, "scaling": "fp32",
+               **{k: "constexpr" for k in consts}}
         attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", arch, 32))
@@ -317,6 +321,12 @@ def compile_for_gpus() -> int:
                 decode_kernel(fn, arch, "*bf16", kvt, G=1, GP=kt.MIN_ROWS, D=128, BLOCK=block, HAS_BIAS=True,
                               VIA_FP32=False, EVEN=True, SPREAD=True, SCAN=4096, PDL=True, **extra)
                 n += 1
+        for fn, kvt, block, G in ((kt._kv8_decode_kernel, "*i8", kt.LAUNCH["block"], 1),   # fold: one split's output
+                                  (kt._kv16_decode_kernel, "*bf16", kt.LAUNCH16["block"], 7)):
+            extra = dict(SKIP=False, ASM=True, VWORDS=True, QK_INT8=True) if kvt == "*i8" else {}
+            decode_kernel(fn, arch, "*bf16", kvt, G=G, GP=kt.MIN_ROWS, D=128, BLOCK=block, HAS_BIAS=True,
+                          VIA_FP32=False, EVEN=True, BOUND=True, SCAN=128, FOLD=True, **extra)
+            n += 1
         for out_t, pdl in (("*bf16", False), ("*fp16", False), ("*bf16", True)):
             if pdl and arch != 90:
                 continue
@@ -350,7 +360,7 @@ def test_cache_write_kernel_matches_the_torch_update_in_the_interpreter():
 
 def test_kernels_compile_to_cubin_for_hopper_and_ampere():
     out = _run_this_file(["aot"], TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(ROOT / ".venv" / "triton-cache"))
-    assert "compiled 34 kernels" in out
+    assert "compiled 38 kernels" in out
 
 
 def test_kernel_is_the_default_on_a_gpu_or_the_interpreter(monkeypatch):

@@ -51,6 +51,8 @@ MIN_ROWS = 16          # tl.dot's smallest M
 # that can pay, see bounded);
 # spread: the splits share the row's attended positions instead of the cache's capacity (the whole row's bias is
 # searched first; "auto": several splits and a long cache, see spreads; it takes precedence over bound);
+# fold: with one split per (row, kv head) the attention kernel normalises and writes the output itself, and no merge
+# kernel runs (_finish; "fold" False: always the merge kernel);
 # asm: int8 -> fp16 by byte arithmetic in inline PTX, not one I2F per value; vwords: the value codes
 # loaded as int32 words and converted before tl.dot's transposed layout (fp16 takes ldmatrix.trans;
 # int8 came back from shared memory one byte per load); qk_int8: scores by int8 tensor-core dots
@@ -58,11 +60,14 @@ MIN_ROWS = 16          # tl.dot's smallest M
 # H200 for LLaVA-1.5-7B at batch 16 and within 0.3 us of it for the other cases (2026-11-29 10:58 UTC,
 # docs/benchmarks.md).
 LAUNCH = {"block": 128, "num_warps": 4, "num_stages": 3, "programs": 264, "skip": False, "asm": True, "vwords": True,
-          "qk_int8": True, "bound": "auto", "spread": "auto"}
+          "qk_int8": True, "bound": "auto", "spread": "auto", "fold": True}
 # The 16-bit kernel's (decode_attention16): the fastest of the sweep's 24 launches on an H200 for both
 # models at batch 16 (LLaVA-1.5-7B 60.9 us = 95% of the copy rate; Qwen2-VL-7B 16.1 us) and within 0.2 us
 # of it at batch 1 (2026-11-29 12:45 UTC, docs/benchmarks.md).
-LAUNCH16 = {"block": 32, "num_warps": 4, "num_stages": 3, "programs": 264, "bound": "auto", "spread": "auto"}
+LAUNCH16 = {"block": 32, "num_warps": 4, "num_stages": 3, "programs": 264, "bound": "auto", "spread": "auto",
+            "fold": True}
+if os.environ.get("GRACE_KV8_FOLD") == "0":   # A/B runs (launch/bench.py workers inherit it): the merge kernel again
+    LAUNCH["fold"] = LAUNCH16["fold"] = False
 # Programmatic dependent launch for every kernel of this module (set_pdl; Hopper, off by default): each is
 # launched with Triton's launch_pdl and waits (gdc_wait) before it reads anything, so it may be scheduled
 # while the kernel before it finishes. None of them lets the next kernel launch early
@@ -234,7 +239,18 @@ if triton is not None:
         tl.store(Acc_out + row[:, None] * D + d[None, :], acc, mask=gmask[:, None])
 
     @triton.jit
-    def _kv8_decode_kernel(Q, K, V, Bias, M_out, L_out, Acc_out,
+    def _finish(M_out, L_out, Acc_out, Out, m_i, l_i, acc, b, hk, g, gmask, d, H, G: tl.constexpr, D: tl.constexpr,
+                n_splits, pid_s, FOLD: tl.constexpr):
+        """The end of a program: its split's partials for _kv8_merge_kernel, or with FOLD (one split per row and kv
+        head, the host's choice) its normalised output in the query's dtype, so no merge kernel runs."""
+        if FOLD:
+            tl.store(Out + (b * H + hk * G + g)[:, None] * D + d[None, :], (acc / l_i[:, None]).to(Out.dtype.element_ty),
+                     mask=gmask[:, None])
+        else:
+            _store_split(M_out, L_out, Acc_out, m_i, l_i, acc, b, hk, g, gmask, d, H, G, D, n_splits, pid_s)
+
+    @triton.jit
+    def _kv8_decode_kernel(Q, K, V, Bias, M_out, L_out, Acc_out, Out,
                            sq_b, sq_h, sq_d, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sb_b,
                            H, Hk, L, n_splits, per_split, scaling,
                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
@@ -242,7 +258,7 @@ if triton is not None:
                            SKIP: tl.constexpr = False, ASM: tl.constexpr = True,
                            VWORDS: tl.constexpr = False, QK_INT8: tl.constexpr = False,
                            BOUND: tl.constexpr = False, SCAN: tl.constexpr = 16, PDL: tl.constexpr = False,
-                           SPREAD: tl.constexpr = False):
+                           SPREAD: tl.constexpr = False, FOLD: tl.constexpr = False):
         if PDL:
             tl.extra.cuda.gdc_wait()
         pid_s = tl.program_id(1)
@@ -327,16 +343,16 @@ if triton is not None:
             ks_ptrs += BLOCK
             vs_ptrs += BLOCK
             b_ptrs += BLOCK
-        _store_split(M_out, L_out, Acc_out, m_i, l_i, acc, b, hk, g, gmask, d, H, G, D, n_splits, pid_s)
+        _finish(M_out, L_out, Acc_out, Out, m_i, l_i, acc, b, hk, g, gmask, d, H, G, D, n_splits, pid_s, FOLD)
 
     @triton.jit
-    def _kv16_decode_kernel(Q, K, V, Bias, M_out, L_out, Acc_out,
+    def _kv16_decode_kernel(Q, K, V, Bias, M_out, L_out, Acc_out, Out,
                             sq_b, sq_h, sq_d, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sb_b,
                             H, Hk, L, n_splits, per_split, scaling,
                             G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                             HAS_BIAS: tl.constexpr, VIA_FP32: tl.constexpr, EVEN: tl.constexpr,
                             BOUND: tl.constexpr = False, SCAN: tl.constexpr = 16, PDL: tl.constexpr = False,
-                            SPREAD: tl.constexpr = False):
+                            SPREAD: tl.constexpr = False, FOLD: tl.constexpr = False):
         """_kv8_decode_kernel over a 16-bit cache (transformers' StaticCache: (B, H_kv, L, D) bf16 or fp16):
         the same split-K walk and GQA grouping, the dots on 16-bit tensor cores with no conversion
         (VIA_FP32: in fp32, for Triton's interpreter, whose bf16 dot is wrong)."""
@@ -376,7 +392,7 @@ if triton is not None:
             k_ptrs += BLOCK * sk_l
             v_ptrs += BLOCK * sv_l
             b_ptrs += BLOCK
-        _store_split(M_out, L_out, Acc_out, m_i, l_i, acc, b, hk, g, gmask, d, H, G, D, n_splits, pid_s)
+        _finish(M_out, L_out, Acc_out, Out, m_i, l_i, acc, b, hk, g, gmask, d, H, G, D, n_splits, pid_s, FOLD)
 
     @triton.jit
     def _kv8_merge_kernel(M_in, L_in, Acc_in, Out, n_splits, SP: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr = False):
@@ -601,7 +617,10 @@ if triton is not None:
         acc = torch.empty(B, H, S, D, device=dev, dtype=torch.float32)
         q = query[:, :, 0]
         has_bias = bias is not None
-        args = (q, key, value, bias if has_bias else m, m, lsum, acc,
+        out = torch.empty(B, H, 1, D, device=dev, dtype=query.dtype)   # the merge writes the query's dtype
+        fold = bool(launch.get("fold", False)) and S == 1
+        sp = max(2, triton.next_power_of_2(S))
+        args = (q, key, value, bias if has_bias else m, m, lsum, acc, out,
                 q.stride(0), q.stride(1), q.stride(2), key.stride(0), key.stride(1), key.stride(2),
                 value.stride(0), value.stride(1), value.stride(2), bias.stride(0) if has_bias else 0,
                 H, Hk, L, S, per_split, scaling)
@@ -610,14 +629,14 @@ if triton is not None:
         scan = spread_scan_width(L) if spread else scan_width(per_split) if bound else 16
         common = dict(G=G, GP=GP, D=D, BLOCK=block, HAS_BIAS=has_bias, VIA_FP32=os.environ.get("TRITON_INTERPRET") == "1",
                       EVEN=L % block == 0, num_warps=launch["num_warps"], num_stages=launch["num_stages"],
-                      BOUND=bound, SPREAD=spread, SCAN=scan, **_pdl_launch())
+                      BOUND=bound, SPREAD=spread, SCAN=scan, FOLD=fold, **_pdl_launch())
         if packed:
             _kv8_decode_kernel[(B * Hk, S)](*args, **common, SKIP=LAUNCH["skip"], ASM=LAUNCH["asm"],
                                             VWORDS=LAUNCH["vwords"], QK_INT8=LAUNCH["qk_int8"] and D >= 32)
         else:
             _kv16_decode_kernel[(B * Hk, S)](*args, **common)
-        out = torch.empty(B, H, 1, D, device=dev, dtype=query.dtype)   # the merge writes the query's dtype
-        _kv8_merge_kernel[(B * H,)](m, lsum, acc, out, S, SP=max(2, triton.next_power_of_2(S)), D=D, **_pdl_launch())
+        if not fold:
+            _kv8_merge_kernel[(B * H,)](m, lsum, acc, out, S, SP=sp, D=D, **_pdl_launch())
         return out
 
     @_decode_attention.register_fake
