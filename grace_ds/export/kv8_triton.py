@@ -19,7 +19,12 @@ and 65 us for SDPA over the bf16 cache; benchmarks/bench_kv8_attention.py):
   layout change: as int8, Triton read them back from shared memory one byte at a time;
 - a block's keys and values are loaded before either is used, so both are in flight at once;
 - each program writes its running max, sum and unnormalised output; a second small kernel merges
-  the splits (one program per row and head) and writes the result in the query's dtype.
+  the splits (one program per row and head) and writes the result in the query's dtype. With one split
+  per (row, kv head) the program writes its normalised output itself and the merge kernel does not run
+  (LAUNCH["fold"]);
+- the slices: fixed over the cache's positions, each walk stopped after its slice's last attended position
+  (LAUNCH["bound"]), or, over long caches with several splits, cut from the row's attended positions
+  (LAUNCH["spread"]), so that a static cache sized for long requests costs its decoded length.
 
 The same module holds the cache's write kernel (`write_kv`): one program per new (key or value, row, kv
 head, position) vector computes round_int8's codes and scale and stores them into the packed cache.
