@@ -68,6 +68,20 @@ def test_spread_is_on_for_long_caches_with_several_splits():
     assert [spread_scan_width(n) for n in (1, 100, 896, 4096, 4097, 32768)] == [16, 128, 1024, 4096, 4096, 4096]
 
 
+def test_fold_is_on_and_the_env_switches_it_off():
+    """fold (one split writes its own output, no merge launch) is on by default; GRACE_KV8_FOLD=0 at import turns
+    it off in both tables, for the bench's A/B runs (its workers inherit the environment)."""
+    from grace_ds.export.kv8_triton import LAUNCH, LAUNCH16
+
+    assert LAUNCH["fold"] is True and LAUNCH16["fold"] is True
+    code = "from grace_ds.export.kv8_triton import LAUNCH, LAUNCH16; print(LAUNCH['fold'], LAUNCH16['fold'])"
+    env = {k: v for k, v in os.environ.items() if k != "GRACE_KV8_FOLD"}
+    for value, want in (("0", "False False"), ("1", "True True")):
+        r = subprocess.run([sys.executable, "-c", code], env=dict(env, GRACE_KV8_FOLD=value, PYTHONPATH=str(ROOT)),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.split() == want.split(), (value, r.stdout, r.stderr[-500:])
+
+
 def check(device: str) -> float:
     """check_launch under every VARIANTS entry; returns the worst relative error."""
     from grace_ds.export.kv8_triton import LAUNCH, LAUNCH16
