@@ -569,6 +569,46 @@ def test_gpu_lean_glu_configs_against_float64(ext, N, K):
         assert rel_err(f(x), 2 * glu64(x, codes, sq)) <= 1e-2
 
 
+def norm64(x, gamma, eps):
+    """An RMSNorm in float64: x * rsqrt(mean(x^2) + eps) * gamma, per row."""
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gamma.double()
+
+
+@gpu
+@pytest.mark.parametrize("N,K", [(64, 128), (96, 384), (12288, 4096), (22016, 4096), (4608, 3584)])
+def test_gpu_lean_norm_configs_against_float64(ext, N, K):
+    """The RMSNorm fold (kernels/NOTES.md v21) of every cp.async-ring lean config, plain and with the GLU epilogue
+    where it has one, against float64 (rsqrt(mean x^2 + eps) * gamma x) W^T: rows of x scaled 1e-2 .. 1e2 apart (a
+    sum of squares taken over another token, or over one warp's K slice only, is off by orders), odd M and M past one
+    token tile, I of 2 to 688 tiles, both dtypes, NaN-poisoned output."""
+    codes, scales = rand_weight(N, K, "cuda")
+    cfgs = [c for c in range(ext.first_lean, ext.num_configs) if ext.lean_norm_ok(c)]
+    assert 59 in cfgs and 61 in cfgs and 75 in cfgs and not ext.lean_norm_ok(41)
+    assert ext.lean_norm_ok(58, True) and not ext.lean_norm_ok(59, True)
+    p = pack_weights(codes, scales, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="no RMSNorm fold"):
+        ext.lean_norm_gemm(torch.ones(1, K, device="cuda", dtype=torch.bfloat16), p["qweight"], p["scales"],
+                           torch.ones(K, device="cuda", dtype=torch.bfloat16), 1e-6, 41)
+    eps = 1e-5
+    for dtype, tol in ((torch.bfloat16, 5e-3), (torch.float16, 2e-3)):
+        p = pack_weights(codes, scales, dtype=dtype)
+        sq = scales.to(dtype)
+        gamma = (torch.rand(K, device="cuda") * 1.5 + 0.25).to(dtype)
+        for glu in (False, True):
+            for cfg in [c for c in cfgs if ext.lean_norm_ok(c, glu)]:
+                for M in (1, 2, 3, 9, 16, 17):
+                    x = (torch.randn(M, K, device="cuda") * torch.logspace(-2, 2, M, device="cuda")[:, None]).to(dtype)
+                    junk = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+                    del junk
+                    out = ext.lean_norm_gemm(x, p["qweight"], p["scales"], gamma, eps, cfg, glu)
+                    assert out.shape == (M, N // 2 if glu else N)
+                    xn = norm64(x, gamma, eps)
+                    ref = glu64(xn, codes, sq) if glu else ref64(xn, codes, sq)
+                    err = rel_err(out, ref)
+                    assert err <= output_tol(tol, ref, dtype), (cfg, ext.config_info(cfg), glu, M, N, K, dtype, err)
+
+
 @gpu
 @pytest.mark.parametrize("M", [1, 17, 48, 64, 100, 130])
 def test_gpu_every_wgmma_config_poisoned(ext, M):

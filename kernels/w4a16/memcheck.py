@@ -1,5 +1,6 @@
-"""Small run for compute-sanitizer: every tensor-core config, the lean configs' GLU epilogue, the dequant
-path, the op (plain and GLU), and (on Hopper) every wgmma config with automatic and forced split-K, on tiny odd shapes.
+"""Small run for compute-sanitizer: every tensor-core config, the lean configs' GLU epilogue and RMSNorm fold,
+the dequant path, the op (plain and GLU), and (on Hopper) every wgmma config with automatic and forced split-K, on
+tiny odd shapes.
 compute-sanitizer --tool memcheck python -m kernels.w4a16.memcheck"""
 import torch
 
@@ -22,6 +23,11 @@ def main():
                     if ext.first_sk <= c < ext.first_lean:  # forced split-K (atomics + workspace + finalize)
                         ext.tc_gemm(x, p["qweight"], p["scales"], c, 3)
                 torch.ops.grace.w4a16_gemm(x, p["qweight"], p["scales"], 128)
+                gamma = torch.rand(K, dtype=dt, device="cuda") + 0.5
+                for c in range(ext.first_lean, ext.num_configs):   # the RMSNorm fold (NOTES.md v21), plain and GLU
+                    for glu in (False, True):
+                        if ext.lean_norm_ok(c, glu) and (not glu or N % 32 == 0):
+                            ext.lean_norm_gemm(x, p["qweight"], p["scales"], gamma, 1e-6, c, glu)
                 if N % 32 == 0:   # N = 2I: the GLU epilogue of every config with one, and the op's two paths
                     for c in range(ext.first_lean, ext.num_configs):
                         if ext.lean_glu_ok(c):

@@ -219,6 +219,24 @@ cudaError_t lean_glu_launch_bf16(int cfg, const void* x, const void* qw, const v
                                  int K, cudaStream_t stream);
 cudaError_t lean_glu_launch_fp16(int cfg, const void* x, const void* qw, const void* sc, void* out, int M, int N,
                                  int K, cudaStream_t stream);
+// RMSNorm folded in (NOTES.md v21): out = rsqrt(mean(x^2) + eps) * (gamma * x) @ W^T per token (glu: then
+// silu(gate) * up, as lean_glu_launch_*), gamma K values of x's dtype. The cp.async-ring configs have it
+// (lean_norm_ok; with glu, an even TN too); cudaErrorInvalidValue for the others.
+inline bool lean_norm_ok(int cfg, bool glu) {
+  switch (cfg) {
+#define GRACE_LEAN_NORM_OK(id, mt, tn, wn, wk, p, ps) \
+  case id:                                           \
+    return ps > 0 && (!glu || tn % 2 == 0);
+    GRACE_W4A16_LEAN_CONFIGS(GRACE_LEAN_NORM_OK)
+#undef GRACE_LEAN_NORM_OK
+    default:
+      return false;
+  }
+}
+cudaError_t lean_norm_launch_bf16(int cfg, bool glu, const void* x, const void* qw, const void* sc, const void* gamma,
+                                  float eps, void* out, int M, int N, int K, cudaStream_t stream);
+cudaError_t lean_norm_launch_fp16(int cfg, bool glu, const void* x, const void* qw, const void* sc, const void* gamma,
+                                  float eps, void* out, int M, int N, int K, cudaStream_t stream);
 // out (M, I) = silu(y[:, :I]) * y[:, I:] for y (M, 2I): the activation after a GEMM without the GLU epilogue.
 cudaError_t silu_mul_launch_bf16(const void* y, void* out, int M, int I, cudaStream_t stream);
 cudaError_t silu_mul_launch_fp16(const void* y, void* out, int M, int I, cudaStream_t stream);

@@ -447,6 +447,38 @@ at::Tensor lean_glu_gemm(const at::Tensor& x_in, const at::Tensor& qweight, cons
   return out;
 }
 
+// An explicit lean config with the RMSNorm fold (NOTES.md v21): out = rsqrt(mean(x^2) + eps) * (gamma * x) @ W^T
+// per row of x (glu: then silu(gate) * up of a fused [gate; up] weight). For tests and the kernel A/B; the op does
+// not dispatch to it yet.
+at::Tensor lean_norm_gemm(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
+                          const at::Tensor& gamma_in, double eps, int64_t cfg, bool glu) {
+  check_inputs(x_in, qweight, scales, 128);
+  if (glu) check_glu(qweight);
+  TORCH_CHECK(is_lean((int)cfg) && grace_w4a16::lean_norm_ok((int)cfg, glu), "w4a16: config ", cfg,
+              " has no RMSNorm fold", glu ? " with the GLU epilogue (lean cp.async configs with an even TN only)"
+                                          : " (lean cp.async configs only)");
+  const int64_t K = x_in.size(1);
+  TORCH_CHECK(gamma_in.dim() == 1 && gamma_in.size(0) == K, "w4a16 norm: gamma must have shape (", K, ",), got ",
+              gamma_in.sizes());
+  TORCH_CHECK(gamma_in.scalar_type() == x_in.scalar_type() && gamma_in.device() == x_in.device(),
+              "w4a16 norm: gamma must be ", x_in.scalar_type(), " on ", x_in.device(), ", got ", gamma_in.scalar_type(),
+              " on ", gamma_in.device());
+  TORCH_CHECK(eps >= 0.0, "w4a16 norm: eps must be >= 0, got ", eps);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor x = contiguous_aligned(x_in);
+  at::Tensor gamma = contiguous_aligned(gamma_in);
+  const int64_t N = qweight.size(0) * 16;
+  at::Tensor out = at::empty({x.size(0), glu ? N / 2 : N}, x.options());
+  if (x.size(0) == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const auto launch = bf16 ? grace_w4a16::lean_norm_launch_bf16 : grace_w4a16::lean_norm_launch_fp16;
+  const cudaError_t e = launch((int)cfg, glu, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), gamma.data_ptr(),
+                               (float)eps, out.data_ptr(), (int)x.size(0), (int)N, (int)K, stream);
+  TORCH_CHECK(e == cudaSuccess, "w4a16 norm: kernel launch failed (config ", cfg, "): ", cudaGetErrorString(e));
+  return out;
+}
+
 at::Tensor tc_gemm(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales, int64_t cfg,
                    int64_t splits) {
   check_inputs(x_in, qweight, scales, 128);
@@ -577,6 +609,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("cfg"));
   m.def("lean_glu_ok", [](int64_t cfg) { return grace_w4a16::lean_glu_ok((int)cfg); },
         "whether a lean config has the GLU epilogue");
+  m.def("lean_norm_gemm", &lean_norm_gemm, "the GEMM of RMSNorm(x) (weight gamma, eps) with an explicit lean config, "
+        "folded into the kernel (glu: then silu(gate) * up)", py::arg("x"), py::arg("qweight"), py::arg("scales"),
+        py::arg("gamma"), py::arg("eps"), py::arg("cfg"), py::arg("glu") = false);
+  m.def("lean_norm_ok", [](int64_t cfg, bool glu) { return grace_w4a16::lean_norm_ok((int)cfg, glu); },
+        "whether a lean config has the RMSNorm fold (glu: with the GLU epilogue)", py::arg("cfg"), py::arg("glu") = false);
   m.def("choose_splits", [](int64_t M, int64_t N, int64_t K) { return (int64_t)choose(M, N, K).splits; },
         "requested splits of the op's choice (0 = automatic; see sk_splits for the effective count)");
   m.def("set_choice", &set_choice, "measured config (and splits, 0 = auto; pdl 0 = never launched with PDL) for an "

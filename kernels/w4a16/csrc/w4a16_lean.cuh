@@ -65,18 +65,38 @@ __device__ __forceinline__ void mma16816_z(float d[4], const uint32_t a[4], uint
   mma16816<T>(d, a, b0, b1);
 }
 
+// Two 16-bit products in one register (the RMSNorm weight times the activations, NORM below).
+template <typename T>
+__device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
+  using T2 = typename Traits<T>::T2;
+  const T2 r = __hmul2(*reinterpret_cast<const T2*>(&a), *reinterpret_cast<const T2*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
 // One k64 block: 4 k16 steps of raw-code mma into accg (FIRST: the group's first block, which starts
 // accg and xs from zero) and of all-ones mma into xs.
-template <typename T, int MT, int TN, bool FIRST>
+// NORM (RMSNorm folded in, kernels/NOTES.md v21): gb holds the norm weight for the block's 16 values of this lane
+// (the same positions as xb[mt]); each step first adds the raw activations' squares into dsq with one more mma
+// whose A is the lane's own B registers (A row g and B column g hold the same (token g, k) values in m16n8k16's
+// fragment layouts, so D[g][g] is token g's sum of squares over the step), then scales the B registers by the
+// weight (rounded to 16 bits, as the unfused norm's output is) for the ones-mma and the weight mma.
+template <typename T, int MT, int TN, bool FIRST, bool NORM = false>
 __device__ __forceinline__ void lean_block(const uint4 (&w)[TN], const uint4 (&xb)[MT][2], float (&accg)[TN][MT][4],
-                                           float (&xs)[MT][4]) {
+                                           float (&xs)[MT][4], const uint4* gb = nullptr, float (*dsq)[4] = nullptr) {
   const uint32_t ones[4] = {LeanTraits<T>::kOne, LeanTraits<T>::kOne, LeanTraits<T>::kOne, LeanTraits<T>::kOne};
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       const uint4& v = xb[mt][s >> 1];
-      const uint32_t b0 = (s & 1) ? v.z : v.x, b1 = (s & 1) ? v.w : v.y;
+      uint32_t b0 = (s & 1) ? v.z : v.x, b1 = (s & 1) ? v.w : v.y;
+      if constexpr (NORM) {
+        const uint32_t sq[4] = {b0, 0u, b1, 0u};
+        mma16816<T>(dsq[mt], sq, b0, b1);
+        const uint4& gv = gb[s >> 1];
+        b0 = hmul2<T>(b0, (s & 1) ? gv.z : gv.x);
+        b1 = hmul2<T>(b1, (s & 1) ? gv.w : gv.y);
+      }
       if (FIRST && s == 0) mma16816_z<T>(xs[mt], ones, b0, b1);
       else mma16816<T>(xs[mt], ones, b0, b1);
 #pragma unroll
@@ -151,7 +171,8 @@ __device__ __forceinline__ void lean_x_refill(uint4 (&xb)[MT][2], const uint4* (
 template <typename T, int MT, int TN, int WN, int WK, int P, bool GLU = false>
 __global__ void __launch_bounds__(WN * WK * 32)
     w4a16_lean_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const uint32_t* __restrict__ sc,
-                      T* __restrict__ out, int M, int N, int K) {
+                      T* __restrict__ out, int M, int N, int K, const T* __restrict__ /*gamma: NORM is cp-only*/,
+                      float /*eps*/) {
   static_assert(P % 2 == 0 && P >= 2, "lean kernel: P must be even (a group is 2 k64 blocks)");
   static_assert(!GLU || TN % 2 == 0, "lean GLU: tiles pair up (gate, up)");
   extern __shared__ float red[];  // [WK-1][WN][TN*MT*4][32], as the classic kernel
@@ -259,10 +280,14 @@ __host__ __device__ constexpr size_t lean_cp_smem_bytes(int MT, int TN, int WN, 
   return (size_t)WN * WK * PS * TN * 32 * (16 + 4) + tc_red_bytes(MT, TN, WN, WK);
 }
 
-template <typename T, int MT, int TN, int WN, int WK, int PS, bool GLU = false>
+// NORM (kernels/NOTES.md v21): out = rsqrt(mean(x^2) + eps) * (gamma * x) @ W^T per token, i.e. the GEMM of an
+// RMSNorm's output, from the raw x: the squares are summed on the tensor cores as x is consumed (lean_block), the
+// warps along K add their partial sums through shared memory, and the fp32 accumulators are scaled per token
+// before the epilogue (before GLU's activation too: gate and up both come from the normalised x).
+template <typename T, int MT, int TN, int WN, int WK, int PS, bool GLU = false, bool NORM = false>
 __global__ void __launch_bounds__(WN * WK * 32)
     w4a16_lean_cp_kernel(const T* __restrict__ x, const uint4* __restrict__ qw, const uint32_t* __restrict__ sc,
-                         T* __restrict__ out, int M, int N, int K) {
+                         T* __restrict__ out, int M, int N, int K, const T* __restrict__ gamma, float eps) {
   static_assert(PS >= 2, "lean cp kernel: at least 2 stages");
   static_assert(!GLU || TN % 2 == 0, "lean GLU: tiles pair up (gate, up)");
   constexpr int W = WN * WK;
@@ -285,12 +310,28 @@ __global__ void __launch_bounds__(WN * WK * 32)
 
   float acc[TN][MT][4];
   tc_zero<MT, TN>(acc);
+  float dsq[MT][4];  // NORM: the squares' mma accumulators (token g's sum of squares at [mt][g & 1] of lane 4g + g/2)
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) dsq[mt][0] = dsq[mt][1] = dsq[mt][2] = dsq[mt][3] = 0.f;
 
   if (active) {
     const T* xrow[MT];
     const uint4* wp[TN];
     const uint32_t* sp[TN];
     tc_lane_pointers<T, MT, TN, GLU>(x, qw, sc, M, K, NT, m0, tile0, lane, xrow, wp, sp);
+    // NORM: the norm weight's two-block ring beside the activations' (a constant: loaded before the PDL wait)
+    uint4 gbuf[2][2];
+    const uint4* gnext = nullptr;
+    if constexpr (NORM) {
+      const uint4* gp = reinterpret_cast<const uint4*>(gamma + (lane & 3) * 16 + (size_t)kb_begin * kKBlock);
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        if (kb_begin + j < kb_end) {
+          gbuf[j][0] = __ldg(gp + j * (kKBlock / 8));
+          gbuf[j][1] = __ldg(gp + j * (kKBlock / 8) + 1);
+        }
+      gnext = gp + 2 * (kKBlock / 8);
+    }
 #pragma unroll
     for (int tn = 0; tn < TN; ++tn) {  // from block kb_begin and its group on
       wp[tn] += (size_t)kb_begin * 32;
@@ -334,9 +375,16 @@ __global__ void __launch_bounds__(WN * WK * 32)
           w[tn] = wring[(stage * TN + tn) * 32];
           if (h == 1) s2[tn] = sring[(stage * TN + tn) * 32];
         }
-        if (h == 0) lean_block<T, MT, TN, true>(w, xbuf[0], accg, xs);
-        else lean_block<T, MT, TN, false>(w, xbuf[1], accg, xs);
-        if (b + 2 < kb_end) lean_x_refill<MT>(xbuf[h], xnext);
+        if (h == 0) lean_block<T, MT, TN, true, NORM>(w, xbuf[0], accg, xs, gbuf[0], dsq);
+        else lean_block<T, MT, TN, false, NORM>(w, xbuf[1], accg, xs, gbuf[1], dsq);
+        if (b + 2 < kb_end) {
+          lean_x_refill<MT>(xbuf[h], xnext);
+          if constexpr (NORM) {
+            gbuf[h][0] = __ldg(gnext);
+            gbuf[h][1] = __ldg(gnext + 1);
+            gnext += kKBlock / 8;
+          }
+        }
         if (h == 1) lean_fold<T, MT, TN>(acc, accg, xs, s2);
         stage = stage + 1 == PS ? 0 : stage + 1;
       }
@@ -344,9 +392,42 @@ __global__ void __launch_bounds__(WN * WK * 32)
     cp_async_wait_all();  // no copy may still target the ring when it is reused (next grp)
   }
 
+  if constexpr (NORM) {  // every warp: the barrier below (warps wn = 0 are always active: tile0 < NTW)
+    __shared__ float nsq[WK][MT * 8];  // per warp along K, per token of the CTA: its partial sum of squares
+    const int g = lane >> 2, c = lane & 3;
+    if (wn == 0) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        float part = c == (g >> 1) ? dsq[mt][g & 1] : 0.f;  // D[g][g]: lane 4g + g/2, register g & 1
+        part += __shfl_xor_sync(0xffffffffu, part, 1);
+        part += __shfl_xor_sync(0xffffffffu, part, 2);
+        if (c == 0) nsq[wk][mt * 8 + g] = part;
+      }
+    }
+    __syncthreads();
+    const float inv_k = 1.f / (float)K;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {  // this lane's accumulators hold tokens 2c (registers 0, 2) and 2c + 1 (1, 3)
+      float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+      for (int w = 0; w < WK; ++w) {
+        s0 += nsq[w][mt * 8 + 2 * c];
+        s1 += nsq[w][mt * 8 + 2 * c + 1];
+      }
+      const float r0 = rsqrtf(s0 * inv_k + eps), r1 = rsqrtf(s1 * inv_k + eps);
+#pragma unroll
+      for (int tn = 0; tn < TN; ++tn) {
+        acc[tn][mt][0] *= r0;
+        acc[tn][mt][1] *= r1;
+        acc[tn][mt][2] *= r0;
+        acc[tn][mt][3] *= r1;
+      }
+    }
+  }
+
   pdl_launch_dependents();
   tc_epilogue<T, MT, TN, WN, WK, GLU>(acc, red, wn, wk, lane, active, tile0, NT, m0, M, N, out);
-  if (WK > 1 && grp + (int)gridDim.y < n_groups) __syncthreads();
+  if ((WK > 1 || NORM) && grp + (int)gridDim.y < n_groups) __syncthreads();  // red[] / nsq[] are reused next group
   }  // for grp
 }
 

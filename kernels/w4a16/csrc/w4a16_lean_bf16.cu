@@ -46,6 +46,11 @@ cudaError_t lean_glu_launch_bf16(int cfg, const void* x, const void* qw, const v
   return launch_lean_glu_dispatch<__nv_bfloat16>(cfg, x, qw, sc, out, M, N, K, stream);
 }
 
+cudaError_t lean_norm_launch_bf16(int cfg, bool glu, const void* x, const void* qw, const void* sc, const void* gamma,
+                                  float eps, void* out, int M, int N, int K, cudaStream_t stream) {
+  return launch_lean_norm_dispatch<__nv_bfloat16>(cfg, glu, x, qw, sc, gamma, eps, out, M, N, K, stream);
+}
+
 cudaError_t silu_mul_launch_bf16(const void* y, void* out, int M, int I, cudaStream_t stream) {
   return launch_silu_mul<__nv_bfloat16>(y, out, M, I, stream);
 }

@@ -1,0 +1,29 @@
+#!/bin/bash
+# Device run of the RMSNorm fold in the lean W4A16 kernels (kernels/NOTES.md v21; built 2026-11-30 without a
+# device), in one call: build; its GPU test (every cp.async-ring config, plain and GLU, against float64) and the
+# lean / GLU ones around it; compute-sanitizer memcheck; then the kernel A/B (python -m kernels.w4a16.norm_bench
+# --pdl: the residual add + RMSNorm kernel then the GEMM, against the add then the folded GEMM).
+#   bash scripts/norm_device.sh                     (device call: carry [".whl"], timeout_s 598)
+#   NORM_STAGES="bench" bash scripts/norm_device.sh  (the A/B only)
+set -o pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+T0=$(date +%s)
+STAGES=${NORM_STAGES:-tests,memcheck,bench}
+. scripts/device_wheels.sh
+elapsed() { echo $(( $(date +%s) - T0 )); }
+w4a16_device_build
+echo "build $(elapsed)s"
+if [[ $STAGES == *tests* ]]; then
+  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py \
+    -k "norm or glu or lean_configs or op_matches" > "$OUT/pytest.log" 2>&1
+  echo "gpu tests rc=$? $(elapsed)s"; grep -E "passed|failed|^FAILED|^E " "$OUT/pytest.log" | head -20
+fi
+if [[ $STAGES == *memcheck* ]]; then
+  timeout 150 compute-sanitizer --tool memcheck python3 -m kernels.w4a16.memcheck 2>&1 | tail -2
+  echo "memcheck $(elapsed)s"
+fi
+if [[ $STAGES == *bench* ]]; then
+  timeout 200 python3 -m kernels.w4a16.norm_bench --pdl --out "$OUT/norm" 2>&1 | grep -v Warning | tail -12
+  echo "norm_bench $(elapsed)s"
+fi
+date -u
