@@ -481,6 +481,10 @@ def worker(args) -> None:
 
             result["fused_groups"] = fuse_projections_(model, glu=args.glu)
             result["glu_mlps"] = sum("fused gate/up + SiLU" in type(m).__qualname__ for m in model.modules())
+            if args.fuse_norm and args.variant == "int4":
+                from grace_ds.export.fuse import fold_norms_
+
+                result["folded_norms"] = fold_norms_(model)
         if args.variant == "int4" and args.int4_lm_head:
             from grace_ds.export.load import quantize_lm_head_
 
@@ -714,6 +718,10 @@ def parse_args(argv=None):
                         "epilogue at decode; kernels/NOTES.md v15) instead of the GEMM, then the activation as a "
                         "separate kernel. Both variants (bf16: same math as without). Opt-in: 1-2.5%% faster at batch 1 "
                         "on an H200 with the tuned per-shape PDL bit, within noise")
+    p.add_argument("--fuse-norm", action="store_true",
+                   help="int4 variant, with --fuse-proj: each decoder layer's RMSNorms move into the fused q/k/v and "
+                        "gate/up GEMMs after them (grace_ds.export.fuse.fold_norms_; one kernel at decode where the "
+                        "op's config has the fold, kernels/NOTES.md v21). Opt-in: built 2026-11-30, not yet measured")
     p.add_argument("--pdl", action="store_true",
                    help="int4 variant on CUDA: programmatic dependent launch for the W4A16 decode kernels "
                         "(kernels.w4a16.set_pdl)")
@@ -805,12 +813,15 @@ def parse_args(argv=None):
         p.error(f"--kv-int8-min-batch {args.kv_int8_min_batch}: only means something with --kv-int8")
     if args.prefill_tokens and args.prefill_chunk:
         p.error("--prefill-chunk and --prefill-tokens: choose one (a fixed chunk per row, or a token budget per pass)")
+    if args.fuse_norm and not args.fuse_proj:
+        p.error("--fuse-norm moves the RMSNorms into the fused q/k/v and gate/up GEMMs: add --fuse-proj (or --serving)")
     return args
 
 
 # options the parent hands to every worker as given (a flag when set, or the flag and its value)
 FORWARDED = ("int4_lm_head", "int8_embed", "int8_vision", "attn16_kernel", "profile_steps", "fuse_proj", "glu", "kv_int8",
-             "kv_int8_auto", "kv_int8_min_batch", "pdl", "triton_pdl", "prefill_chunk", "prefill_tokens", "cache_len")
+             "kv_int8_auto", "kv_int8_min_batch", "pdl", "triton_pdl", "prefill_chunk", "prefill_tokens", "cache_len",
+             "fuse_norm")
 
 
 def _forwarded(args) -> list[str]:

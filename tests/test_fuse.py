@@ -201,6 +201,63 @@ def test_glu_of_layers_the_kernel_cannot_fuse_falls_back_to_the_plain_forward():
             torch.testing.assert_close(lin.forward_glu(x), torch.nn.functional.silu(gate) * up)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_folded_norms_give_the_unfolded_model(arch):
+    """fold_norms_ moves every decoder layer's two RMSNorms into the fused packed q/k/v and gate/up layers after them
+    (identities in their place): the same logits and greedy tokens, each fused layer now calling the norm op, the
+    vision tower's norms untouched, and a second call finding nothing to move."""
+    from grace_ds.export.fuse import fold_norms_
+
+    cfg, model = _model(arch, "int4")
+    inputs, s = tiny_prompt(cfg)
+    calls = []
+    import kernels.w4a16 as kw
+    orig = kw.w4a16_gemm_norm
+    with torch.no_grad():
+        ref_logits = model(**inputs).logits
+        ref_tokens = _tokens(model, cfg, inputs, s)
+        fuse_projections_(model, glu=True)
+        lm = model.model.language_model
+        norms_before = sum("RMSNorm" in type(m).__name__ for m in lm.modules())
+        assert fold_norms_(model) == 2 * _n_layers(cfg)
+        assert sum("RMSNorm" in type(m).__name__ for m in lm.modules()) == norms_before - 2 * _n_layers(cfg) == 1  # final
+        for layer in lm.layers:
+            assert isinstance(layer.input_layernorm, nn.Identity) and isinstance(layer.post_attention_layernorm, nn.Identity)
+            assert layer.self_attn.fused_qkv.fused._norm() is not None and layer.mlp.fused_gate_up.fused._norm() is not None
+        kw.w4a16_gemm_norm = lambda *a, **k: calls.append(k.get("glu", False)) or orig(*a, **k)
+        try:
+            logits = model(**inputs).logits
+            tokens = _tokens(model, cfg, inputs, s)
+        finally:
+            kw.w4a16_gemm_norm = orig
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(tokens, ref_tokens)
+    assert calls.count(True) == calls.count(False) > 0   # q/k/v plain, gate/up with the GLU epilogue, every layer
+    assert fold_norms_(model) == 0
+
+
+def test_norms_stay_where_the_projections_are_not_packed_int4():
+    """A 16-bit model's fused projections are nn.Linear: nothing to fold into, every norm stays; and a norm that is
+    not transformers' RMSNorm formula (here (1 + weight) scaling, as Gemma's) is not taken for one."""
+    from grace_ds.export.fuse import _rms_norm_eps, fold_norms_
+
+    cfg, model = _model("tiny-llava", "float")
+    fuse_projections_(model)
+    assert fold_norms_(model) == 0
+    norm = model.model.language_model.layers[0].input_layernorm
+    assert _rms_norm_eps(norm) == norm.variance_epsilon
+
+    class OnePlus(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.weight, self.variance_epsilon, self.inner = inner.weight, inner.variance_epsilon, inner
+
+        def forward(self, x):
+            return self.inner(x) / self.weight * (1 + self.weight)
+
+    assert _rms_norm_eps(OnePlus(norm)) is None and _rms_norm_eps(nn.LayerNorm(8)) is None
+
+
 def test_bench_smoke_fuse_proj(tmp_path):
     rc = load_script("bench").main(["--smoke", "--in-process", "--arch", "tiny-qwen2vl", "--batch", "1", "--new-tokens", "3",
                         "--fuse-proj", "--json", str(tmp_path / "t.json")])
@@ -210,6 +267,13 @@ def test_bench_smoke_fuse_proj(tmp_path):
     assert rc == 0
     res = json.loads((tmp_path / "g.json").read_text())
     assert [r.get("glu_mlps") for r in res["results"]] == [2, 2], res["results"]
+    rc = load_script("bench").main(["--smoke", "--in-process", "--arch", "tiny-llava", "--batch", "1", "--new-tokens", "3",
+                                    "--fuse-proj", "--fuse-norm", "--json", str(tmp_path / "n.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "n.json").read_text())
+    assert [r.get("folded_norms") for r in res["results"]] == [None, 4], res["results"]   # INT4 only: 2 layers x 2
+    with pytest.raises(SystemExit):
+        load_script("bench").main(["--smoke", "--in-process", "--fuse-norm"])   # needs --fuse-proj
 
 
 @pytest.mark.gpu
@@ -256,3 +320,45 @@ def test_gpu_bench_fused_replays_eager_tokens(tmp_path, mode):
             assert run["mode"] == mode, (r["arch"], r["variant"], run)
             # tokens in graph mode; a compiled step rounds differently (test_kv8: its logits)
             assert mode == "compile" or run["graph_matches_eager"], (r["arch"], r["variant"], run)
+
+
+@pytest.mark.gpu
+def test_gpu_folded_norm_layers_equal_norm_then_layer():
+    """On the GPU a fused packed layer with its RMSNorm folded in (W4A16Linear.set_norm) equals the norm, then the
+    layer: at decode (the lean kernel with the fold where the op's choice has it, ext.norm_kernel says which) and
+    at prefill sizes (the norm, then the op), plain and with the GLU epilogue, odd M, rows of very different
+    scales, inside a CUDA graph too."""
+    from grace_ds.export.load import quantized_linear, rms_norm
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from kernels.w4a16 import load_extension
+
+    ext = load_extension()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    K = 4096
+    gamma = (torch.rand(K, device="cuda", generator=g) + 0.5).bfloat16()
+    for n, glu in ((12288, False), (22016, True)):
+        codes = torch.randint(-8, 8, (n, K), generator=g, device="cuda", dtype=torch.int8)
+        scales = torch.empty(n, K // 128, device="cuda").uniform_(0.003, 0.006, generator=g)
+        plain = quantized_linear(codes, scales, 4, 128, None, torch.bfloat16)
+        folded = quantized_linear(codes, scales, 4, 128, None, torch.bfloat16)
+        folded.set_norm(gamma, 1e-5)
+        with torch.no_grad():
+            for m in (1, 3, 16, 17, 300):
+                x = (torch.randn(m, K, device="cuda", generator=g) * torch.logspace(-2, 2, m, device="cuda")[:, None]
+                     ).bfloat16()
+                xn = rms_norm(x, gamma, 1e-5)
+                a = (folded.forward_glu(x) if glu else folded(x)).float()
+                b = (plain.forward_glu(xn) if glu else plain(xn)).float()
+                assert ((a - b).norm() / b.norm()).item() < 1e-2, (n, glu, m, ext.norm_kernel(m, n, K, glu))
+            x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+            fn = (lambda t: folded.forward_glu(t)) if glu else folded
+            want = fn(x).float()
+            graph = torch.cuda.CUDAGraph()
+            fn(x)
+            with torch.cuda.graph(graph):
+                out = fn(x)
+            graph.replay()
+            assert ((out.float() - want).norm() / want.norm()).item() < 1e-3, (n, glu)
+

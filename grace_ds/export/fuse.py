@@ -31,6 +31,13 @@ layer `glu` is `W4A16Linear.forward_glu`: at decode one kernel computes silu(gat
 Otherwise it is the fused GEMM, then the same activation, as the original forward. On an H200 the
 kernel saves 0.4-4.1 us per call, but a compiled decode step measured 2.5% faster for Qwen2-VL-7B and
 3% slower for LLaVA-1.5-7B at batch 1 (kernels/NOTES.md v15), so it stays off unless asked for.
+
+RMSNorms folded in, opt-in (`fold_norms_`, after fusing; `launch/bench.py --fuse-norm`): in the decoder layers of
+NORM_LAYERS, the input and post-attention RMSNorms move into the fused packed q/k/v and gate/up layers after them
+(W4A16Linear.set_norm) and identities take their places. The residual stream reaches those GEMMs raw; at decode the
+lean kernel sums its squares, scales by the norm weight and by rsqrt(mean + eps) itself (kernels/NOTES.md v21), so
+the step loses the norm kernel between the residual add and each GEMM. Built 2026-11-30 without a GPU, not yet
+measured: off unless asked for.
 """
 from __future__ import annotations
 
@@ -164,12 +171,65 @@ def _fusable(mods: list[nn.Module]) -> bool:
     return all(m.bits == first.bits and m.group_size == first.group_size for m in mods)
 
 
+# Decoder layers whose attention reads its (normalised) input only through q/k/v and whose MLP only through gate/up
+# (transformers 5.17), so an RMSNorm in front of them can move into the fused projection (fold_norms_)
+NORM_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer",
+               "Qwen3DecoderLayer", "MistralDecoderLayer")
+NORM_SITES = (("input_layernorm", "self_attn", "fused_qkv"), ("post_attention_layernorm", "mlp", "fused_gate_up"))
+
+
+def _rms_norm_eps(norm) -> float | None:
+    """The eps of a module that computes transformers' RMSNorm (weight * x / rms(x), checked on a probe, so a
+    (1 + weight) variant or another norm is not taken for one), else None."""
+    from grace_ds.export.load import rms_norm
+
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not isinstance(norm, nn.Module) or not isinstance(weight, torch.Tensor) or weight.dim() != 1 or eps is None:
+        return None
+    g = torch.Generator(device="cpu").manual_seed(0)
+    probe = (torch.randn(3, weight.shape[0], generator=g) * 3).to(weight.device, weight.dtype)
+    try:
+        with torch.no_grad():
+            ok = torch.equal(norm(probe), rms_norm(probe, weight, float(eps)))
+    except Exception:
+        return None
+    return float(eps) if ok else None
+
+
+def fold_norms_(model: nn.Module) -> int:
+    """Move each decoder layer's RMSNorms (NORM_LAYERS, NORM_SITES) into the fused packed INT4 projection after
+    them, in place, and put identities in their place; returns how many were moved. At decode the norm then runs
+    inside the GEMM (W4A16Linear.set_norm, kernels/NOTES.md v21) instead of as a kernel of its own between the
+    residual add and the GEMM. Run after fuse_projections_; norms in front of projections that are not fused
+    packed INT4 layers stay where they are."""
+    from grace_ds.export.load import W4A16Linear
+
+    n = 0
+    for layer in list(model.modules()):
+        if type(layer).__name__ not in NORM_LAYERS:
+            continue
+        for norm_name, child, group_name in NORM_SITES:
+            norm = getattr(layer, norm_name, None)
+            group = getattr(getattr(layer, child, None), group_name, None)
+            if not isinstance(group, FusedGroup) or not isinstance(group.fused, W4A16Linear):
+                continue
+            eps = _rms_norm_eps(norm)
+            if eps is None:
+                continue
+            group.fused.set_norm(norm.weight, eps)
+            setattr(layer, norm_name, nn.Identity())
+            n += 1
+    return n
+
+
 def fuse_projections_(model: nn.Module, groups: dict[str, tuple[str, ...]] | None = None, glu: bool = False) -> int:
     """Fuse every complete group of sibling projections in place; returns how many groups were fused.
 
     Groups whose members differ in kind, input width, bias or packing are left as they are. glu (opt-in):
     gated SiLU MLPs (GATED_MLPS) whose gate/up were fused get the one-call forward (module docstring);
-    measured end to end it is not a clear win (kernels/NOTES.md v15), hence off by default."""
+    measured end to end it is not a clear win (kernels/NOTES.md v15), hence off by default. The RMSNorm fold
+    (fold_norms_) is a separate step."""
     groups = GROUPS if groups is None else groups
     n = 0
     for parent in list(model.modules()):   # a list: the loop adds modules

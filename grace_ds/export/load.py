@@ -122,14 +122,30 @@ class W4A16Linear(nn.Module):
         d.update(self._consts)
         return d
 
+    def set_norm(self, weight: torch.Tensor, eps: float) -> None:
+        """Fold the RMSNorm in front of this layer into it (grace_ds.export.fuse.fold_norms_): forward(x) becomes
+        this layer of rms_norm(x; weight, eps), the two in one kernel at decode where the op's choice has the fold
+        (kernels.w4a16.w4a16_gemm_norm, kernels/NOTES.md v21). The caller replaces the norm by an identity."""
+        self.register_buffer("norm_weight", weight.detach().clone())
+        self.norm_eps = float(eps)
+
+    def _norm(self):
+        return getattr(self, "norm_weight", None)
+
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
+        norm = self._norm()
         if self._keys:
             import kernels.w4a16 as kw  # type: ignore
 
-            y = kw.w4a16_gemm(x2, self.packed(), self.group_size)
+            if norm is None:
+                y = kw.w4a16_gemm(x2, self.packed(), self.group_size)
+            else:
+                y = kw.w4a16_gemm_norm(x2, self.packed(), norm, self.norm_eps, group_size=self.group_size)
         else:
+            if norm is not None:
+                x2 = rms_norm(x2, norm, self.norm_eps)
             y = F.linear(x2, _dequant(self.k_codes, self.k_scales, self.group_size, x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -144,10 +160,22 @@ class W4A16Linear(nn.Module):
             return F.silu(gate) * up
         import kernels.w4a16 as kw  # type: ignore
 
-        return kw.w4a16_gemm_glu(x, self.packed(), self.group_size)   # keeps x's leading dims
+        norm = self._norm()
+        if norm is None:
+            return kw.w4a16_gemm_glu(x, self.packed(), self.group_size)   # keeps x's leading dims
+        return kw.w4a16_gemm_norm(x, self.packed(), norm, self.norm_eps, glu=True, group_size=self.group_size)
 
     def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, g={self.group_size}, backend={self.backend}"
+        norm = "" if self._norm() is None else f", RMSNorm folded in (eps={self.norm_eps})"
+        return f"in={self.in_features}, out={self.out_features}, g={self.group_size}, backend={self.backend}{norm}"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm / Qwen2RMSNorm: weight * (x / sqrt(mean(x^2) + eps)) computed in fp32, the
+    normalised x rounded to x's dtype before the weight multiplies it (kernels.w4a16.op.rms_norm's formula, for
+    installs without the kernel package)."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def quantized_linear(codes, scales, bits, group_size, bias=None, dtype=torch.bfloat16, *, force_dequant=False):

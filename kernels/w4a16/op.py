@@ -60,6 +60,33 @@ def _w4a16_gemm_glu_cpu(x, qweight, scales, group_size):
 
 _lib.impl("w4a16_gemm_glu", _w4a16_gemm_glu_cpu, "CPU")
 
+# The GEMM of an RMSNorm's output from the raw x (kernels/NOTES.md v21): out = (gamma * x / rms(x)) @ W^T per row
+# (glu: then silu(gate) * up). On CUDA one lean kernel with the norm folded in where the op's choice has it, else
+# the norm (as transformers' Llama / Qwen2 RMSNorm computes it) and then the op.
+_lib.define("w4a16_gemm_norm(Tensor x, Tensor qweight, Tensor scales, Tensor gamma, float eps, int group_size, "
+            "bool glu) -> Tensor")
+
+
+@torch.library.register_fake("grace::w4a16_gemm_norm")
+def _w4a16_gemm_norm_fake(x, qweight, scales, gamma, eps, group_size, glu):
+    torch._check(x.dim() == 2, lambda: f"w4a16_gemm_norm: x must be 2-D, got {x.dim()} dims")
+    return x.new_empty((x.shape[0], qweight.shape[0] * N_TILE // (2 if glu else 1)))
+
+
+def rms_norm(x: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm / Qwen2RMSNorm: gamma * (x / sqrt(mean(x^2) + eps)) computed in fp32, the
+    normalised x rounded to x's dtype before the weight multiplies it."""
+    xf = x.float()
+    return gamma * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _w4a16_gemm_norm_cpu(x, qweight, scales, gamma, eps, group_size, glu):
+    xn = rms_norm(x, gamma, eps)
+    return (_w4a16_gemm_glu_cpu if glu else _w4a16_gemm_cpu)(xn, qweight, scales, group_size)
+
+
+_lib.impl("w4a16_gemm_norm", _w4a16_gemm_norm_cpu, "CPU")
+
 _ext = None
 _lock = threading.Lock()
 TUNED = None   # (file, entries) of the tuned-choice table load_extension loaded, if any
@@ -196,9 +223,26 @@ def w4a16_gemm_glu(x: torch.Tensor, packed: dict[str, torch.Tensor], group_size:
     return _call(torch.ops.grace.w4a16_gemm_glu, "w4a16_gemm_glu", x, packed, group_size, 2)
 
 
-def _call(op, name: str, x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int, div: int) -> torch.Tensor:
+def w4a16_gemm_norm(x: torch.Tensor, packed: dict[str, torch.Tensor], gamma: torch.Tensor, eps: float,
+                    glu: bool = False, group_size: int = GROUP_SIZE) -> torch.Tensor:
+    """out (..., N) = rms_norm(x, gamma, eps) @ W.T (glu: out (..., N/2) = silu(gate) * up of that, for a fused
+    [gate; up] weight): an RMSNorm and the projection after it in one call. ``torch.ops.grace.w4a16_gemm_norm``:
+    on CUDA one lean kernel with the norm folded in (kernels/NOTES.md v21) where the op's choice for (M, N, K) has
+    it (``ext.norm_kernel`` says which), else the norm and then the op; elsewhere the norm and the reference.
+    gamma: (K,) in x's dtype."""
+    if gamma.dim() != 1 or gamma.shape[0] != x.shape[-1]:
+        raise ValueError(f"w4a16_gemm_norm: gamma must have shape ({x.shape[-1]},), got {tuple(gamma.shape)}")
+    if not eps >= 0:
+        raise ValueError(f"w4a16_gemm_norm: eps must be >= 0, got {eps}")
+    return _call(torch.ops.grace.w4a16_gemm_norm, "w4a16_gemm_norm", x, packed, group_size, 2 if glu else 1,
+                 norm=(gamma.to(x.dtype), float(eps), bool(glu)))
+
+
+def _call(op, name: str, x: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int, div: int,
+          norm: tuple | None = None) -> torch.Tensor:
     """Checks shared by the wrappers, then op(x2d, qweight, scales, group_size) reshaped to x's leading dims x
-    N / div (div = 2: a fused [gate; up] weight, N = 2I with I a multiple of 16)."""
+    N / div (div = 2: a fused [gate; up] weight, N = 2I with I a multiple of 16); norm = (gamma, eps, glu):
+    op(x2d, qweight, scales, gamma, eps, group_size, glu)."""
     if group_size != GROUP_SIZE:
         raise ValueError(f"{name}: group_size must be {GROUP_SIZE}, got {group_size}")
     qweight, scales = packed["qweight"], packed["scales"]
@@ -225,5 +269,9 @@ def _call(op, name: str, x: torch.Tensor, packed: dict[str, torch.Tensor], group
             scales = scales.to(x.dtype)
         if not torch.compiler.is_compiling():
             load_extension()
-    out = op(x2, qweight, scales, group_size)
+    if norm is None:
+        out = op(x2, qweight, scales, group_size)
+    else:
+        gamma, eps, glu = norm
+        out = op(x2, qweight, scales, gamma, eps, group_size, glu)
     return out.reshape(*lead, N // div)

@@ -433,6 +433,53 @@ at::Tensor w4a16_gemm_glu_cuda(const at::Tensor& x_in, const at::Tensor& qweight
   return out;
 }
 
+// ---- RMSNorm + projection: out = rms_norm(x; gamma, eps) @ W^T (glu: silu(gate) * up of it), NOTES.md v21 ----
+// The lean config the op would run for (M, N, K) (glu: glu_choice's) when it has the norm folded in; cfg -1 else.
+Choice norm_choice(int64_t M, int64_t N, int64_t K, bool glu, int device) {
+  const Choice ch = glu ? glu_choice(M, N, K, device) : use_wgmma(M, N, device) ? Choice{-1, 0} : choose(M, N, K);
+  return ch.cfg >= 0 && is_lean(ch.cfg) && grace_w4a16::lean_norm_ok(ch.cfg, glu) ? ch : Choice{-1, 0};
+}
+
+void check_gamma(const at::Tensor& x, const at::Tensor& gamma, double eps) {
+  TORCH_CHECK(gamma.dim() == 1 && gamma.size(0) == x.size(1), "w4a16 norm: gamma must have shape (", x.size(1),
+              ",), got ", gamma.sizes());
+  TORCH_CHECK(gamma.scalar_type() == x.scalar_type() && gamma.device() == x.device(), "w4a16 norm: gamma must be ",
+              x.scalar_type(), " on ", x.device(), ", got ", gamma.scalar_type(), " on ", gamma.device());
+  TORCH_CHECK(eps >= 0.0, "w4a16 norm: eps must be >= 0, got ", eps);
+}
+
+void run_lean_norm(int cfg, bool glu, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                   const at::Tensor& gamma, double eps, at::Tensor& out) {
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto launch = x.scalar_type() == at::kBFloat16 ? grace_w4a16::lean_norm_launch_bf16
+                                                       : grace_w4a16::lean_norm_launch_fp16;
+  const cudaError_t e = launch(cfg, glu, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), gamma.data_ptr(),
+                               (float)eps, out.data_ptr(), (int)x.size(0), (int)(qweight.size(0) * 16),
+                               (int)x.size(1), stream);
+  TORCH_CHECK(e == cudaSuccess, "w4a16 norm: kernel launch failed (config ", cfg, "): ", cudaGetErrorString(e));
+}
+
+at::Tensor w4a16_gemm_norm_cuda(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
+                                const at::Tensor& gamma_in, double eps, int64_t group_size, bool glu) {
+  check_inputs(x_in, qweight, scales, group_size);
+  if (glu) check_glu(qweight);
+  check_gamma(x_in, gamma_in, eps);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t M = x_in.size(0), N = qweight.size(0) * 16;
+  at::Tensor x = contiguous_aligned(x_in);
+  const Choice ch = norm_choice(M, N, x.size(1), glu, x.get_device());
+  if (ch.cfg < 0 || M == 0) {   // the norm as transformers' RMSNorm computes it, then the op
+    const at::Tensor xf = x.to(at::kFloat);
+    const at::Tensor xn = (xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps)).to(x.scalar_type()) * gamma_in;
+    return glu ? w4a16_gemm_glu_cuda(xn, qweight, scales, group_size) : w4a16_gemm_cuda(xn, qweight, scales, group_size);
+  }
+  at::Tensor gamma = contiguous_aligned(gamma_in);
+  at::Tensor out = at::empty({M, glu ? N / 2 : N}, x.options());
+  const NoPdl no_pdl(ch.pdl == 0);
+  run_lean_norm(ch.cfg, glu, x, qweight, scales, gamma, eps, out);
+  return out;
+}
+
 // ---- pybind helpers (benchmark / tests) ----
 // An explicit GLU config (lean_glu_ok), for tests and benchmarks.
 at::Tensor lean_glu_gemm(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales, int64_t cfg) {
@@ -448,8 +495,8 @@ at::Tensor lean_glu_gemm(const at::Tensor& x_in, const at::Tensor& qweight, cons
 }
 
 // An explicit lean config with the RMSNorm fold (NOTES.md v21): out = rsqrt(mean(x^2) + eps) * (gamma * x) @ W^T
-// per row of x (glu: then silu(gate) * up of a fused [gate; up] weight). For tests and the kernel A/B; the op does
-// not dispatch to it yet.
+// per row of x (glu: then silu(gate) * up of a fused [gate; up] weight). For tests and the kernel A/B (the op,
+// w4a16_gemm_norm, runs the config it chooses).
 at::Tensor lean_norm_gemm(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
                           const at::Tensor& gamma_in, double eps, int64_t cfg, bool glu) {
   check_inputs(x_in, qweight, scales, 128);
@@ -457,25 +504,13 @@ at::Tensor lean_norm_gemm(const at::Tensor& x_in, const at::Tensor& qweight, con
   TORCH_CHECK(is_lean((int)cfg) && grace_w4a16::lean_norm_ok((int)cfg, glu), "w4a16: config ", cfg,
               " has no RMSNorm fold", glu ? " with the GLU epilogue (lean cp.async configs with an even TN only)"
                                           : " (lean cp.async configs only)");
-  const int64_t K = x_in.size(1);
-  TORCH_CHECK(gamma_in.dim() == 1 && gamma_in.size(0) == K, "w4a16 norm: gamma must have shape (", K, ",), got ",
-              gamma_in.sizes());
-  TORCH_CHECK(gamma_in.scalar_type() == x_in.scalar_type() && gamma_in.device() == x_in.device(),
-              "w4a16 norm: gamma must be ", x_in.scalar_type(), " on ", x_in.device(), ", got ", gamma_in.scalar_type(),
-              " on ", gamma_in.device());
-  TORCH_CHECK(eps >= 0.0, "w4a16 norm: eps must be >= 0, got ", eps);
+  check_gamma(x_in, gamma_in, eps);
   const c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor x = contiguous_aligned(x_in);
   at::Tensor gamma = contiguous_aligned(gamma_in);
   const int64_t N = qweight.size(0) * 16;
   at::Tensor out = at::empty({x.size(0), glu ? N / 2 : N}, x.options());
-  if (x.size(0) == 0) return out;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
-  const auto launch = bf16 ? grace_w4a16::lean_norm_launch_bf16 : grace_w4a16::lean_norm_launch_fp16;
-  const cudaError_t e = launch((int)cfg, glu, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), gamma.data_ptr(),
-                               (float)eps, out.data_ptr(), (int)x.size(0), (int)N, (int)K, stream);
-  TORCH_CHECK(e == cudaSuccess, "w4a16 norm: kernel launch failed (config ", cfg, "): ", cudaGetErrorString(e));
+  if (x.size(0) > 0) run_lean_norm((int)cfg, glu, x, qweight, scales, gamma, eps, out);
   return out;
 }
 
@@ -576,6 +611,7 @@ int64_t wgmma_splits(int64_t cfg, int64_t M, int64_t N, int64_t K, int64_t split
 TORCH_LIBRARY_IMPL(grace, CUDA, m) {
   m.impl("w4a16_gemm", &w4a16_gemm_cuda);
   m.impl("w4a16_gemm_glu", &w4a16_gemm_glu_cuda);
+  m.impl("w4a16_gemm_norm", &w4a16_gemm_norm_cuda);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -612,6 +648,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lean_norm_gemm", &lean_norm_gemm, "the GEMM of RMSNorm(x) (weight gamma, eps) with an explicit lean config, "
         "folded into the kernel (glu: then silu(gate) * up)", py::arg("x"), py::arg("qweight"), py::arg("scales"),
         py::arg("gamma"), py::arg("eps"), py::arg("cfg"), py::arg("glu") = false);
+  m.def("norm_kernel", [](int64_t M, int64_t N, int64_t K, bool glu) {
+        int dev = 0;
+        cudaGetDevice(&dev);
+        const int cfg = norm_choice(M, N, K, glu, dev).cfg;
+        return cfg >= 0 ? "c" + std::to_string(cfg) + "+norm" + (glu ? "+glu" : "")
+                        : "rms_norm," + (glu ? std::string("glu") : op_kernel(M, N, K));
+      }, "label of what w4a16_gemm_norm runs for (M, N, K): c<id>+norm[+glu] (one kernel) or the norm then the op",
+      py::arg("M"), py::arg("N"), py::arg("K"), py::arg("glu") = false);
   m.def("lean_norm_ok", [](int64_t cfg, bool glu) { return grace_w4a16::lean_norm_ok((int)cfg, glu); },
         "whether a lean config has the RMSNorm fold (glu: with the GLU epilogue)", py::arg("cfg"), py::arg("glu") = false);
   m.def("choose_splits", [](int64_t M, int64_t N, int64_t K) { return (int64_t)choose(M, N, K).splits; },
