@@ -319,19 +319,10 @@ __global__ void __launch_bounds__(WN * WK * 32)
     const uint4* wp[TN];
     const uint32_t* sp[TN];
     tc_lane_pointers<T, MT, TN, GLU>(x, qw, sc, M, K, NT, m0, tile0, lane, xrow, wp, sp);
-    // NORM: the norm weight's two-block ring beside the activations' (a constant: loaded before the PDL wait)
-    uint4 gbuf[2][2];
+    // NORM: the norm weight of block b, read when the block is (a constant, L1-resident after the CTA's first
+    // pass over it: a ring like the activations' cost 16 registers a thread and occupancy, ptxas -v)
     const uint4* gnext = nullptr;
-    if constexpr (NORM) {
-      const uint4* gp = reinterpret_cast<const uint4*>(gamma + (lane & 3) * 16 + (size_t)kb_begin * kKBlock);
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        if (kb_begin + j < kb_end) {
-          gbuf[j][0] = __ldg(gp + j * (kKBlock / 8));
-          gbuf[j][1] = __ldg(gp + j * (kKBlock / 8) + 1);
-        }
-      gnext = gp + 2 * (kKBlock / 8);
-    }
+    if constexpr (NORM) gnext = reinterpret_cast<const uint4*>(gamma + (lane & 3) * 16 + (size_t)kb_begin * kKBlock);
 #pragma unroll
     for (int tn = 0; tn < TN; ++tn) {  // from block kb_begin and its group on
       wp[tn] += (size_t)kb_begin * 32;
@@ -375,16 +366,17 @@ __global__ void __launch_bounds__(WN * WK * 32)
           w[tn] = wring[(stage * TN + tn) * 32];
           if (h == 1) s2[tn] = sring[(stage * TN + tn) * 32];
         }
-        if (h == 0) lean_block<T, MT, TN, true, NORM>(w, xbuf[0], accg, xs, gbuf[0], dsq);
-        else lean_block<T, MT, TN, false, NORM>(w, xbuf[1], accg, xs, gbuf[1], dsq);
-        if (b + 2 < kb_end) {
-          lean_x_refill<MT>(xbuf[h], xnext);
-          if constexpr (NORM) {
-            gbuf[h][0] = __ldg(gnext);
-            gbuf[h][1] = __ldg(gnext + 1);
-            gnext += kKBlock / 8;
-          }
+        // NORM: block b's norm weight, read here, after the ring (requested before the wait instead, it took
+        // c58 / c61 from 128 to 138 registers, past two CTAs per SM; ptxas -v, 2026-11-30)
+        uint4 gb[2];
+        if constexpr (NORM) {
+          gb[0] = __ldg(gnext);
+          gb[1] = __ldg(gnext + 1);
+          gnext += kKBlock / 8;
         }
+        if (h == 0) lean_block<T, MT, TN, true, NORM>(w, xbuf[0], accg, xs, gb, dsq);
+        else lean_block<T, MT, TN, false, NORM>(w, xbuf[1], accg, xs, gb, dsq);
+        if (b + 2 < kb_end) lean_x_refill<MT>(xbuf[h], xnext);
         if (h == 1) lean_fold<T, MT, TN>(acc, accg, xs, s2);
         stage = stage + 1 == PS ? 0 : stage + 1;
       }
