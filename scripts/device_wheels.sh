@@ -11,3 +11,20 @@ w4a16_device_build() {
   nvidia-smi --query-gpu=name --format=csv,noheader; date -u; git log -1 --format=%h 2>/dev/null
   timeout 240 python3 -m kernels.w4a16.build > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
 }
+
+# A/B of one launch/bench.py flag, INT4 --serving, in the time left: `e2e_ab FLAG ARCH "BATCHES" LIMIT T0 [ARGS...]`
+# runs the bench with FLAG, then without, each given its share of LIMIT - (now - T0) seconds (half, then the rest),
+# into $OUT/e2e_<flag>.{md,json,log} and $OUT/e2e_plain.*; a run with < 90 s left is skipped and says so.
+e2e_ab() {
+  local flag=$1 arch=$2 batches=$3 limit=$4 t0=$5 split=2 variant left tag
+  shift 5
+  for variant in "$flag" ""; do
+    left=$(( limit - ($(date +%s) - t0) ))
+    [ $left -lt 90 ] && { echo "e2e ${variant:-plain} skipped: ${left}s left"; continue; }
+    tag=${variant:-plain}; tag=${tag#--}
+    python3 launch/bench.py --arch "$arch" --serving --variants int4 --batch $batches $variant "$@" \
+      --budget $(( left / split )) --out "$OUT/e2e_$tag.md" --json "$OUT/e2e_$tag.json" > "$OUT/e2e_$tag.log" 2>&1
+    echo "e2e $tag rc=$? $(( $(date +%s) - t0 ))s"; grep -E "^\|" "$OUT/e2e_$tag.md" 2>/dev/null | head -6
+    split=1
+  done
+}

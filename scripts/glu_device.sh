@@ -26,16 +26,5 @@ if [[ $STAGES == *bench* ]]; then
   timeout 150 python3 -m kernels.w4a16.glu_bench --pdl --out "$OUT/glu" 2>&1 | grep -v Warning | tail -8
   echo "glu_bench $(elapsed)s"
 fi
-if [[ $STAGES == *e2e* ]]; then
-  for variant in "--glu" ""; do
-    left=$(( LIMIT - $(elapsed) ))
-    [ $left -lt 90 ] && { echo "e2e $variant skipped: ${left}s left"; continue; }
-    tag=${variant:-plain}; tag=${tag#--}
-    python3 launch/bench.py --arch ${GLU_ARCH:-llava-1.5-7b} --serving --variants int4 --batch ${GLU_BATCH:-1} \
-      $variant ${GLU_E2E_ARGS} --budget $(( left / ${GLU_SPLIT:-2} )) --out "$OUT/e2e_$tag.md" \
-      --json "$OUT/e2e_$tag.json" > "$OUT/e2e_$tag.log" 2>&1
-    echo "e2e $tag rc=$? $(elapsed)s"; grep -E "^\|" "$OUT/e2e_$tag.md" 2>/dev/null | head -6
-    GLU_SPLIT=1
-  done
-fi
+[[ $STAGES == *e2e* ]] && e2e_ab --glu "${GLU_ARCH:-llava-1.5-7b}" "${GLU_BATCH:-1}" "$LIMIT" "$T0" $GLU_E2E_ARGS
 date -u

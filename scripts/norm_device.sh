@@ -28,16 +28,5 @@ if [[ $STAGES == *bench* ]]; then
   timeout 200 python3 -m kernels.w4a16.norm_bench --pdl --out "$OUT/norm" 2>&1 | grep -v Warning | tail -12
   echo "norm_bench $(elapsed)s"
 fi
-if [[ $STAGES == *e2e* ]]; then
-  split=2
-  for variant in "--fuse-norm" ""; do
-    left=$(( LIMIT - $(elapsed) ))
-    [ $left -lt 90 ] && { echo "e2e $variant skipped: ${left}s left"; continue; }
-    tag=${variant:-plain}; tag=${tag#--}
-    python3 launch/bench.py --arch ${NORM_ARCH:-llava-1.5-7b} --serving --variants int4 --batch ${NORM_BATCH:-1} \
-      $variant --budget $(( left / split )) --out "$OUT/e2e_$tag.md" --json "$OUT/e2e_$tag.json" > "$OUT/e2e_$tag.log" 2>&1
-    echo "e2e $tag rc=$? $(elapsed)s"; grep -E "^\| ${NORM_ARCH:-llava}" "$OUT/e2e_$tag.md" 2>/dev/null | head -4
-    split=1
-  done
-fi
+[[ $STAGES == *e2e* ]] && e2e_ab --fuse-norm "${NORM_ARCH:-llava-1.5-7b}" "${NORM_BATCH:-1}" "$LIMIT" "$T0"
 date -u

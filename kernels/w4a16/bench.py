@@ -128,6 +128,19 @@ def graph_time(fns, reps=20, warm=3):
     return statistics.median(times)
 
 
+def emit_table(table: list[str], rows: list[dict], out_dir, stem: str) -> None:
+    """Print an A/B script's markdown table; with out_dir, also write it as <stem>.md and its rows as <stem>.json
+    (glu_bench, norm_bench)."""
+    from pathlib import Path
+
+    print("\n".join(table))
+    if out_dir:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{stem}.md").write_text("\n".join(table) + "\n")
+        (out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+
+
 def copy_bandwidth():
     """Device-to-device copy of 1 GiB (float32), bytes read + written over the median time."""
     n = 1 << 28

@@ -11,14 +11,13 @@ the activation's cost shows. Each GLU output is checked against the two-kernel o
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .bench import graph_time, parse_shape, rel_err, weight_copies
+from .bench import emit_table, graph_time, parse_shape, rel_err, weight_copies
 from .op import load_extension, set_pdl
 
 DEFAULT_SHAPES = "22016x4096 37888x3584"   # LLaVA-1.5-7B / Qwen2-VL-7B fused gate/up
@@ -79,11 +78,7 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|---|---|---|"]
     table += [f"| {r['N']}x{r['K']} | {r['M']} | {r['kernel']} | {r['gemm_us']:.1f} | {r['two_us']:.1f} | "
               f"{r['glu_us']:.1f} | {r['two_us'] - r['glu_us']:+.1f} | {r['rel_err_vs_two']:.1e} |" for r in rows]
-    print("\n".join(table))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "glu.md").write_text("\n".join(table) + "\n")
-        (args.out / "glu.json").write_text(json.dumps(rows, indent=1))
+    emit_table(table, rows, args.out, "glu")
     return 0
 
 

@@ -12,14 +12,13 @@ unfused one first. The fold is worth building into the model only where "folded"
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .bench import graph_time, parse_shape, rel_err, weight_copies
+from .bench import emit_table, graph_time, parse_shape, rel_err, weight_copies
 from .op import load_extension, set_pdl
 
 EPS = 1e-6
@@ -76,20 +75,16 @@ def main(argv=None) -> int:
             err = rel_err(folded(packs[0])[0], want.double())
             us_unfused = graph_time([lambda p=p: step(h, d, gamma, p["qweight"], p["scales"], glu) for p in packs])
             us_folded = graph_time([lambda p=p: folded(p) for p in packs])
-            row = dict(N=N, K=K, M=M, glu=glu, cfg=cfg, op_cfg=op_cfg, unfused_us=us_unfused, folded_us=us_folded, rel_err=err,
-                       pdl=args.pdl)
-            rows.append(row)
-            print(f"{N}x{K}{' glu' if glu else ''} M={M} c{cfg} (op c{op_cfg}): unfused {us_unfused:.1f} us, folded {us_folded:.1f} "
-                  f"({us_unfused - us_folded:+.1f} saved), rel err {err:.1e}", flush=True)
-    table = [head, "", "| N x K | GLU | M | folded config (op's) | add + norm, then GEMM us | add, then folded GEMM us | saved us | rel err |",
-             "|---|---|---|---|---|---|---|---|"]
-    table += [f"| {r['N']}x{r['K']} | {'yes' if r['glu'] else 'no'} | {r['M']} | c{r['cfg']} (c{r['op_cfg']}) | {r['unfused_us']:.1f} | "
-              f"{r['folded_us']:.1f} | {r['unfused_us'] - r['folded_us']:+.1f} | {r['rel_err']:.1e} |" for r in rows]
-    print("\n".join(table))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "norm.md").write_text("\n".join(table) + "\n")
-        (args.out / "norm.json").write_text(json.dumps(rows, indent=1))
+            rows.append(dict(N=N, K=K, M=M, glu=glu, cfg=cfg, op_cfg=op_cfg, unfused_us=us_unfused,
+                             folded_us=us_folded, rel_err=err, pdl=args.pdl))
+            print(f"{N}x{K}{' glu' if glu else ''} M={M} c{cfg} (op c{op_cfg}): unfused {us_unfused:.1f} us, "
+                  f"folded {us_folded:.1f} ({us_unfused - us_folded:+.1f} saved), rel err {err:.1e}", flush=True)
+    table = [head, "", "| N x K | GLU | M | folded config (op's) | add + norm, then GEMM us | add, then folded GEMM us "
+             "| saved us | rel err |", "|---|---|---|---|---|---|---|---|"]
+    table += [f"| {r['N']}x{r['K']} | {'yes' if r['glu'] else 'no'} | {r['M']} | c{r['cfg']} (c{r['op_cfg']}) | "
+              f"{r['unfused_us']:.1f} | {r['folded_us']:.1f} | {r['unfused_us'] - r['folded_us']:+.1f} | "
+              f"{r['rel_err']:.1e} |" for r in rows]
+    emit_table(table, rows, args.out, "norm")
     return 0
 
 
