@@ -16,7 +16,7 @@ elapsed() { echo $(( $(date +%s) - T0 )); }
 w4a16_device_build
 echo "build $(elapsed)s"
 if [[ $STAGES == *tests* ]]; then
-  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_fuse.py \
+  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_fuse.py \
     -k "norm or glu or lean_configs or op_matches or gpu_folded" > "$OUT/pytest.log" 2>&1
   echo "gpu tests rc=$? $(elapsed)s"; grep -E "passed|failed|^FAILED|^E " "$OUT/pytest.log" | head -20
 fi
