@@ -70,15 +70,20 @@ def test_fused_model_matches_unfused(arch, kind):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fused_decode_step_traces_as_one_graph(arch):
+@pytest.mark.parametrize("fold", [False, True])
+def test_fused_decode_step_traces_as_one_graph(arch, fold):
     """The slices are handed out through module state: Dynamo must still see one graph, and the
-    compiled step must make the eager tokens."""
+    compiled step must make the eager tokens; with the RMSNorms folded in too (fold_norms_: the norm op)."""
     import torch._dynamo
+
+    from grace_ds.export.fuse import fold_norms_
 
     cfg, model = _model(arch, "int4")
     inputs, s = tiny_prompt(cfg)
     with torch.no_grad():
-        fuse_projections_(model)
+        fuse_projections_(model, glu=fold)
+        if fold:
+            assert fold_norms_(model) == 2 * _n_layers(cfg)
         ref = _tokens(model, cfg, inputs, s)
         dec = StaticDecoder(model, cfg, 2, s + 6, "cpu")
         dec.prefill(inputs)
