@@ -433,7 +433,8 @@ def release(dec, is_cuda: bool) -> None:
     established (on the CPU a dropped decoder's cache is freed, compiled or not), nor whether this closes the
     gap: measure `--batch 1 16` against `--batch 16`. On an H200 (2026-11-30 00:10, tiny LLaVA, graph mode)
     a batch after another still peaked 32 MiB higher: a cuBLAS workspace for the capture's warm-up stream
-    (now one stream per device, grace_ds.export.decode); its workspaces are cleared here as well."""
+    (now one stream per device, grace_ds.export.decode). cuBLAS's workspaces are cleared in bench_batch, right
+    before each batch's peak is reset, not here."""
     import gc
 
     dec.graph = dec.compiled = None

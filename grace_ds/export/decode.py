@@ -55,7 +55,6 @@ def chunk_for_budget(batch: int, prompt_len: int, budget: int | None) -> int | N
     return max(1, budget // batch)
 
 
-
 _WARMUP_STREAMS: dict = {}
 
 
@@ -68,6 +67,7 @@ def _warmup_stream(device) -> "torch.cuda.Stream":
     if key not in _WARMUP_STREAMS:
         _WARMUP_STREAMS[key] = torch.cuda.Stream(device=key)
     return _WARMUP_STREAMS[key]
+
 
 class StaticDecoder:
     """Greedy decoding over a StaticCache with the decode step as one replayable unit.

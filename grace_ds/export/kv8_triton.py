@@ -622,15 +622,15 @@ if triton is not None:
         acc = torch.empty(B, H, S, D, device=dev, dtype=torch.float32)
         q = query[:, :, 0]
         has_bias = bias is not None
-        out = torch.empty(B, H, 1, D, device=dev, dtype=query.dtype)   # the merge writes the query's dtype
+        out = torch.empty(B, H, 1, D, device=dev, dtype=query.dtype)   # in the query dtype: merge or fold writes it
         fold = bool(launch.get("fold", False)) and S == 1
-        sp = max(2, triton.next_power_of_2(S))
         args = (q, key, value, bias if has_bias else m, m, lsum, acc, out,
                 q.stride(0), q.stride(1), q.stride(2), key.stride(0), key.stride(1), key.stride(2),
                 value.stride(0), value.stride(1), value.stride(2), bias.stride(0) if has_bias else 0,
                 H, Hk, L, S, per_split, scaling)
         spread = has_bias and spreads(launch, S, L)
-        bound = has_bias and not spread and bounded(launch, S, L)   # (SCAN only where used: one compiled kernel otherwise)
+        bound = has_bias and not spread and bounded(launch, S, L)
+        # SCAN only where it is used: one compiled kernel otherwise
         scan = spread_scan_width(L) if spread else scan_width(per_split) if bound else 16
         common = dict(G=G, GP=GP, D=D, BLOCK=block, HAS_BIAS=has_bias, VIA_FP32=os.environ.get("TRITON_INTERPRET") == "1",
                       EVEN=L % block == 0, num_warps=launch["num_warps"], num_stages=launch["num_stages"],
@@ -641,7 +641,8 @@ if triton is not None:
         else:
             _kv16_decode_kernel[(B * Hk, S)](*args, **common)
         if not fold:
-            _kv8_merge_kernel[(B * H,)](m, lsum, acc, out, S, SP=sp, D=D, **_pdl_launch())
+            _kv8_merge_kernel[(B * H,)](m, lsum, acc, out, S, SP=max(2, triton.next_power_of_2(S)), D=D,
+                                        **_pdl_launch())
         return out
 
     @_decode_attention.register_fake
